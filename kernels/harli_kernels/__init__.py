@@ -1,0 +1,1 @@
+"""Triton finetune kernels on SM-limited persistent grids (issue 5)."""

@@ -1,0 +1,1 @@
+"""sglang-harli: LoRA finetuning on the spare capacity of SGLang decode servers."""

@@ -1,0 +1,259 @@
+"""Running SGLang 0.5.23 on a machine with no CUDA driver.
+
+SGLang's CPU engine exists, but the PyPI install is a CUDA-only stack. Four things make it run:
+
+1. ``SGLANG_USE_CPU_ENGINE=1``: the switch behind ``is_cpu()``; without it RoPE falls back to
+   vLLM's kernels, which are not installed.
+2. An import guard for ``sgl_kernel``: the ``sglang-kernel`` wheel ships only sm90/sm100 CUDA
+   builds and its import fails without ``libcuda.so.1``. The guard serves a stand-in whose
+   functions raise ``NotImplementedError`` if ever called (none is, on the paths we use), and
+   registers no ``torch.ops.sgl_kernel`` ops, so SGLang's AMX paths stay off and no weight is
+   repacked behind our back.
+3. No pinned host memory: ``pin_memory=True`` needs a CUDA driver (SGLang's LoRA layers ask for
+   it). Tensor factories drop the flag and ``Tensor.pin_memory()`` returns the tensor.
+4. Flags: ``--device cpu``, the ``torch_native`` attention and LoRA backends, a KV pool that
+   fits in RAM, and the ``cpu_tensor`` retraction backup in PD-decode mode, each only when the
+   user did not give that flag.
+
+Guards 1-3 must hold in *every* process, and SGLang starts its children with the spawn method
+(fresh interpreters). So the launcher exports the engine switch plus ``HARLI_CPU_GUARDS=1`` and
+puts ``cpu_boot/`` first on ``PYTHONPATH``: its ``sitecustomize`` installs the guards at
+interpreter start, before anything imports SGLang. Nothing here imports SGLang or torch at import
+time; on a machine with a GPU none of it is applied.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+import types
+from collections.abc import Sequence
+from pathlib import Path
+
+GUARD_ENV = "HARLI_CPU_GUARDS"
+BOOT_DIR = Path(__file__).resolve().parent / "cpu_boot"
+
+# The KV pool SGLang would size on CPU is ~72% of free RAM (15 GB for a 4 MB model), so we pick
+# one: at most this many tokens, and at most 1/8 of available memory.
+MAX_DEFAULT_KV_TOKENS = 65536
+MIN_DEFAULT_KV_TOKENS = 2048
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --- environment and flags ---------------------------------------------------------------------
+
+
+def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment under which any process (ours or plain SGLang) runs SGLang on CPU."""
+    env = dict(os.environ if base is None else base)
+    env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env[GUARD_ENV] = "1"
+    parts = [str(BOOT_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))  # first, once
+    return env
+
+
+def has_flag(argv: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value given for ``flag`` (last one wins, as in argparse), or None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def default_kv_tokens(model_path: str | None, available_bytes: int) -> int:
+    """A KV-pool size (tokens) that fits comfortably in RAM for this model."""
+    bytes_per_token = _kv_bytes_per_token(model_path)
+    if bytes_per_token is None:
+        return MIN_DEFAULT_KV_TOKENS * 8
+    fit = available_bytes // 8 // bytes_per_token
+    return int(max(MIN_DEFAULT_KV_TOKENS, min(MAX_DEFAULT_KV_TOKENS, fit)))
+
+
+def _kv_bytes_per_token(model_path: str | None) -> int | None:
+    try:
+        cfg = json.loads((Path(model_path or "") / "config.json").read_text())
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * 2  # K and V, 16-bit
+    except (OSError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _available_ram() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def cpu_server_flags(argv: Sequence[str]) -> list[str]:
+    """SGLang flags a CPU-only run needs, leaving out any the user already gave."""
+    wanted = {
+        "--device": "cpu",
+        "--attention-backend": "torch_native",
+        "--lora-backend": "torch_native",
+        "--max-total-tokens": str(
+            default_kv_tokens(flag_value(argv, "--model-path"), _available_ram())
+        ),
+    }
+    if flag_value(argv, "--disaggregation-mode") == "decode":
+        # the default (host_pool) registers host memory with CUDA
+        wanted["--disaggregation-decode-retraction-backup"] = "cpu_tensor"
+    extra: list[str] = []
+    for flag, value in wanted.items():
+        if not has_flag(argv, flag):
+            extra += [flag, value]
+    return extra
+
+
+def apply(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Make this process and its future children run SGLang on CPU.
+
+    Returns the argv to hand to SGLang and a list of what was applied, for one log line.
+    """
+    os.environ.update(child_env())
+    install_process_guards()
+    extra = cpu_server_flags(argv)
+    applied = [
+        "SGLANG_USE_CPU_ENGINE=1",
+        "sgl_kernel import guard",
+        "pinned memory disabled",
+    ]
+    applied += [f"{extra[i]} {extra[i + 1]}" for i in range(0, len(extra), 2)]
+    return [*argv, *extra], applied
+
+
+# --- per-process guards ------------------------------------------------------------------------
+
+
+def install_process_guards() -> None:
+    """Install the sgl_kernel import guard and the no-pinned-memory patch in this process."""
+    if not any(isinstance(f, _SglKernelGuard) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SglKernelGuard())
+    if "torch" in sys.modules:
+        _drop_pinned_memory(sys.modules["torch"])
+    elif not any(isinstance(f, _TorchPatcher) for f in sys.meta_path):
+        # Patch torch when (if ever) it is imported: importing it here would cost ~0.7 GB in
+        # processes that never use it, such as multiprocessing's resource tracker.
+        sys.meta_path.insert(0, _TorchPatcher())
+
+
+class _Unavailable:
+    """A CUDA-only sgl_kernel function: importable, raises if called."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __call__(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"sgl_kernel.{self._name} needs the CUDA build of sgl_kernel; "
+            "this code path is not supported on a CPU-only machine"
+        )
+
+    def __getattr__(self, name: str) -> _Unavailable:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Unavailable(f"{self._name}.{name}")
+
+
+class _SglKernelGuard(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves ``sgl_kernel`` and any ``sgl_kernel.<sub>`` as modules of _Unavailable functions."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "sgl_kernel" or fullname.startswith("sgl_kernel."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+        module.__version__ = "0.0.0+cpu-guard"
+        prefix = spec.name.removeprefix("sgl_kernel").lstrip(".")
+
+        def __getattr__(name: str):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return _Unavailable(f"{prefix}.{name}" if prefix else name)
+
+        module.__getattr__ = __getattr__
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+class _TorchPatcher(importlib.abc.MetaPathFinder):
+    """Finds torch the usual way, then patches it right after it has been executed."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("torch")
+        if spec is None or spec.loader is None:
+            return spec
+        original_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            original_exec(module)
+            _drop_pinned_memory(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+_FACTORIES = (
+    "tensor",
+    "as_tensor",
+    "empty",
+    "empty_strided",
+    "empty_like",
+    "zeros",
+    "zeros_like",
+    "ones",
+    "ones_like",
+    "full",
+    "full_like",
+    "arange",
+)
+
+
+def _drop_pinned_memory(torch) -> None:
+    if getattr(torch, "_harli_no_pinned_memory", False):
+        return
+    for name in _FACTORIES:
+        setattr(torch, name, _without_pin_memory(getattr(torch, name)))
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+    torch._harli_no_pinned_memory = True
+
+
+def _without_pin_memory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return fn(*args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,144 @@
+"""The embedded default model: a tiny random-weight Llama (or Qwen2) built locally.
+
+No model hub is reachable from where we develop and test, so the server's default model, and
+the tests' models, are built here: a byte-level BPE tokenizer trained on local text (this
+interpreter's standard-library sources), a ChatML chat template, and seeded random weights
+saved as bf16 safetensors. A build is cached under a name that encodes its settings, so the
+same settings always give the same directory, built once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sysconfig
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Bump when the build itself changes, so stale caches are not reused.
+BUILD_VERSION = 1
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<pad>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModelSpec:
+    arch: str = "llama"  # "llama" or "qwen2"
+    vocab_size: int = 2000
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    seed: int = 0
+    tokenizer_files: int = 300
+
+    def cache_name(self) -> str:
+        key = json.dumps({**dataclasses.asdict(self), "build": BUILD_VERSION}, sort_keys=True)
+        return f"tiny-{self.arch}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def user_cache_dir() -> Path:
+    """Where sglang-harli keeps what it builds: ``$XDG_CACHE_HOME/sglang_harli``."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "sglang_harli"
+
+
+def ensure_tiny_model(spec: TinyModelSpec = TinyModelSpec(), cache_dir: Path | None = None) -> Path:
+    """The directory of the tiny model for ``spec``, building it on first use."""
+    target = (cache_dir or user_cache_dir() / "models") / spec.cache_name()
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("building the tiny %s model once into %s", spec.arch, target)
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        build_tiny_model(spec, staging)
+        try:
+            staging.rename(target)  # atomic: a concurrent builder may have won, which is fine
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def build_tiny_model(spec: TinyModelSpec, out: Path) -> None:
+    """Write tokenizer, config and random bf16 weights for ``spec`` into ``out``."""
+    import torch
+    import transformers
+
+    tokenizer = _train_tokenizer(spec)
+    tokenizer.save_pretrained(out)
+    vocab = len(tokenizer)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        torch_dtype="bfloat16",
+    )
+    if spec.arch == "llama":
+        config = transformers.LlamaConfig(**common)
+        model_cls = transformers.LlamaForCausalLM
+    elif spec.arch == "qwen2":
+        config = transformers.Qwen2Config(**common, use_sliding_window=False)
+        model_cls = transformers.Qwen2ForCausalLM
+    else:
+        raise ValueError(f"unknown tiny-model architecture {spec.arch!r} (llama or qwen2)")
+    torch.manual_seed(spec.seed)
+    model = model_cls(config).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def _train_tokenizer(spec: TinyModelSpec):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pattern = os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py")
+    files = sorted(glob.glob(pattern, recursive=True))[: spec.tokenizer_files]
+    if not files:
+        raise RuntimeError(f"no local text to train the tokenizer on ({pattern})")
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train(files, trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
