@@ -100,7 +100,7 @@ def build_tiny_model(spec: TinyModelSpec, out: Path) -> None:
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
         hidden_act="silu",
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
     if spec.arch == "llama":
         config = transformers.LlamaConfig(**common)
