@@ -108,15 +108,13 @@ def _available_ram() -> int:
     return 8 << 30
 
 
-def cpu_server_flags(argv: Sequence[str]) -> list[str]:
+def server_flags(argv: Sequence[str]) -> list[str]:
     """SGLang flags a CPU-only run needs, leaving out any the user already gave."""
     wanted = {
         "--device": "cpu",
         "--attention-backend": "torch_native",
         "--lora-backend": "torch_native",
-        "--max-total-tokens": str(
-            default_kv_tokens(flag_value(argv, "--model-path"), _available_ram())
-        ),
+        "--max-total-tokens": str(default_kv_tokens(_model_path(argv), _available_ram())),
     }
     if flag_value(argv, "--disaggregation-mode") == "decode":
         # the default (host_pool) registers host memory with CUDA
@@ -128,21 +126,18 @@ def cpu_server_flags(argv: Sequence[str]) -> list[str]:
     return extra
 
 
-def apply(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Make this process and its future children run SGLang on CPU.
-
-    Returns the argv to hand to SGLang and a list of what was applied, for one log line.
-    """
+def enable() -> None:
+    """Make this process and every process it starts from now on run SGLang on CPU."""
     os.environ.update(child_env())
     install_process_guards()
-    extra = cpu_server_flags(argv)
-    applied = [
-        "SGLANG_USE_CPU_ENGINE=1",
-        "sgl_kernel import guard",
-        "pinned memory disabled",
-    ]
-    applied += [f"{extra[i]} {extra[i + 1]}" for i in range(0, len(extra), 2)]
-    return [*argv, *extra], applied
+
+
+def describe(extra_flags: Sequence[str]) -> str:
+    """One line for the log: what running on CPU changed."""
+    flags = [f"{extra_flags[i]} {extra_flags[i + 1]}" for i in range(0, len(extra_flags), 2)]
+    return ", ".join(
+        ["SGLANG_USE_CPU_ENGINE=1", "sgl_kernel import guard", "no pinned memory", *flags]
+    )
 
 
 # --- per-process guards ------------------------------------------------------------------------
@@ -257,3 +252,7 @@ def _without_pin_memory(fn):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _model_path(argv: Sequence[str]) -> str | None:
+    return flag_value(argv, "--model-path") or flag_value(argv, "--model")

@@ -1,0 +1,101 @@
+"""``python -m sglang_harli.launch_server [--harli-*] [sglang flags]``.
+
+SGLang's own HTTP server and OpenAI-compatible API, with the Harli scheduler injected into each
+spawned scheduler process. Every flag that is not ``--harli-*`` goes to SGLang unchanged. With
+no ``--model-path`` it serves a tiny locally built Llama; without a CUDA driver it runs SGLang on
+the CPU (``srt/cpu.py``). Nothing here imports SGLang before the CPU guards are in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from sglang_harli.config import HarliConfigError, add_harli_args, parse_harli_args
+from sglang_harli.srt import cpu
+from sglang_harli.srt.support import UnsupportedConfigError, check_model_path
+
+logger = logging.getLogger("sglang_harli")
+PROG = "python -m sglang_harli.launch_server"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s harli] %(message)s")
+    on_cpu = not cpu.cuda_available()
+    if on_cpu:
+        cpu.enable()  # before anything imports SGLang
+    if "-h" in argv or "--help" in argv:
+        _help_parser().print_help()
+        return 0
+    try:
+        harli_config, sglang_argv = parse_harli_args(argv)
+        harli_config = harli_config.resolved(has_cuda=not on_cpu)
+        sglang_argv = _expand_config_file(sglang_argv)
+        sglang_argv = _with_model(sglang_argv)
+        if on_cpu:
+            extra = cpu.server_flags(sglang_argv)
+            sglang_argv += extra
+            logger.info("no CUDA driver: running SGLang on the CPU (%s)", cpu.describe(extra))
+
+        from sglang.srt.plugins import load_plugins
+        from sglang.srt.server_args import prepare_server_args
+
+        load_plugins()
+        server_args = prepare_server_args(sglang_argv)
+        if harli_config.enabled:
+            from sglang_harli.srt.support import check_server_args
+
+            check_server_args(server_args)
+    except (HarliConfigError, UnsupportedConfigError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+    from sglang_harli.srt.server import run
+
+    run(server_args, harli_config)
+    return 0
+
+
+def _help_parser() -> argparse.ArgumentParser:
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="SGLang's server with LoRA finetuning on its spare capacity. Every SGLang "
+        "flag works as in `python -m sglang.launch_server`; --model-path defaults to a tiny "
+        "locally built Llama.",
+    )
+    ServerArgs.add_cli_args(parser)
+    add_harli_args(parser)
+    return parser
+
+
+def _expand_config_file(argv: list[str]) -> list[str]:
+    """Merge ``--config file.yaml`` into argv, as SGLang would, so our defaults see its flags."""
+    if "--config" not in argv:
+        return argv
+    from sglang.srt.server_args import ServerArgs
+    from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    return ConfigArgumentMerger(parser).merge_config_with_args(argv)
+
+
+def _with_model(argv: list[str]) -> list[str]:
+    model_path = cpu.flag_value(argv, "--model-path") or cpu.flag_value(argv, "--model")
+    if model_path is not None:
+        check_model_path(model_path)
+        return argv
+    from sglang_harli.tiny_model import ensure_tiny_model
+
+    path = ensure_tiny_model()
+    logger.info("no --model-path: serving the embedded tiny Llama at %s", path)
+    return [*argv, "--model-path", str(path)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

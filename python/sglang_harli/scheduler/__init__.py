@@ -1,0 +1,1 @@
+"""Per-iteration co-run decisions and their bookkeeping (imports nothing from SGLang)."""

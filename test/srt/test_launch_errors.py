@@ -1,0 +1,64 @@
+"""Bad start-up input: the launcher exits non-zero with a clear message and starts nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .server import REPO
+
+pytestmark = pytest.mark.server
+
+
+def launch(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sglang_harli.launch_server", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_bad_harli_mode_is_refused():
+    result = launch("--harli-mode", "nonsense")
+    assert result.returncode == 2
+    assert "--harli-mode" in result.stderr and "'nonsense'" in result.stderr
+
+
+def test_unknown_harli_flag_is_refused():
+    result = launch("--harli-modee", "off")
+    assert result.returncode == 2
+    assert "unknown flag --harli-modee" in result.stderr
+
+
+def test_missing_model_path_is_refused(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = launch("--model-path", str(missing))
+    assert result.returncode == 2
+    assert f"model path {missing} does not exist" in result.stderr
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
+    result = launch("--model-path", str(tmp_path))
+    assert result.returncode == 2
+    assert "GPT2LMHeadModel" in result.stderr and "--harli-mode off" in result.stderr
+
+
+def test_speculative_decoding_is_refused(tiny_model_dir):
+    result = launch("--model-path", str(tiny_model_dir), "--speculative-algorithm", "EAGLE")
+    assert result.returncode == 2
+    assert "speculative decoding" in result.stderr
+
+
+def test_help_shows_sglang_and_harli_flags():
+    result = launch("--help")
+    assert result.returncode == 0
+    assert "--harli-mode" in result.stdout
+    assert "--model-path" in result.stdout and "--tp-size" in result.stdout
