@@ -1,0 +1,76 @@
+"""The CPU-only recipe: flags added only where the user gave none, and per-process guards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from sglang_harli.srt import cpu
+
+
+def test_server_flags_fill_in_only_what_is_missing():
+    flags = cpu.server_flags(["--model-path", "/nonexistent", "--attention-backend=triton"])
+    as_dict = dict(zip(flags[::2], flags[1::2], strict=True))
+    assert as_dict["--device"] == "cpu"
+    assert as_dict["--lora-backend"] == "torch_native"
+    assert "--attention-backend" not in as_dict
+    assert int(as_dict["--max-total-tokens"]) > 0
+    assert "--disaggregation-decode-retraction-backup" not in as_dict
+
+    assert (
+        cpu.server_flags(["--device", "cpu", "--max-total-tokens", "4096"]).count("--device") == 0
+    )
+    decode = cpu.server_flags(["--disaggregation-mode", "decode"])
+    assert decode[decode.index("--disaggregation-decode-retraction-backup") + 1] == "cpu_tensor"
+
+
+def test_default_kv_pool_fits_in_ram(tmp_path):
+    config = {"num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 32}))
+    per_token = 2 * 32 * 8 * 128 * 2  # K and V, 32 layers, 8 KV heads of 128, bf16
+    # an 8B-shaped model in 4 GiB of free RAM: 1/8 of it, not SGLang's ~72%
+    assert cpu.default_kv_tokens(str(tmp_path), 4 << 30) == (4 << 30) // 8 // per_token
+    assert cpu.default_kv_tokens(str(tmp_path), 1 << 50) == cpu.MAX_DEFAULT_KV_TOKENS
+    assert cpu.default_kv_tokens(str(tmp_path), 1 << 20) == cpu.MIN_DEFAULT_KV_TOKENS
+    assert cpu.default_kv_tokens(None, 1 << 30) > 0  # unreadable config: a safe default
+
+
+def test_flag_values_in_both_forms():
+    argv = ["--model-path", "a", "--port=3", "--model-path=b"]
+    assert cpu.flag_value(argv, "--model-path") == "b"
+    assert cpu.flag_value(argv, "--port") == "3"
+    assert cpu.flag_value(argv, "--host") is None
+    assert cpu.has_flag(argv, "--port") and not cpu.has_flag(argv, "--po")
+
+
+GUARDED = """
+import sgl_kernel, torch
+from sgl_kernel.kvcacheio import transfer_kv_all_layer
+x = torch.empty(4, pin_memory=True)
+y = torch.zeros(2).pin_memory()
+try:
+    transfer_kv_all_layer()
+except NotImplementedError as e:
+    print("raised:", e)
+print("ok", x.shape[0], y.shape[0])
+"""
+
+
+def test_guards_apply_in_a_fresh_process_through_the_environment():
+    result = subprocess.run(
+        [sys.executable, "-c", GUARDED], env=cpu.child_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "raised: sgl_kernel.kvcacheio.transfer_kv_all_layer needs the CUDA build" in result.stdout
+    )
+    assert "ok 4 2" in result.stdout
+
+
+def test_nothing_is_applied_without_the_environment():
+    env = {k: v for k, v in cpu.child_env().items() if k != cpu.GUARD_ENV}
+    probe = "import sys, torch; print(any('Guard' in type(f).__name__ for f in sys.meta_path))"
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
