@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 
-# Co-run modes (docs/architecture.md). "auto" resolves at start-up: "harli" with a GPU,
-# "time-sliced" on a CPU-only machine.
-MODES = ("harli", "time-sliced", "idle-only", "naive", "static", "off")
+# Co-run modes built so far (docs/architecture.md lists the rest: harli, naive, static, which
+# need the latency predictor and SM partitions). "auto" resolves at start-up.
+MODES = ("time-sliced", "idle-only", "off")
 AUTO = "auto"
 
 
@@ -24,6 +25,10 @@ class HarliConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class HarliConfig:
     mode: str = AUTO
+    state_dir: str | None = None  # None: user_cache_dir()/state
+    finetune_budget_ms: float = 20.0
+    idle_quantum_ms: float = 100.0
+    checkpoint_every: int = 10
 
     @property
     def enabled(self) -> bool:
@@ -31,10 +36,15 @@ class HarliConfig:
         return self.mode != "off"
 
     def resolved(self, has_cuda: bool) -> HarliConfig:
-        """The config with ``auto`` replaced by the mode this machine runs by default."""
-        if self.mode != AUTO:
-            return self
-        return dataclasses.replace(self, mode="harli" if has_cuda else "time-sliced")
+        """``auto`` replaced by the mode this machine runs by default (time-sliced until the
+        GPU-only "harli" mode exists), and the state directory made absolute."""
+        from sglang_harli.tiny_model import user_cache_dir
+
+        mode = "time-sliced" if self.mode == AUTO else self.mode
+        state_dir = os.path.abspath(
+            os.path.expanduser(self.state_dir or user_cache_dir() / "state")
+        )
+        return dataclasses.replace(self, mode=mode, state_dir=state_dir)
 
 
 def add_harli_args(parser: argparse.ArgumentParser) -> None:
@@ -44,10 +54,49 @@ def add_harli_args(parser: argparse.ArgumentParser) -> None:
         "--harli-mode",
         default=AUTO,
         choices=(AUTO, *MODES),
-        help="co-run mode: how finetune work shares the device with decode. 'off' runs plain "
-        "SGLang (no Harli scheduler). 'auto' (default) is 'harli' with a GPU and "
-        "'time-sliced' on a CPU-only machine.",
+        help="co-run mode: how finetune work shares the device with decode. 'time-sliced': "
+        "finetune units between decode iterations, within --harli-finetune-budget-ms each, and "
+        "in quanta when idle; 'idle-only': only when no decode runs; 'off': plain SGLang (no "
+        "Harli scheduler, no fine-tuning). 'auto' (default): time-sliced.",
     )
+    group.add_argument(
+        "--harli-state-dir",
+        default=None,
+        help="where fine-tuning files, jobs, checkpoints and adapters live (SQLite job store); "
+        "default: ~/.cache/sglang_harli/state",
+    )
+    group.add_argument(
+        "--harli-finetune-budget-ms",
+        type=_positive(float),
+        default=HarliConfig.finetune_budget_ms,
+        help="time-sliced mode: finetune time after each decode iteration (ms)",
+    )
+    group.add_argument(
+        "--harli-idle-quantum-ms",
+        type=_positive(float),
+        default=HarliConfig.idle_quantum_ms,
+        help="finetune time per idle pass of the scheduler (ms): a new request waits at most "
+        "about this long",
+    )
+    group.add_argument(
+        "--harli-checkpoint-every",
+        type=_positive(int),
+        default=HarliConfig.checkpoint_every,
+        help="optimizer steps between checkpoints of a running job",
+    )
+
+
+def _positive(kind: type) -> Callable[[str], float | int]:
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
 
 
 def parse_harli_args(argv: Sequence[str]) -> tuple[HarliConfig, list[str]]:

@@ -35,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         harli_config = harli_config.resolved(has_cuda=not on_cpu)
         sglang_argv = _expand_config_file(sglang_argv)
         sglang_argv = _with_model(sglang_argv)
+        if harli_config.enabled:
+            from sglang_harli.srt.server import lora_serving_flags
+
+            # finished jobs' adapters are served through SGLang's own LoRA serving
+            sglang_argv += lora_serving_flags(lambda flag: cpu.has_flag(sglang_argv, flag))
         if on_cpu:
             extra = cpu.server_flags(sglang_argv)
             sglang_argv += extra

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sglang_harli.config import HarliConfig, HarliConfigError, parse_harli_args
@@ -22,6 +24,7 @@ def test_equals_form_and_default():
     "argv, message",
     [
         (["--harli-mode", "nonsense"], "invalid choice: 'nonsense'"),
+        (["--harli-mode", "harli"], "invalid choice: 'harli'"),
         (["--harli-mode"], "expected one argument"),
         (["--harli-typo", "1"], "unknown flag --harli-typo"),
         (["--harli-mod=off"], "unknown flag --harli-mod"),
@@ -32,9 +35,24 @@ def test_bad_harli_flags_raise(argv, message):
         parse_harli_args(argv)
 
 
-def test_auto_mode_resolves_by_device():
-    auto = HarliConfig()
-    assert auto.resolved(has_cuda=True).mode == "harli"
-    assert auto.resolved(has_cuda=False).mode == "time-sliced"
-    assert HarliConfig(mode="static").resolved(has_cuda=False).mode == "static"
-    assert not HarliConfig(mode="off").enabled and auto.enabled
+def test_auto_mode_and_state_dir_resolve(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    auto = HarliConfig().resolved(has_cuda=False)
+    # the GPU-only "harli" mode is not built yet: auto is time-sliced on every machine
+    assert auto.mode == HarliConfig().resolved(has_cuda=True).mode == "time-sliced"
+    assert auto.state_dir == str(tmp_path / "sglang_harli" / "state")
+    idle = HarliConfig(mode="idle-only", state_dir="rel").resolved(has_cuda=False)
+    assert idle.mode == "idle-only" and idle.state_dir == str(Path("rel").resolve())
+    assert not HarliConfig(mode="off").enabled and HarliConfig().enabled
+
+
+@pytest.mark.parametrize("flag", ["--harli-finetune-budget-ms", "--harli-checkpoint-every"])
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_budgets_must_be_positive_numbers(flag, value):
+    with pytest.raises(HarliConfigError, match=flag):
+        parse_harli_args([flag, value])
+
+
+def test_numeric_flags_parse():
+    config, _ = parse_harli_args(["--harli-finetune-budget-ms", "5.5", "--harli-idle-quantum-ms=7"])
+    assert (config.finetune_budget_ms, config.idle_quantum_ms) == (5.5, 7.0)

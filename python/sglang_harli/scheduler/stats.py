@@ -51,14 +51,17 @@ class HookStats:
     decode_tokens: int = 0
     last_decode: DecodeStats | None = None
     hooks: dict[str, HookTimer] = dataclasses.field(default_factory=dict)
+    # Time handed to finetune work on purpose: reported, but not counted as hook overhead.
+    work: dict[str, HookTimer] = dataclasses.field(default_factory=dict)
 
     @contextmanager
-    def timed(self, hook: str) -> Iterator[None]:
+    def timed(self, name: str, overhead: bool = True) -> Iterator[None]:
         start = time.perf_counter_ns()
         try:
             yield
         finally:
-            self.hooks.setdefault(hook, HookTimer()).add(time.perf_counter_ns() - start)
+            timers = self.hooks if overhead else self.work
+            timers.setdefault(name, HookTimer()).add(time.perf_counter_ns() - start)
 
     def record_decode(self, stats: DecodeStats) -> None:
         self.decode_iterations += 1
@@ -72,4 +75,5 @@ class HookStats:
             "last_decode": dataclasses.asdict(self.last_decode) if self.last_decode else None,
             "hook_overhead_us": sum(t.total_ns for t in self.hooks.values()) / 1e3,
             "hooks": {name: t.to_dict() for name, t in sorted(self.hooks.items())},
+            "finetune": {name: t.to_dict() for name, t in sorted(self.work.items())},
         }

@@ -9,26 +9,36 @@ It runs SGLang's own event loops unchanged; the hooks wrap three of the methods 
 - ``on_idle``: no batch runs, so finetune work may use the whole device in bounded quanta.
 
 Every hook counts its calls and the time spent in our code, so the overhead Harli adds to
-SGLang's loop is measured, not assumed (``GET /harli/status``). No KV is lent and no finetune
-job runs yet, so the reclaim and idle hooks have nothing to do beyond being timed.
+SGLang's loop is measured, not assumed (``GET /harli/status``); the finetune time it hands out
+is reported apart from that overhead. No KV is lent yet, so the reclaim hook only is timed.
+
+Fine-tuning jobs come from the job store shared with the HTTP API; one trains at a time, first
+come first served, through a :class:`JobRunner` that gets a time slice after each decode
+iteration (``time-sliced``) and a quantum on each idle pass (``time-sliced`` and ``idle-only``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
+import torch
 from sglang.srt.managers.scheduler import Scheduler
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from sglang_harli.config import HarliConfig
+from sglang_harli.finetune.job_runner import JobRunner, RunnerConfig, fail
+from sglang_harli.finetune.jobs import JobStore
 from sglang_harli.scheduler.stats import DecodeStats, HookStats
 from sglang_harli.srt.support import UnsupportedConfigError
+from sglang_harli.srt.weights import base_model_view
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ALLOCATORS = (TokenToKVPoolAllocator, PagedTokenToKVPoolAllocator)
+JOB_POLL_S = 0.5  # how often an idle trainer looks for a queued job
 
 
 class HarliScheduler(Scheduler):
@@ -37,7 +47,16 @@ class HarliScheduler(Scheduler):
         self.harli_config = harli_config
         self.harli_stats = HookStats()
         self._check_kv_pools()
-        logger.info("Harli scheduler active (mode %s)", harli_config.mode)
+        self.harli_jobs = JobStore(harli_config.state_dir)
+        requeued = self.harli_jobs.requeue_running()
+        self._harli_runner: JobRunner | None = None
+        self._harli_next_poll = 0.0
+        logger.info(
+            "Harli scheduler active (mode %s, job store %s%s)",
+            harli_config.mode,
+            harli_config.state_dir,
+            f", resuming {len(requeued)} job(s)" if requeued else "",
+        )
 
     def _check_kv_pools(self) -> None:
         """Lending KV slots needs a plain MHA token pool; refuse any other kind clearly."""
@@ -63,15 +82,60 @@ class HarliScheduler(Scheduler):
         return super().get_next_disagg_decode_batch_to_run(running_batch)
 
     def run_batch(self, batch, pp_proxy_tensors=None):
-        if batch.forward_mode.is_decode():
-            with self.harli_stats.timed("before_decode"):
-                self.harli_stats.record_decode(decode_stats(batch))
-        return super().run_batch(batch, pp_proxy_tensors)
+        if not batch.forward_mode.is_decode():
+            return super().run_batch(batch, pp_proxy_tensors)
+        with self.harli_stats.timed("before_decode"):
+            self.harli_stats.record_decode(decode_stats(batch))
+        result = super().run_batch(batch, pp_proxy_tensors)
+        if self.harli_config.mode == "time-sliced":
+            with self.harli_stats.timed("finetune_slice", overhead=False):
+                self._harli_finetune(self.harli_config.finetune_budget_ms / 1e3)
+        return result
 
     def on_idle(self):
         with self.harli_stats.timed("idle"):
-            pass  # the idle finetune quantum goes here once jobs run (issue 4)
+            pass
+        if self.is_fully_idle():
+            with self.harli_stats.timed("finetune_quantum", overhead=False):
+                self._harli_finetune(self.harli_config.idle_quantum_ms / 1e3)
         return super().on_idle()
+
+    def maybe_sleep_on_idle(self):
+        if self._harli_runner is None:  # while a job trains, idle passes are its quanta
+            super().maybe_sleep_on_idle()
+
+    def _harli_finetune(self, budget_s: float) -> None:
+        runner = self._harli_runner or self._harli_start_next_job()
+        if runner is None:
+            return
+        # SGLang's loops run under no_grad (or inference mode); training needs autograd.
+        with torch.inference_mode(False), torch.enable_grad():
+            still_running = runner.run_for(budget_s)
+        if not still_running:
+            self._harli_runner = None
+
+    def _harli_start_next_job(self) -> JobRunner | None:
+        now = time.monotonic()
+        if now < self._harli_next_poll:
+            return None
+        self._harli_next_poll = now + JOB_POLL_S
+        job = self.harli_jobs.claim_next()
+        if job is None:
+            return None
+        logger.info("fine-tuning job %s starts", job.id)
+        try:
+            self._harli_runner = JobRunner(
+                self.harli_jobs,
+                job,
+                base_model_view(self.tp_worker.model_runner.model),
+                self.tokenizer,
+                base_model_name=self.server_args.model_path,
+                config=RunnerConfig(checkpoint_every=self.harli_config.checkpoint_every),
+            )
+        except Exception as exc:  # noqa: BLE001 - a bad job fails; serving goes on
+            logger.exception("fine-tuning job %s could not start", job.id)
+            fail(self.harli_jobs, job.id, exc)
+        return self._harli_runner
 
     def _harli_reclaim_kv(self) -> None:
         """Give lent KV slots back before SGLang sizes its next batch (nothing is lent yet)."""
@@ -81,8 +145,10 @@ class HarliScheduler(Scheduler):
     def get_internal_state(self, recv_req):
         # Rides on SGLang's own scheduler RPC, so /harli/status needs no channel of its own.
         output = super().get_internal_state(recv_req)
+        runner = self._harli_runner
         output.internal_state["harli"] = {
             "mode": self.harli_config.mode,
+            "running_job": runner.job.id if runner is not None else None,
             **self.harli_stats.to_dict(),
         }
         return output

@@ -6,6 +6,31 @@ import functools
 import os
 
 from sglang_harli.config import HarliConfig
+from sglang_harli.finetune.base_model import PROJECTIONS
+from sglang_harli.finetune.hyperparameters import ServingLimits
+
+# What --enable-lora is sized for when the user does not say (see lora_serving_flags).
+DEFAULT_MAX_LORA_RANK = 16
+
+
+def lora_serving_flags(has_flag) -> list[str]:
+    """SGLang flags that size LoRA serving for finished jobs' adapters, unless given."""
+    flags = [] if has_flag("--enable-lora") else ["--enable-lora"]
+    if not has_flag("--max-lora-rank"):
+        flags += ["--max-lora-rank", str(DEFAULT_MAX_LORA_RANK)]
+    if not has_flag("--lora-target-modules"):
+        flags += ["--lora-target-modules", *PROJECTIONS]
+    return flags
+
+
+def serving_limits(server_args) -> ServingLimits:
+    targets = list(server_args.lora_target_modules or [])
+    if "all" in targets or not targets:
+        targets = list(PROJECTIONS)
+    return ServingLimits(
+        max_lora_rank=server_args.max_lora_rank,
+        target_modules=tuple(m for m in PROJECTIONS if m in targets),
+    )
 
 
 def run(server_args, harli_config: HarliConfig) -> None:
@@ -15,7 +40,8 @@ def run(server_args, harli_config: HarliConfig) -> None:
     from sglang_harli.srt import process
     from sglang_harli.srt.http_api import mount_routes
 
-    mount_routes(http_server.app, harli_config)
+    limits = serving_limits(server_args) if harli_config.enabled else None
+    mount_routes(http_server.app, harli_config, limits)
     try:
         if harli_config.enabled:
             http_server.launch_server(
@@ -23,6 +49,7 @@ def run(server_args, harli_config: HarliConfig) -> None:
                 run_scheduler_process_func=functools.partial(
                     process.run_scheduler_process, harli_config
                 ),
+                launch_callback=functools.partial(_start_publisher, server_args, harli_config),
             )
         else:
             from sglang.launch_server import run_server
@@ -30,3 +57,15 @@ def run(server_args, harli_config: HarliConfig) -> None:
             run_server(server_args)  # exactly SGLang's dispatch
     finally:
         kill_process_tree(os.getpid(), include_parent=False)
+
+
+def _start_publisher(server_args, harli_config: HarliConfig) -> None:
+    """Runs once the server answers: finished adapters are loaded through its own API."""
+    from sglang_harli.finetune.jobs import JobStore
+    from sglang_harli.srt.publisher import AdapterPublisher
+
+    host = server_args.host if server_args.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    AdapterPublisher(
+        JobStore(harli_config.state_dir), f"http://{host}:{server_args.port}", server_args.api_key
+    ).start()

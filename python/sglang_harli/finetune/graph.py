@@ -1,0 +1,327 @@
+"""The training graph: a Llama/Qwen2 decoder as plain functions over packed sequences.
+
+Each op is a small function so that a faster implementation (a Triton kernel, issue 5) can
+replace one op at a time. Activations are ``[tokens, features]`` with every sequence of a
+micro-batch packed end to end; attention keeps sequences apart. Base weights are frozen views
+(no ``requires_grad``), so autograd only ever produces gradients for adapters and activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .base_model import BaseModelView, LayerWeights, ModelConfig, RopeConfig
+from .data import IGNORE_INDEX, PackedBatch
+from .lora import DropoutPlan, LoraAdapters, LoraConfig, LoraPair
+
+DEFAULT_VOCAB_CHUNK = 8192
+DEFAULT_TOKEN_CHUNK = 4096
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # a no-op, not a copy, when dtypes match
+
+
+# --- ops -------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, scaled in the input dtype (as Llama/Qwen2 do)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return _as(weight, x.dtype) * xf.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, device: torch.device | None = None):
+    """Inverse frequencies [head_dim / 2] in fp32, with linear or Llama 3 scaling."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type != "llama3":
+        return inv_freq
+    # Llama 3: long wavelengths are divided by `factor`, short ones kept, and the band in
+    # between interpolated smoothly.
+    old_len = rope.original_max_position_embeddings
+    low_freq_wavelen = old_len / rope.low_freq_factor
+    high_freq_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [tokens, head_dim] (computed in fp32) for the rotate-half layout."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [tokens, heads, head_dim] by position (NeoX/rotate-half style)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tuple[int, ...]
+) -> torch.Tensor:
+    """Causal attention within each packed sequence, grouped-query.
+
+    q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq * D]. One SDPA call per sequence keeps memory
+    linear in the micro-batch (no [T, T] block-diagonal mask).
+    """
+    outs = []
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1),
+            k[start:end].transpose(0, 1),
+            v[start:end].transpose(0, 1),
+            is_causal=True,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        outs.append(o.transpose(0, 1))
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return out.reshape(q.shape[0], -1)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: LoraPair | None,
+    scaling: float,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x W^T + b + scaling * (dropout(x) A^T) B^T``; adapters cast to ``x``'s dtype."""
+    y = F.linear(x, _as(weight, x.dtype), None if bias is None else _as(bias, x.dtype))
+    if lora is None:
+        return y
+    x_in = x if dropout_mask is None else x * dropout_mask
+    return y + F.linear(F.linear(x_in, _as(lora.A, x.dtype)), _as(lora.B, x.dtype)) * scaling
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``x @ weight^T`` without materialising all logits.
+
+    Forward makes a pass over [token_chunk x vocab_chunk] logit tiles keeping a running
+    log-sum-exp (fp32); backward recomputes each tile to form (softmax - onehot) @ weight.
+    ``weight`` is frozen: it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_chunk, token_chunk):
+        lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        picked = torch.empty_like(lse)
+        for r0 in range(0, x.shape[0], token_chunk):
+            rows = slice(r0, r0 + token_chunk)
+            run_lse = torch.full_like(lse[rows], -math.inf)
+            run_pick = torch.zeros_like(lse[rows])
+            for _, tile, inside, local in _tiles(x[rows], weight, targets[rows], vocab_chunk):
+                run_lse = torch.logaddexp(run_lse, torch.logsumexp(tile, dim=-1))
+                run_pick = torch.where(inside, tile.gather(1, local[:, None])[:, 0], run_pick)
+            lse[rows], picked[rows] = run_lse, run_pick
+        ctx.save_for_backward(x, weight, targets, lse)
+        ctx.chunks = (vocab_chunk, token_chunk)
+        return (lse - picked).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, weight, targets, lse = ctx.saved_tensors
+        vocab_chunk, token_chunk = ctx.chunks
+        grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for r0 in range(0, x.shape[0], token_chunk):
+            rows = slice(r0, r0 + token_chunk)
+            for v0, tile, inside, local in _tiles(x[rows], weight, targets[rows], vocab_chunk):
+                prob = torch.exp(tile - lse[rows, None])
+                prob.scatter_add_(1, local[:, None], -inside[:, None].to(prob.dtype))  # - onehot
+                w = weight[v0 : v0 + tile.shape[1]]
+                grad_x[rows] += ((prob * grad_loss).to(x.dtype) @ _as(w, x.dtype)).float()
+        return grad_x.to(x.dtype), None, None, None, None
+
+
+def _tiles(x, weight, targets, vocab_chunk):
+    """(v0, fp32 logits tile, target-in-tile mask, target index within tile) per vocab chunk."""
+    for v0 in range(0, weight.shape[0], vocab_chunk):
+        w = weight[v0 : v0 + vocab_chunk]
+        tile = F.linear(x, _as(w, x.dtype)).float()
+        inside = (targets >= v0) & (targets < v0 + w.shape[0])
+        yield v0, tile, inside, (targets - v0).clamp(0, w.shape[0] - 1)
+
+
+def chunked_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+) -> torch.Tensor:
+    """Sum over rows of ``-log softmax(x @ weight^T)[target]``; every target must be valid."""
+    return _ChunkedCrossEntropy.apply(x, weight, targets, vocab_chunk, token_chunk)
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GraphContext:
+    """What every layer of one micro-batch shares: the batch, RoPE tables, dtype, dropout."""
+
+    batch: PackedBatch
+    dtype: torch.dtype
+    cos: torch.Tensor
+    sin: torch.Tensor
+    lora: LoraConfig | None
+    dropout: DropoutPlan | None
+
+
+def make_context(
+    view: BaseModelView,
+    adapters: LoraAdapters | None,
+    batch: PackedBatch,
+    dtype: torch.dtype | None = None,
+    training: bool = False,
+) -> GraphContext:
+    dtype = dtype or view.dtype
+    inv_freq = rope_inv_freq(view.config.rope, view.config.head_dim, batch.positions.device)
+    cos, sin = rope_cos_sin(batch.positions, inv_freq, dtype)
+    lora = adapters.config if adapters is not None else None
+    dropout = None
+    if training and lora is not None and lora.dropout > 0:
+        dropout = DropoutPlan(lora.dropout, batch.seeds, batch.lengths)
+    return GraphContext(batch, dtype, cos, sin, lora, dropout)
+
+
+def embed(view: BaseModelView, ctx: GraphContext) -> torch.Tensor:
+    return _as(F.embedding(ctx.batch.input_ids, view.embed_tokens), ctx.dtype)
+
+
+def decoder_layer(
+    h: torch.Tensor,
+    index: int,
+    weights: LayerWeights,
+    lora: dict[str, LoraPair] | None,
+    config: ModelConfig,
+    ctx: GraphContext,
+) -> torch.Tensor:
+    """One pre-norm decoder layer: h + attn(norm(h)), then + swiglu MLP(norm(.))."""
+    lora = lora or {}
+    scaling = ctx.lora.scaling if ctx.lora is not None else 0.0
+
+    def proj(name: str, x: torch.Tensor) -> torch.Tensor:
+        mask = None
+        if ctx.dropout is not None and name in lora:
+            mask = ctx.dropout.mask(index, name, x.shape[-1], x.device, x.dtype)
+        bias = weights.biases.get(name)
+        return lora_linear(x, weights.weight(name), bias, lora.get(name), scaling, mask)
+
+    tokens, hd = h.shape[0], config.head_dim
+    x = rms_norm(h, weights.input_norm, config.rms_norm_eps)
+    q = proj("q_proj", x).view(tokens, config.num_heads, hd)
+    k = proj("k_proj", x).view(tokens, config.num_kv_heads, hd)
+    v = proj("v_proj", x).view(tokens, config.num_kv_heads, hd)
+    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    h = h + proj("o_proj", attention(q, k, v, ctx.batch.cu_seqlens))
+    x = rms_norm(h, weights.post_norm, config.rms_norm_eps)
+    return h + proj("down_proj", swiglu(proj("gate_proj", x), proj("up_proj", x)))
+
+
+def layer_forward(
+    view: BaseModelView,
+    adapters: LoraAdapters | None,
+    index: int,
+    h: torch.Tensor,
+    ctx: GraphContext,
+) -> torch.Tensor:
+    lora = adapters.layers[index] if adapters is not None else None
+    return decoder_layer(h, index, view.layers[index], lora, view.config, ctx)
+
+
+def head_loss_sum(
+    view: BaseModelView,
+    h: torch.Tensor,
+    ctx: GraphContext,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+) -> torch.Tensor:
+    """Summed next-token loss over the batch's targets (final norm + chunked lm_head CE)."""
+    valid = ctx.batch.targets != IGNORE_INDEX
+    x = rms_norm(h[valid], view.final_norm, view.config.rms_norm_eps)
+    return chunked_cross_entropy(
+        x, view.lm_head, ctx.batch.targets[valid], vocab_chunk, token_chunk
+    )
+
+
+def final_hidden(
+    view: BaseModelView, adapters: LoraAdapters | None, ctx: GraphContext
+) -> torch.Tensor:
+    h = embed(view, ctx)
+    for i in range(view.config.num_layers):
+        h = layer_forward(view, adapters, i, h, ctx)
+    return h
+
+
+def logits(
+    view: BaseModelView,
+    adapters: LoraAdapters | None,
+    batch: PackedBatch,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Full logits [tokens, vocab] in fp32, no dropout (evaluation and checks; not training)."""
+    with torch.no_grad():
+        ctx = make_context(view, adapters, batch, dtype)
+        h = rms_norm(final_hidden(view, adapters, ctx), view.final_norm, view.config.rms_norm_eps)
+        return F.linear(h, _as(view.lm_head, h.dtype)).float()
+
+
+def loss_sum(
+    view: BaseModelView,
+    adapters: LoraAdapters | None,
+    batch: PackedBatch,
+    dtype: torch.dtype | None = None,
+    training: bool = True,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+) -> torch.Tensor:
+    """The whole micro-batch in one autograd graph (no checkpointing): for checks and tools.
+
+    The trainer runs the same functions layer by layer instead (see ``trainer.py``).
+    """
+    ctx = make_context(view, adapters, batch, dtype, training)
+    return head_loss_sum(view, final_hidden(view, adapters, ctx), ctx, vocab_chunk)
+
+
+# --- cost model ------------------------------------------------------------------------------
+
+
+def layer_forward_flops(config: ModelConfig, lora: LoraConfig | None, lengths) -> float:
+    """Multiply-adds x 2 of one layer's forward over sequences of ``lengths`` tokens."""
+    tokens = sum(lengths)
+    linear = 0
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        fan_in, fan_out = config.projection_shape(name)
+        linear += fan_in * fan_out
+        if lora is not None and name in lora.target_modules:
+            linear += lora.r * (fan_in + fan_out)
+    # QK^T and PV over the causal half of each sequence.
+    attn = 2 * sum(n * (n + 1) // 2 for n in lengths) * config.num_heads * config.head_dim
+    return 2.0 * (tokens * linear + attn)
+
+
+def head_forward_flops(config: ModelConfig, num_targets: int) -> float:
+    return 2.0 * num_targets * config.hidden_size * config.vocab_size

@@ -1,0 +1,142 @@
+"""A fine-tuning job's hyperparameters: OpenAI's names plus our LoRA settings, checked once.
+
+OpenAI's ``hyperparameters`` object has ``n_epochs``, ``batch_size`` and
+``learning_rate_multiplier`` (each may be ``"auto"``); we add ``lora_rank``, ``lora_alpha``,
+``lora_dropout``, ``lora_target_modules`` and ``max_seq_length``. Everything is resolved to a
+concrete value when the job is created, so a job's record says exactly what it trains with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .base_model import PROJECTIONS
+
+# AdamW learning rate that learning_rate_multiplier scales: a common LoRA choice.
+BASE_LEARNING_RATE = 2e-4
+AUTO = "auto"
+
+
+class InvalidParameter(ValueError):
+    """A hyperparameter we cannot train with; ``param`` names it the way the API does."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: tuple[str, ...]
+    max_seq_length: int
+
+    @property
+    def learning_rate(self) -> float:
+        return BASE_LEARNING_RATE * self.learning_rate_multiplier
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["lora_target_modules"] = list(self.lora_target_modules)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Hyperparameters:
+        return cls(**{**values, "lora_target_modules": tuple(values["lora_target_modules"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingLimits:
+    """What the server's LoRA serving was sized for: an adapter beyond it could not be served."""
+
+    max_lora_rank: int
+    target_modules: tuple[str, ...] = PROJECTIONS
+    max_seq_length: int = 2048
+
+
+def resolve(
+    raw: Mapping[str, Any] | None, num_examples: int, limits: ServingLimits
+) -> Hyperparameters:
+    """Check ``raw`` and fill in every ``"auto"`` or missing value; raises InvalidParameter."""
+    raw = dict(raw or {})
+    known = {f.name for f in dataclasses.fields(Hyperparameters)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise InvalidParameter(
+            f"hyperparameters.{unknown[0]}", f"unknown hyperparameter {unknown[0]!r}"
+        )
+    batch_size = _int(raw, "batch_size", auto=max(1, min(8, math.ceil(num_examples / 10))))
+    rank = _int(raw, "lora_rank", auto=min(8, limits.max_lora_rank))
+    if rank > limits.max_lora_rank:
+        raise InvalidParameter(
+            "hyperparameters.lora_rank",
+            f"lora_rank {rank} exceeds the server's --max-lora-rank {limits.max_lora_rank}",
+        )
+    targets = raw.get("lora_target_modules", AUTO)
+    targets = tuple(limits.target_modules) if targets == AUTO else _modules(targets, limits)
+    return Hyperparameters(
+        n_epochs=_int(raw, "n_epochs", auto=3),
+        batch_size=batch_size,
+        learning_rate_multiplier=_positive_float(raw, "learning_rate_multiplier", auto=1.0),
+        lora_rank=rank,
+        lora_alpha=_positive_float(raw, "lora_alpha", auto=2.0 * rank),
+        lora_dropout=_dropout(raw),
+        lora_target_modules=targets,
+        max_seq_length=min(
+            _int(raw, "max_seq_length", auto=limits.max_seq_length), limits.max_seq_length
+        ),
+    )
+
+
+def _value(raw: Mapping[str, Any], name: str, auto: Any) -> Any:
+    value = raw.get(name, AUTO)
+    return auto if value == AUTO else value
+
+
+def _int(raw: Mapping[str, Any], name: str, auto: int) -> int:
+    value = _value(raw, name, auto)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidParameter(
+            f"hyperparameters.{name}", f"{name} must be a positive integer or 'auto', got {value!r}"
+        )
+    return value
+
+
+def _positive_float(raw: Mapping[str, Any], name: str, auto: float) -> float:
+    value = _value(raw, name, auto)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise InvalidParameter(
+            f"hyperparameters.{name}", f"{name} must be a positive number or 'auto', got {value!r}"
+        )
+    return float(value)
+
+
+def _dropout(raw: Mapping[str, Any]) -> float:
+    value = _value(raw, "lora_dropout", 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise InvalidParameter(
+            "hyperparameters.lora_dropout", f"lora_dropout must be in [0, 1), got {value!r}"
+        )
+    return float(value)
+
+
+def _modules(value: Any, limits: ServingLimits) -> tuple[str, ...]:
+    param = "hyperparameters.lora_target_modules"
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        raise InvalidParameter(param, "lora_target_modules must be a non-empty list")
+    outside = [m for m in value if m not in limits.target_modules]
+    if outside:
+        raise InvalidParameter(
+            param,
+            f"lora_target_modules {outside} are not served by this server "
+            f"(--lora-target-modules: {list(limits.target_modules)})",
+        )
+    return tuple(m for m in PROJECTIONS if m in value)

@@ -1,0 +1,383 @@
+"""The trainer: optimizer steps cut into work units that a scheduler runs when it can.
+
+A step takes the next ``global_batch_size`` sequences, packs them into micro-batches, and
+becomes this list of units (L layers)::
+
+    for each micro-batch: forward 0 .. forward L-1, head (loss and its gradient),
+                          backward L-1 .. backward 0
+    optimizer (clip, AdamW, learning-rate schedule)
+
+Between units only what the next units need is kept: with activation checkpointing, each
+layer's input; without, each layer's autograd graph. The loss is summed over micro-batches
+and divided by the number of target tokens of the whole global batch, so the maths of a
+step does not depend on how it is sliced into micro-batches (only on float summation order).
+Until the optimizer unit runs, a step can be abandoned and is then redone from scratch, on
+the same sequences with the same dropout masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from . import graph
+from .base_model import BaseModelView
+from .data import Example, PackedBatch, pack
+from .lora import LoraAdapters, sequence_seed
+from .peft_io import save_adapter
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("constant", "linear", "cosine")
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-4
+    lr_schedule: str = "cosine"  # one of SCHEDULES, after warm-up
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio at total_steps
+    total_steps: int | None = None  # None: `epochs` passes over the dataset
+    epochs: float = 1.0
+    global_batch_size: int = 8  # sequences per optimizer step
+    micro_batch_size: int = 8  # at most this many sequences packed per micro-batch...
+    micro_batch_tokens: int | None = None  # ...and at most this many tokens (if set)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    checkpointing: bool = True
+    compute_dtype: torch.dtype | None = None  # None: the base model's dtype
+    vocab_chunk: int = graph.DEFAULT_VOCAB_CHUNK
+    token_chunk: int = graph.DEFAULT_TOKEN_CHUNK
+    shuffle: bool = True
+    seed: int = 0  # data order and dropout masks
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}: one of {SCHEDULES}")
+        if self.global_batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError("global_batch_size and micro_batch_size must be >= 1")
+
+
+def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based).
+
+    Warm-up rises linearly to ``lr`` and reaches it at step ``warmup_steps - 1`` (the first
+    step already trains); then the schedule goes from ``lr`` to ``lr * min_lr_ratio`` at
+    ``total_steps``.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    span = max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    if config.lr_schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay)
+
+
+@dataclasses.dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps taken
+    samples: int = 0  # sequences consumed: the data cursor
+    tokens: int = 0  # target tokens trained on
+    last_loss: float | None = None
+    last_grad_norm: float | None = None
+    last_lr: float | None = None
+    units_run: int = 0
+    abandoned_steps: int = 0
+    skipped_steps: int = 0  # non-finite gradients: no update
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    step: int  # the step just taken (0-based)
+    loss: float  # mean over the global batch's target tokens
+    lr: float
+    grad_norm: float  # before clipping
+    num_sequences: int
+    num_targets: int
+
+
+@dataclasses.dataclass(eq=False)
+class WorkUnit:
+    """One schedulable slice of a step. ``cost`` estimates FLOPs; ``run`` must go in order."""
+
+    kind: str  # "forward", "head", "backward" or "optimizer"
+    step: int
+    micro_batch: int | None
+    layer: int | None
+    tokens: int
+    cost: float
+    _fn: Callable[[], StepResult | None] = dataclasses.field(repr=False)
+    _trainer: Trainer = dataclasses.field(repr=False)
+
+    def run(self) -> StepResult | None:
+        """Run this unit; the optimizer unit returns the finished step's result.
+
+        A unit that raises (out of memory, say) leaves its step half done: abandon it.
+        """
+        return self._trainer._run(self)
+
+
+@dataclasses.dataclass
+class _MicroBatch:
+    batch: PackedBatch
+    ctx: graph.GraphContext
+    saved: list  # per layer: its input (checkpointing) or (input leaf, output) (no ckpt)
+    carry: torch.Tensor | None = None  # the next layer's input, or the gradient going back
+
+
+@dataclasses.dataclass
+class _Step:
+    index: int
+    examples: list[Example]
+    micro: list[_MicroBatch]
+    num_targets: int
+    units: list[WorkUnit] = dataclasses.field(default_factory=list)
+    next: int = 0
+    loss_sum: torch.Tensor | None = None
+
+
+class Trainer:
+    """Trains ``adapters`` on ``dataset`` over the frozen ``view``, one work unit at a time."""
+
+    def __init__(
+        self,
+        view: BaseModelView,
+        adapters: LoraAdapters,
+        dataset: Sequence[Example],
+        config: TrainConfig = TrainConfig(),
+    ):
+        if not dataset:
+            raise ValueError("empty dataset")
+        self.view, self.adapters, self.dataset, self.config = view, adapters, dataset, config
+        self.dtype = config.compute_dtype or view.dtype
+        self.total_steps = config.total_steps or math.ceil(
+            config.epochs * len(dataset) / config.global_batch_size
+        )
+        self.optimizer = adapters.make_optimizer(
+            config.lr, config.betas, config.eps, config.weight_decay
+        )
+        self.state = TrainerState()
+        self._step: _Step | None = None
+        self._orders: dict[int, list[int]] = {}
+
+    # --- scheduler-facing API ----------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    def pending_work(self) -> list[WorkUnit]:
+        """The units left in the current step (planning the next step if none is open)."""
+        if self._step is None:
+            if self.done:
+                return []
+            with torch.inference_mode(False):  # its tensors take part in autograd later
+                self._step = self._plan_step()
+        return self._step.units[self._step.next :]
+
+    def next_unit(self) -> WorkUnit | None:
+        pending = self.pending_work()
+        return pending[0] if pending else None
+
+    def run_step(self) -> StepResult | None:
+        """Run every remaining unit of the current (or next) step."""
+        result = None
+        while (unit := self.next_unit()) is not None:
+            result = unit.run()
+            if result is not None:
+                return result
+        return result
+
+    def train(self) -> list[StepResult]:
+        results = []
+        while not self.done:
+            results.append(self.run_step())
+        return results
+
+    def abandon_step(self) -> None:
+        """Drop the open step: activations and gradients go; the next step redoes it."""
+        if self._step is None:
+            return
+        self._step = None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.abandoned_steps += 1
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | Path, base_model_name_or_path: str = "") -> None:
+        """A PEFT adapter directory plus ``trainer_state.pt`` (fp32 masters, AdamW, counters)."""
+        if self._step is not None:
+            raise RuntimeError("a step is open: finish or abandon it before saving")
+        path = Path(path)
+        save_adapter(
+            path,
+            self.adapters,
+            dtype=self.view.dtype,
+            base_model_name_or_path=base_model_name_or_path,
+        )
+        torch.save(
+            {
+                "adapters": self.adapters.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "state": dataclasses.asdict(self.state),
+            },
+            path / STATE_FILE,
+        )
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume from :meth:`save_checkpoint` output (same dataset and config)."""
+        saved = torch.load(Path(path) / STATE_FILE, map_location=self.view.device)
+        self.abandon_step()
+        self.adapters.load_state_dict(saved["adapters"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.state = TrainerState(**saved["state"])
+
+    # --- planning ----------------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            n = len(self.dataset)
+            if self.config.shuffle:
+                gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+                self._orders = {epoch: torch.randperm(n, generator=gen).tolist()}
+            else:
+                self._orders = {epoch: list(range(n))}
+        return self._orders[epoch]
+
+    def _plan_step(self) -> _Step:
+        cfg, n = self.config, len(self.dataset)
+        start, index = self.state.samples, self.state.step
+        positions = range(start, start + cfg.global_batch_size)
+        examples = [self.dataset[self._order(p // n)[p % n]] for p in positions]
+        seeds = [sequence_seed(cfg.seed, index, j) for j in range(len(examples))]
+        step = _Step(index, examples, [], sum(e.num_targets for e in examples))
+        for group in self._micro_groups(examples):
+            batch = pack([examples[j] for j in group], [seeds[j] for j in group], self.view.device)
+            ctx = graph.make_context(self.view, self.adapters, batch, self.dtype, training=True)
+            step.micro.append(_MicroBatch(batch, ctx, [None] * self.view.config.num_layers))
+        step.units = self._units(step)
+        return step
+
+    def _micro_groups(self, examples: list[Example]) -> list[list[int]]:
+        """Greedy, order-preserving packing under the sequence and token caps."""
+        cap_seqs, cap_tokens = self.config.micro_batch_size, self.config.micro_batch_tokens
+        groups: list[list[int]] = [[]]
+        tokens = 0
+        for j, ex in enumerate(examples):
+            n = len(ex.input_ids)
+            full = len(groups[-1]) >= cap_seqs or (
+                cap_tokens is not None and tokens + n > cap_tokens
+            )
+            if groups[-1] and full:
+                groups.append([])
+                tokens = 0
+            groups[-1].append(j)
+            tokens += n
+        return groups
+
+    def _units(self, step: _Step) -> list[WorkUnit]:
+        c, lora = self.view.config, self.adapters.config
+        # Backward is about twice a forward; with checkpointing the forward is recomputed.
+        back = 3.0 if self.config.checkpointing else 2.0
+        units = []
+
+        def unit(kind, m, layer, tokens, cost, fn):
+            units.append(WorkUnit(kind, step.index, m, layer, tokens, cost, fn, self))
+
+        for m, mb in enumerate(step.micro):
+            t = mb.batch.num_tokens
+            fwd = graph.layer_forward_flops(c, lora, mb.batch.lengths)
+            for i in range(c.num_layers):
+                unit("forward", m, i, t, fwd, lambda mb=mb, i=i: self._forward(mb, i))
+            head = graph.head_forward_flops(c, mb.batch.num_targets) * 3.0
+            unit("head", m, None, t, head, lambda mb=mb: self._head(mb, step))
+            for i in reversed(range(c.num_layers)):
+                unit("backward", m, i, t, fwd * back, lambda mb=mb, i=i: self._backward(mb, i))
+        params = sum(p.numel() for p in self.adapters.parameters())
+        tokens = sum(mb.batch.num_tokens for mb in step.micro)
+        unit("optimizer", None, None, tokens, 12.0 * params, lambda: self._optimizer(step))
+        return units
+
+    # --- the units ---------------------------------------------------------------------------
+
+    def _run(self, unit: WorkUnit) -> StepResult | None:
+        step = self._step
+        if step is None or step.next >= len(step.units) or step.units[step.next] is not unit:
+            raise RuntimeError(f"{unit.kind} unit is stale or out of order (abandoned step?)")
+        # Servers run under torch.inference_mode(); training needs autograd whatever the caller.
+        with torch.inference_mode(False):
+            result = unit._fn()
+        step.next += 1
+        self.state.units_run += 1
+        if unit.kind == "optimizer":
+            self._step = None
+        return result
+
+    def _forward(self, mb: _MicroBatch, i: int) -> None:
+        h = graph.embed(self.view, mb.ctx) if i == 0 else mb.carry
+        if self.config.checkpointing:
+            mb.saved[i] = h  # the layer input: all that stays until the backward
+            with torch.no_grad():
+                mb.carry = graph.layer_forward(self.view, self.adapters, i, h, mb.ctx)
+        else:
+            x = h.detach().requires_grad_(i > 0)
+            with torch.enable_grad():
+                out = graph.layer_forward(self.view, self.adapters, i, x, mb.ctx)
+            mb.saved[i] = (x, out)
+            mb.carry = out.detach()
+
+    def _head(self, mb: _MicroBatch, step: _Step) -> None:
+        h = mb.carry.detach().requires_grad_()
+        with torch.enable_grad():
+            loss = graph.head_loss_sum(
+                self.view, h, mb.ctx, self.config.vocab_chunk, self.config.token_chunk
+            )
+            (loss / step.num_targets).backward()
+        step.loss_sum = loss.detach() if step.loss_sum is None else step.loss_sum + loss.detach()
+        mb.carry = h.grad
+
+    def _backward(self, mb: _MicroBatch, i: int) -> None:
+        if self.config.checkpointing:
+            x = mb.saved[i].detach().requires_grad_(i > 0)
+            with torch.enable_grad():
+                out = graph.layer_forward(self.view, self.adapters, i, x, mb.ctx)
+        else:
+            x, out = mb.saved[i]
+        mb.saved[i] = None
+        out.backward(mb.carry)
+        mb.carry = x.grad if i > 0 else None
+
+    def _optimizer(self, step: _Step) -> StepResult:
+        params = self.adapters.parameters()
+        max_norm = self.config.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+        lr = lr_at(self.config, step.index, self.total_steps)
+        loss = (step.loss_sum / step.num_targets).item()
+        if math.isfinite(norm.item()):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        else:
+            logger.warning("step %d: non-finite gradient norm, update skipped", step.index)
+            self.state.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        s = self.state
+        s.step += 1
+        s.samples += len(step.examples)
+        s.tokens += step.num_targets
+        s.last_loss, s.last_grad_norm, s.last_lr = loss, norm.item(), lr
+        logger.debug("step %d: loss %.4f lr %.3g grad norm %.3g", step.index, loss, lr, norm)
+        return StepResult(step.index, loss, lr, norm.item(), len(step.examples), step.num_targets)

@@ -1,0 +1,118 @@
+"""Datasets: formats, loss masks, and every kind of bad line rejected with its number."""
+
+import json
+
+import pytest
+import torch
+
+from sglang_harli.finetune import DatasetError, Example, load_jsonl, pack, parse_jsonl_lines
+
+
+def _chat(*turns):
+    """user, assistant, user, ... turns as one chat record."""
+    roles = ["user", "assistant"] * len(turns)
+    messages = [{"role": r, "content": c} for r, c in zip(roles, turns, strict=False)]
+    return json.dumps({"messages": messages})
+
+
+def _trained_text(tokenizer, example):
+    return tokenizer.decode(
+        [t for t, m in zip(example.input_ids, example.loss_mask, strict=True) if m]
+    )
+
+
+def test_chat_loss_on_assistant_turns_only(tokenizer):
+    record = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!", "weight": 0},
+            {"role": "user", "content": "Name a fruit"},
+            {"role": "assistant", "content": "A ripe mango"},
+        ]
+    }
+    (ex,) = parse_jsonl_lines([json.dumps(record)], tokenizer, max_length=128)
+    plain = [{k: m[k] for k in ("role", "content")} for m in record["messages"]]
+    # The sequence is exactly the chat template's rendering...
+    assert tokenizer.decode(ex.input_ids) == tokenizer.apply_chat_template(plain, tokenize=False)
+    # ...and only the weighted assistant turn (with its end marker) is trained.
+    assert _trained_text(tokenizer, ex) == "A ripe mango<|im_end|>\n"
+    assert ex.line == 1
+
+
+def test_prompt_completion_loss_on_completion_and_eos(tokenizer):
+    (ex,) = parse_jsonl_lines(
+        [json.dumps({"prompt": "2 + 2 =", "completion": " 4"})], tokenizer, max_length=32
+    )
+    assert tokenizer.decode(ex.input_ids) == "2 + 2 = 4</s>"
+    assert _trained_text(tokenizer, ex) == " 4</s>"
+    assert ex.loss_mask[-1] and not ex.loss_mask[0]
+
+
+def test_every_bad_line_is_rejected_with_its_number(tokenizer, tmp_path):
+    good = _chat("What is 1 + 1?", "2")
+    lines = [
+        good,  # 1
+        '{"messages": [',  # 2: not JSON
+        "[1, 2]",  # 3: not an object
+        json.dumps({"text": "hello"}),  # 4: neither format
+        json.dumps({"messages": [{"content": "hi"}]}),  # 5: message without role
+        json.dumps({"messages": []}),  # 6: empty
+        json.dumps({"messages": [{"role": "user", "content": ""}]}),  # 7: empty content
+        _chat("Say a lot", "word " * 300),  # 8: too long
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),  # 9
+        "",  # 10: empty line
+        json.dumps({"prompt": "Q"}),  # 11: missing completion
+        json.dumps({"prompt": "Q", "completion": ""}),  # 12: empty completion
+        json.dumps({"messages": [{"role": "robot", "content": "beep"}]}),  # 13: bad role
+        json.dumps({"messages": [{"role": "user", "content": 3}]}),  # 14: content not a string
+        good,  # 15
+        "",  # trailing blank lines are fine
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as info:
+        load_jsonl(path, tokenizer, max_length=64)
+    expected = {
+        2: "not JSON",
+        3: "not a JSON object",
+        4: "missing field",
+        5: "missing field 'role'",
+        6: "empty 'messages'",
+        7: "empty content",
+        8: "too long",
+        9: "no trainable token",
+        10: "empty line",
+        11: "missing field 'completion'",
+        12: "empty 'completion'",
+        13: "unknown role",
+        14: "must be a string",
+    }
+    errors = dict(info.value.errors)
+    assert set(errors) == set(expected), errors
+    for line, problem in expected.items():
+        assert problem in errors[line], (line, errors[line])
+        assert f"line {line}: " in str(info.value)
+
+
+def test_empty_dataset_and_good_file(tokenizer, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DatasetError, match="empty dataset"):
+        load_jsonl(empty, tokenizer, max_length=64)
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join([_chat("a", "b"), _chat("c", "d", "e", "f")]) + "\n")
+    examples = load_jsonl(good, tokenizer, max_length=64)
+    assert [e.line for e in examples] == [1, 2]
+    assert _trained_text(tokenizer, examples[1]) == "d<|im_end|>\nf<|im_end|>\n"
+
+
+def test_pack_targets_never_cross_sequences():
+    a = Example((10, 11, 12, 13), (False, False, True, True))
+    b = Example((20, 21, 22), (False, True, True))
+    batch = pack([a, b], seeds=[5, 6])
+    assert batch.cu_seqlens == (0, 4, 7) and batch.lengths == (4, 3)
+    assert batch.positions.tolist() == [0, 1, 2, 3, 0, 1, 2]
+    assert batch.targets.tolist() == [-100, 12, 13, -100, 21, 22, -100]
+    assert batch.num_targets == a.num_targets + b.num_targets == 4
+    assert batch.input_ids.dtype == torch.int64 and batch.seeds == (5, 6)
