@@ -1,0 +1,259 @@
+"""``python -m sglang_harli.finetune``: fine-tuning jobs on a running sglang-harli server.
+
+    create DATASET.jsonl [--wait] [--suffix S] [--n-epochs N] [--lora-rank R] ...
+    list | get JOB | events JOB [--follow] | cancel JOB | checkpoints JOB
+
+It speaks the server's OpenAI-style fine-tuning API over HTTP. Exit codes: 0 success; 1 the job
+failed or was cancelled (``create --wait``, ``get``, ``events --follow``); 2 the request was
+refused (bad input, unknown job); 3 the server could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+DEFAULT_SERVER = os.environ.get("HARLI_SERVER", "http://127.0.0.1:30000")
+FINAL = ("succeeded", "failed", "cancelled")
+EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
+BAR_WIDTH = 24
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class Client:
+    def __init__(self, server: str, api_key: str | None, timeout: float = 60):
+        self.base = server.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        try:
+            response = requests.request(
+                method, self.base + path, headers=self.headers, timeout=self.timeout, **kwargs
+            )
+        except requests.ConnectionError:
+            raise CliError(f"cannot reach the server at {self.base}", EXIT_UNREACHABLE) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": {"message": response.text}}
+        if response.status_code >= 400:
+            message = (body.get("error") or {}).get("message") or response.text
+            raise CliError(f"{response.status_code}: {message}", EXIT_REFUSED)
+        return body
+
+    def upload(self, path: Path) -> dict:
+        with open(path, "rb") as f:
+            return self.request(
+                "POST", "/v1/files", files={"file": (path.name, f)}, data={"purpose": "fine-tune"}
+            )
+
+    def job(self, job_id: str) -> dict:
+        return self.request("GET", f"/v1/fine_tuning/jobs/{job_id}")
+
+    def events(self, job_id: str, limit: int = 100) -> list[dict]:
+        """Oldest first (the API pages newest first)."""
+        page = self.request("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": limit})
+        return list(reversed(page["data"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    client = Client(args.server, args.api_key)
+    try:
+        return args.run(client, args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_create(client: Client, args: argparse.Namespace) -> int:
+    model = args.model or client.request("GET", "/v1/models")["data"][0]["id"]
+    training = client.upload(Path(args.training_file))
+    body: dict[str, Any] = {
+        "model": model,
+        "training_file": training["id"],
+        "hyperparameters": {
+            name: value
+            for name in (
+                "n_epochs",
+                "batch_size",
+                "learning_rate_multiplier",
+                "lora_rank",
+                "lora_alpha",
+                "lora_dropout",
+                "lora_target_modules",
+                "max_seq_length",
+            )
+            if (value := getattr(args, name)) is not None
+        },
+    }
+    if args.validation_file:
+        body["validation_file"] = client.upload(Path(args.validation_file))["id"]
+    if args.suffix:
+        body["suffix"] = args.suffix
+    if args.seed is not None:
+        body["seed"] = args.seed
+    job = client.request("POST", "/v1/fine_tuning/jobs", json=body)
+    print(f"created {job['id']} (training file {training['id']})")
+    if not args.wait:
+        return EXIT_OK
+    return wait(client, job["id"], args.poll)
+
+
+def cmd_list(client: Client, args: argparse.Namespace) -> int:
+    jobs = client.request("GET", "/v1/fine_tuning/jobs", params={"limit": args.limit})["data"]
+    for job in jobs:
+        print(
+            f"{job['id']}  {job['status']:<10}  step {job.get('step', 0)}/"
+            f"{job.get('total_steps') or '?'}  {job['fine_tuned_model'] or ''}"
+        )
+    return EXIT_OK
+
+
+def cmd_get(client: Client, args: argparse.Namespace) -> int:
+    job = client.job(args.job)
+    print(json.dumps(job, indent=2))
+    return EXIT_JOB_FAILED if job["status"] in ("failed", "cancelled") else EXIT_OK
+
+
+def cmd_events(client: Client, args: argparse.Namespace) -> int:
+    seen: set[str] = set()
+    while True:
+        for event in client.events(args.job):
+            if event["id"] not in seen:
+                seen.add(event["id"])
+                print(f"{_clock(event['created_at'])}  {event['level']:<5}  {event['message']}")
+        job = client.job(args.job)
+        if not args.follow or job["status"] in FINAL:
+            return EXIT_JOB_FAILED if job["status"] in ("failed", "cancelled") else EXIT_OK
+        time.sleep(args.poll)
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    job = client.request("POST", f"/v1/fine_tuning/jobs/{args.job}/cancel")
+    print(f"{job['id']}: {job['status']}")
+    return EXIT_OK
+
+
+def cmd_checkpoints(client: Client, args: argparse.Namespace) -> int:
+    page = client.request("GET", f"/v1/fine_tuning/jobs/{args.job}/checkpoints")
+    for ckpt in page["data"]:
+        loss = ckpt["metrics"].get("train_loss")
+        print(
+            f"step {ckpt['step_number']:>6}  loss {loss:.4f}  {ckpt['fine_tuned_model_checkpoint']}"
+        )
+    return EXIT_OK
+
+
+def wait(client: Client, job_id: str, poll_s: float) -> int:
+    """Show progress until the job ends; the exit code says how it ended."""
+    tty = sys.stdout.isatty()
+    last_line = None
+    while True:
+        job = client.job(job_id)
+        line = progress_line(job, _latest_loss(client, job_id))
+        if line != last_line:
+            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+            last_line = line
+        if job["status"] in FINAL:
+            break
+        time.sleep(poll_s)
+    if tty:
+        print()
+    if job["status"] == "succeeded":
+        print(f'succeeded: use "model": "{job["fine_tuned_model"]}"')
+        return EXIT_OK
+    reason = (job.get("error") or {}).get("message", "")
+    print(f"{job['status']}{': ' + reason if reason else ''}", file=sys.stderr)
+    return EXIT_JOB_FAILED
+
+
+def progress_line(job: dict, loss: float | None) -> str:
+    step, total = job.get("step") or 0, job.get("total_steps") or 0
+    filled = BAR_WIDTH * step // total if total else 0
+    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+    parts = [f"{job['status']:<9}", f"[{bar}]", f"step {step}/{total or '?'}"]
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if job["status"] == "running" and job.get("estimated_finish"):
+        parts.append(f"eta {max(0, job['estimated_finish'] - int(time.time()))}s")
+    return "  ".join(parts)
+
+
+def _latest_loss(client: Client, job_id: str) -> float | None:
+    for event in reversed(client.events(job_id, limit=5)):
+        if event.get("type") == "metrics" and event.get("data"):
+            return event["data"].get("train_loss")
+    return None
+
+
+def _clock(timestamp: int) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(timestamp))
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sglang_harli.finetune",
+        description="Fine-tuning jobs on a running sglang-harli server.",
+    )
+    parser.add_argument("--server", default=DEFAULT_SERVER, help=f"default: {DEFAULT_SERVER}")
+    parser.add_argument("--api-key", default=os.environ.get("HARLI_API_KEY"))
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    create = sub.add_parser("create", help="upload a JSONL dataset and start a job")
+    create.add_argument("training_file", help="JSONL: chat 'messages' or prompt/completion")
+    create.add_argument("--model", help="default: the server's model")
+    create.add_argument("--validation-file")
+    create.add_argument("--suffix", help="adapter name: the model becomes <base>:<suffix>")
+    create.add_argument("--seed", type=int)
+    create.add_argument("--n-epochs", type=int)
+    create.add_argument("--batch-size", type=int)
+    create.add_argument("--learning-rate-multiplier", type=float)
+    create.add_argument("--lora-rank", type=int)
+    create.add_argument("--lora-alpha", type=float)
+    create.add_argument("--lora-dropout", type=float)
+    create.add_argument("--lora-target-modules", nargs="+")
+    create.add_argument("--max-seq-length", type=int)
+    create.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    create.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    create.set_defaults(run=cmd_create)
+
+    sub.add_parser("list", help="recent jobs").set_defaults(run=cmd_list)
+    sub.choices["list"].add_argument("--limit", type=int, default=20)
+    for name, run, text in (
+        ("get", cmd_get, "one job, as JSON"),
+        ("events", cmd_events, "a job's events"),
+        ("cancel", cmd_cancel, "cancel a job"),
+        ("checkpoints", cmd_checkpoints, "a job's checkpoints"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("job")
+        command.set_defaults(run=run)
+    sub.choices["events"].add_argument("--follow", action="store_true")
+    sub.choices["events"].add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
