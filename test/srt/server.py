@@ -33,6 +33,8 @@ class Server:
         self.argv = [*argv, "--host", "127.0.0.1", "--port", str(self.port)]
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ if env is None else env)
+        env.pop("TRITON_INTERPRET", None)  # set for the kernel tests; a server runs as users run it
         self.proc = subprocess.Popen(
             self.argv,
             cwd=REPO,

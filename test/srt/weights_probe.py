@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 from sglang_harli.config import HarliConfig
@@ -56,8 +57,9 @@ def run_scheduler_process(out_path: str, *args, **kwargs):
             with open(out_path, "w") as f:
                 json.dump(report, f)
 
+    state_dir = os.path.join(os.path.dirname(out_path), "state")
     sglang_scheduler.Scheduler = functools.partial(
-        ProbeScheduler, harli_config=HarliConfig(mode="time-sliced")
+        ProbeScheduler, harli_config=HarliConfig(mode="time-sliced", state_dir=state_dir)
     )
     return sglang_scheduler.run_scheduler_process(*args, **kwargs)
 
