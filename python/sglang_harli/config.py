@@ -29,6 +29,7 @@ class HarliConfig:
     finetune_budget_ms: float = 20.0
     idle_quantum_ms: float = 100.0
     checkpoint_every: int = 10
+    kernels: str = AUTO  # "torch" or "triton"; auto: triton with a GPU, torch without
 
     @property
     def enabled(self) -> bool:
@@ -36,15 +37,23 @@ class HarliConfig:
         return self.mode != "off"
 
     def resolved(self, has_cuda: bool) -> HarliConfig:
-        """``auto`` replaced by the mode this machine runs by default (time-sliced until the
-        GPU-only "harli" mode exists), and the state directory made absolute."""
+        """``auto`` replaced by what this machine runs by default (the mode is time-sliced until
+        the GPU-only "harli" mode exists), and the state directory made absolute."""
         from sglang_harli.tiny_model import user_cache_dir
 
         mode = "time-sliced" if self.mode == AUTO else self.mode
         state_dir = os.path.abspath(
             os.path.expanduser(self.state_dir or user_cache_dir() / "state")
         )
-        return dataclasses.replace(self, mode=mode, state_dir=state_dir)
+        kernels = self.kernels
+        if kernels == AUTO:
+            kernels = "triton" if has_cuda else "torch"
+        elif kernels == "triton" and not has_cuda:
+            raise HarliConfigError(
+                "--harli-kernels triton needs a CUDA GPU (on a CPU the kernels run only in "
+                "Triton's interpreter, for tests); use --harli-kernels torch"
+            )
+        return dataclasses.replace(self, mode=mode, state_dir=state_dir, kernels=kernels)
 
 
 def add_harli_args(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +67,13 @@ def add_harli_args(parser: argparse.ArgumentParser) -> None:
         "finetune units between decode iterations, within --harli-finetune-budget-ms each, and "
         "in quanta when idle; 'idle-only': only when no decode runs; 'off': plain SGLang (no "
         "Harli scheduler, no fine-tuning). 'auto' (default): time-sliced.",
+    )
+    group.add_argument(
+        "--harli-kernels",
+        default=AUTO,
+        choices=(AUTO, "torch", "triton"),
+        help="finetune kernels: 'triton' (persistent grids sized to the SM share), or 'torch' "
+        "(the reference ops). 'auto' (default): triton with a GPU, torch without.",
     )
     group.add_argument(
         "--harli-state-dir",

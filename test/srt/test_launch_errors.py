@@ -62,3 +62,13 @@ def test_help_shows_sglang_and_harli_flags():
     assert result.returncode == 0
     assert "--harli-mode" in result.stdout
     assert "--model-path" in result.stdout and "--tp-size" in result.stdout
+
+
+def test_triton_kernels_need_a_gpu():
+    from sglang_harli.srt import cpu
+
+    if cpu.cuda_available():
+        pytest.skip("this machine has a GPU: --harli-kernels triton is valid here")
+    result = launch("--harli-kernels", "triton")
+    assert result.returncode == 2
+    assert "--harli-kernels triton needs a CUDA GPU" in result.stderr

@@ -56,3 +56,11 @@ def test_budgets_must_be_positive_numbers(flag, value):
 def test_numeric_flags_parse():
     config, _ = parse_harli_args(["--harli-finetune-budget-ms", "5.5", "--harli-idle-quantum-ms=7"])
     assert (config.finetune_budget_ms, config.idle_quantum_ms) == (5.5, 7.0)
+
+
+def test_kernels_follow_the_device():
+    assert HarliConfig().resolved(has_cuda=True).kernels == "triton"
+    assert HarliConfig().resolved(has_cuda=False).kernels == "torch"
+    assert HarliConfig(kernels="torch").resolved(has_cuda=True).kernels == "torch"
+    with pytest.raises(HarliConfigError, match="needs a CUDA GPU"):
+        HarliConfig(kernels="triton").resolved(has_cuda=False)
