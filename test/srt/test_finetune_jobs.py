@@ -234,10 +234,14 @@ def test_cli_create_wait_shows_progress_and_exits_0(server, client, tmp_path):
     result = run_cli(
         server, "create", data, "--wait", "--suffix", "cli", "--n-epochs", "6",
         "--batch-size", "2", "--learning-rate-multiplier", "20", "--poll", "0.2",
+        "--validation-file", data,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "loss " in result.stdout and "step 6/6" in result.stdout
     assert ':cli"' in result.stdout.splitlines()[-1]
+    job_id = result.stdout.split()[1]
+    [final] = [c for c in client.fine_tuning.jobs.checkpoints.list(job_id) if c.step_number == 6]
+    assert 0 < final.metrics.valid_loss < 20  # the validation file is evaluated
     listing = run_cli(server, "list")
     assert listing.returncode == 0 and "succeeded" in listing.stdout
 

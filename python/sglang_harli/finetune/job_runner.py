@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import graph
 from .base_model import BaseModelView
-from .data import load_jsonl
+from .data import Example, load_jsonl, pack
 from .hyperparameters import Hyperparameters
 from .jobs import Job, JobStore
 from .lora import LoraAdapters, LoraConfig
@@ -50,6 +53,12 @@ class JobRunner:
         if training_file is None:
             raise FileNotFoundError(f"training file {job.training_file} was deleted")
         dataset = load_jsonl(training_file.path, tokenizer, hp.max_seq_length)
+        self.validation: list[Example] = []
+        if job.validation_file:
+            validation_file = store.get_file(job.validation_file)
+            if validation_file is None:
+                raise FileNotFoundError(f"validation file {job.validation_file} was deleted")
+            self.validation = load_jsonl(validation_file.path, tokenizer, hp.max_seq_length)
         lora = LoraConfig(
             r=hp.lora_rank,
             alpha=hp.lora_alpha,
@@ -142,8 +151,30 @@ class JobRunner:
     def _checkpoint(self, step: int, loss: float) -> Path:
         path = self.dir / "checkpoints" / f"step-{step}"
         self.trainer.save_checkpoint(path, base_model_name_or_path=self.base_model_name)
-        self.store.add_checkpoint(self.job.id, step, str(path), {"step": step, "train_loss": loss})
+        metrics = {"step": step, "train_loss": loss}
+        if self.validation:
+            metrics["valid_loss"] = self.validation_loss()
+            self.store.add_event(
+                self.job.id,
+                f"Step {step}: validation loss={metrics['valid_loss']:.4f}",
+                type="metrics",
+                data=metrics,
+            )
+        self.store.add_checkpoint(self.job.id, step, str(path), metrics)
         return path
+
+    def validation_loss(self) -> float:
+        """Mean loss per target token over the validation file, one sequence at a time."""
+        total, targets = 0.0, 0
+        with torch.no_grad():
+            for example in self.validation:
+                batch = pack([example], device=self.view.device)
+                loss = graph.loss_sum(
+                    self.view, self.trainer.adapters, batch, self.trainer.dtype, training=False
+                )
+                total += float(loss)
+                targets += batch.num_targets
+        return total / max(targets, 1)
 
     def _finish(self) -> None:
         """Training is done: write the adapter; the publisher loads it, then marks success."""

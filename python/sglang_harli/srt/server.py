@@ -66,6 +66,8 @@ def _start_publisher(server_args, harli_config: HarliConfig) -> None:
 
     host = server_args.host if server_args.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
+    # loading adapters is an admin call when the server has an admin key
+    key = server_args.admin_api_key or server_args.api_key
     AdapterPublisher(
-        JobStore(harli_config.state_dir), f"http://{host}:{server_args.port}", server_args.api_key
+        JobStore(harli_config.state_dir), f"http://{host}:{server_args.port}", key
     ).start()
