@@ -133,9 +133,21 @@ def test_progress_events_and_checkpoints(client, trained):
     assert [c.step_number for c in checkpoints] == [30, 27, 24, 21, 18, 15, 12, 9, 6, 3]
 
 
+def generate(server, prompt: str) -> dict:
+    out = server.post(
+        "/generate",
+        {
+            "text": prompt,
+            "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True},
+        },
+    )
+    return {"ids": out["output_ids"], "retractions": out["meta_info"]["num_retractions"]}
+
+
 def test_requests_during_training_match_an_idle_server(client, server, dataset, tiny_model_dir):
     questions = [q for q, _ in PAIRS] * 2
-    idle = [answer(client, str(tiny_model_dir), q) for q in questions]
+    idle_chat = [answer(client, str(tiny_model_dir), q) for q in questions]
+    idle_generate = [generate(server, q) for q in questions]
     upload = client.files.create(file=open(dataset, "rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
         model=str(tiny_model_dir),
@@ -146,17 +158,21 @@ def test_requests_during_training_match_an_idle_server(client, server, dataset, 
     while client.fine_tuning.jobs.retrieve(job.id).step < 1:
         time.sleep(0.2)
 
-    busy: list = [None] * len(questions)
+    busy_chat: list = [None] * len(questions)
+    busy_generate: list = [None] * len(questions)
 
     def ask(i):
-        busy[i] = answer(client, str(tiny_model_dir), questions[i])
+        busy_chat[i] = answer(client, str(tiny_model_dir), questions[i])
+        busy_generate[i] = generate(server, questions[i])
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert busy == idle
+    assert busy_chat == idle_chat
+    assert busy_generate == idle_generate  # same tokens, and none was retracted
+    assert all(g["retractions"] == 0 for g in busy_generate)
     status = server.get("/harli/status")["schedulers"][0]
     assert status["running_job"] == job.id
     assert status["finetune"]["finetune_slice"]["calls"] > 0  # it trained between decode steps
