@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .server import REPO
+from sglang_harli.server_process import REPO
 
 pytestmark = pytest.mark.server
 

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from .server import COMMON_FLAGS, Server
+from sglang_harli.server_process import COMMON_FLAGS, Server
+
 from .weights_probe import fp32_loss
 
 pytestmark = pytest.mark.server

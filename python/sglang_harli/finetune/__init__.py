@@ -4,7 +4,7 @@ Plain torch + safetensors: nothing here imports SGLang (``srt/weights.py`` adapt
 model to :class:`BaseModelView`). See ``docs/finetune.md``.
 """
 
-from . import graph
+from . import graph, ops
 from .base_model import (
     BaseModelView,
     FusedLayerWeights,
@@ -14,6 +14,7 @@ from .base_model import (
 )
 from .data import DatasetError, Example, PackedBatch, load_jsonl, pack, parse_jsonl_lines
 from .lora import LoraAdapters, LoraConfig, LoraPair
+from .ops import make_ops
 from .peft_io import load_adapter, save_adapter
 from .trainer import StepResult, TrainConfig, Trainer, TrainerState, WorkUnit, lr_at
 
@@ -38,6 +39,8 @@ __all__ = [
     "load_adapter",
     "load_jsonl",
     "lr_at",
+    "make_ops",
+    "ops",
     "pack",
     "parse_jsonl_lines",
     "save_adapter",

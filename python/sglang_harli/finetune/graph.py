@@ -1,15 +1,19 @@
 """The training graph: a Llama/Qwen2 decoder as plain functions over packed sequences.
 
-Each op is a small function so that a faster implementation (a Triton kernel, issue 5) can
-replace one op at a time. Activations are ``[tokens, features]`` with every sequence of a
-micro-batch packed end to end; attention keeps sequences apart. Base weights are frozen views
-(no ``requires_grad``), so autograd only ever produces gradients for adapters and activations.
+Each op is a small function here, in torch: the reference implementation. The model-level
+functions (``decoder_layer``, ``head_loss_sum``, ...) call the ops through the ``Ops`` object
+of their ``GraphContext`` (``ops.py``), which is either these torch functions or the
+``harli_kernels`` Triton kernels; the model itself is written once. Activations are
+``[tokens, features]`` with every sequence of a micro-batch packed end to end; attention keeps
+sequences apart. Base weights are frozen views (no ``requires_grad``), so autograd only ever
+produces gradients for adapters and activations.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,9 @@ import torch.nn.functional as F
 from .base_model import BaseModelView, LayerWeights, ModelConfig, RopeConfig
 from .data import IGNORE_INDEX, PackedBatch
 from .lora import DropoutPlan, LoraAdapters, LoraConfig, LoraPair
+
+if TYPE_CHECKING:
+    from .ops import Ops
 
 DEFAULT_VOCAB_CHUNK = 8192
 DEFAULT_TOKEN_CHUNK = 4096
@@ -181,12 +188,14 @@ def chunked_cross_entropy(
 
 @dataclasses.dataclass
 class GraphContext:
-    """What every layer of one micro-batch shares: the batch, RoPE tables, dtype, dropout."""
+    """What every layer of one micro-batch shares: the batch, the ops backend and what it
+    precomputed (RoPE tables, sequence boundaries), dtype, dropout."""
 
     batch: PackedBatch
     dtype: torch.dtype
-    cos: torch.Tensor
-    sin: torch.Tensor
+    ops: Ops
+    rope: Any  # ops.rope_tables(...): handed back to ops.apply_rope
+    seqs: Any  # ops.sequences(...): handed back to ops.attention
     lora: LoraConfig | None
     dropout: DropoutPlan | None
 
@@ -197,15 +206,21 @@ def make_context(
     batch: PackedBatch,
     dtype: torch.dtype | None = None,
     training: bool = False,
+    ops: Ops | None = None,
 ) -> GraphContext:
+    """``ops``: the backend (``ops.make_ops``); None: the torch functions of this module."""
+    if ops is None:
+        from .ops import TorchOps  # ops.py imports this module
+
+        ops = TorchOps()
     dtype = dtype or view.dtype
     inv_freq = rope_inv_freq(view.config.rope, view.config.head_dim, batch.positions.device)
-    cos, sin = rope_cos_sin(batch.positions, inv_freq, dtype)
+    rope = ops.rope_tables(batch, inv_freq, dtype)
     lora = adapters.config if adapters is not None else None
     dropout = None
     if training and lora is not None and lora.dropout > 0:
         dropout = DropoutPlan(lora.dropout, batch.seeds, batch.lengths)
-    return GraphContext(batch, dtype, cos, sin, lora, dropout)
+    return GraphContext(batch, dtype, ops, rope, ops.sequences(batch), lora, dropout)
 
 
 def embed(view: BaseModelView, ctx: GraphContext) -> torch.Tensor:
@@ -223,23 +238,24 @@ def decoder_layer(
     """One pre-norm decoder layer: h + attn(norm(h)), then + swiglu MLP(norm(.))."""
     lora = lora or {}
     scaling = ctx.lora.scaling if ctx.lora is not None else 0.0
+    ops = ctx.ops
 
     def proj(name: str, x: torch.Tensor) -> torch.Tensor:
         mask = None
         if ctx.dropout is not None and name in lora:
             mask = ctx.dropout.mask(index, name, x.shape[-1], x.device, x.dtype)
         bias = weights.biases.get(name)
-        return lora_linear(x, weights.weight(name), bias, lora.get(name), scaling, mask)
+        return ops.lora_linear(x, weights.weight(name), bias, lora.get(name), scaling, mask)
 
     tokens, hd = h.shape[0], config.head_dim
-    x = rms_norm(h, weights.input_norm, config.rms_norm_eps)
+    x = ops.rms_norm(h, weights.input_norm, config.rms_norm_eps)
     q = proj("q_proj", x).view(tokens, config.num_heads, hd)
     k = proj("k_proj", x).view(tokens, config.num_kv_heads, hd)
     v = proj("v_proj", x).view(tokens, config.num_kv_heads, hd)
-    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-    h = h + proj("o_proj", attention(q, k, v, ctx.batch.cu_seqlens))
-    x = rms_norm(h, weights.post_norm, config.rms_norm_eps)
-    return h + proj("down_proj", swiglu(proj("gate_proj", x), proj("up_proj", x)))
+    q, k = ops.apply_rope(q, ctx.rope), ops.apply_rope(k, ctx.rope)
+    h = h + proj("o_proj", ops.attention(q, k, v, ctx.seqs))
+    x = ops.rms_norm(h, weights.post_norm, config.rms_norm_eps)
+    return h + proj("down_proj", ops.swiglu(proj("gate_proj", x), proj("up_proj", x)))
 
 
 def layer_forward(
@@ -262,8 +278,8 @@ def head_loss_sum(
 ) -> torch.Tensor:
     """Summed next-token loss over the batch's targets (final norm + chunked lm_head CE)."""
     valid = ctx.batch.targets != IGNORE_INDEX
-    x = rms_norm(h[valid], view.final_norm, view.config.rms_norm_eps)
-    return chunked_cross_entropy(
+    x = ctx.ops.rms_norm(h[valid], view.final_norm, view.config.rms_norm_eps)
+    return ctx.ops.cross_entropy_sum(
         x, view.lm_head, ctx.batch.targets[valid], vocab_chunk, token_chunk
     )
 
@@ -282,12 +298,14 @@ def logits(
     adapters: LoraAdapters | None,
     batch: PackedBatch,
     dtype: torch.dtype | None = None,
+    ops: Ops | None = None,
 ) -> torch.Tensor:
     """Full logits [tokens, vocab] in fp32, no dropout (evaluation and checks; not training)."""
     with torch.no_grad():
-        ctx = make_context(view, adapters, batch, dtype)
-        h = rms_norm(final_hidden(view, adapters, ctx), view.final_norm, view.config.rms_norm_eps)
-        return F.linear(h, _as(view.lm_head, h.dtype)).float()
+        ctx = make_context(view, adapters, batch, dtype, ops=ops)
+        h = final_hidden(view, adapters, ctx)
+        h = ctx.ops.rms_norm(h, view.final_norm, view.config.rms_norm_eps)
+        return ctx.ops.lora_linear(h, view.lm_head, None, None, 0.0).float()
 
 
 def loss_sum(
@@ -297,12 +315,13 @@ def loss_sum(
     dtype: torch.dtype | None = None,
     training: bool = True,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    ops: Ops | None = None,
 ) -> torch.Tensor:
     """The whole micro-batch in one autograd graph (no checkpointing): for checks and tools.
 
     The trainer runs the same functions layer by layer instead (see ``trainer.py``).
     """
-    ctx = make_context(view, adapters, batch, dtype, training)
+    ctx = make_context(view, adapters, batch, dtype, training, ops)
     return head_loss_sum(view, final_hidden(view, adapters, ctx), ctx, vocab_chunk)
 
 

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class RunnerConfig:
     checkpoint_every: int = 10  # optimizer steps between checkpoints (and at the end)
+    kernels: str = "torch"  # the ops backend (see ops.py): "torch", or "triton" on a GPU
 
 
 class JobRunner:
@@ -74,6 +75,7 @@ class JobRunner:
             micro_batch_size=min(hp.batch_size, len(dataset)),
             seed=job.seed,
             lr_schedule="linear",
+            kernels=config.kernels,  # num_sms None: the whole device until a policy shares it
         )
         self.trainer = Trainer(view, adapters, dataset, train)
         self.trainer_resumed_from: int | None = None

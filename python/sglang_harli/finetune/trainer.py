@@ -13,6 +13,10 @@ and divided by the number of target tokens of the whole global batch, so the mat
 step does not depend on how it is sliced into micro-batches (only on float summation order).
 Until the optimizer unit runs, a step can be abandoned and is then redone from scratch, on
 the same sequences with the same dropout masks.
+
+The ops run on the backend ``TrainConfig.kernels`` names (``ops.py``): graph.py's torch
+functions, or the ``harli_kernels`` Triton kernels on at most ``num_sms`` SMs, which
+:meth:`Trainer.set_num_sms` changes for the units that run next.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import graph
+from . import ops as ops_mod
 from .base_model import BaseModelView
 from .data import Example, PackedBatch, pack
 from .lora import LoraAdapters, sequence_seed
@@ -58,8 +63,12 @@ class TrainConfig:
     token_chunk: int = graph.DEFAULT_TOKEN_CHUNK
     shuffle: bool = True
     seed: int = 0  # data order and dropout masks
+    kernels: str = "torch"  # ops backend: "torch" (graph.py) or "triton" (harli_kernels, CUDA)
+    num_sms: int | None = None  # "triton": SMs per launch at first (None: all of the device's)
 
     def __post_init__(self) -> None:
+        ops_mod.check_kernels(self.kernels)
+        ops_mod.check_num_sms(self.num_sms)
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: one of {SCHEDULES}")
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
@@ -169,11 +178,25 @@ class Trainer:
         self.optimizer = adapters.make_optimizer(
             config.lr, config.betas, config.eps, config.weight_decay
         )
+        self.ops = ops_mod.make_ops(config.kernels, config.num_sms, view.device)
         self.state = TrainerState()
         self._step: _Step | None = None
         self._orders: dict[int, list[int]] = {}
 
     # --- scheduler-facing API ----------------------------------------------------------------
+
+    def set_num_sms(self, num_sms: int | None) -> None:
+        """SM budget of every kernel the next units launch (``None``: the whole device).
+
+        Takes effect at once, also inside an open step: a backward unit recomputes its layer
+        under the new budget (checkpointing) or replays its forward unit's graph with the
+        budget updated (``Ops.prepare_backward``). The torch backend accepts and ignores it.
+        """
+        self.ops.num_sms = ops_mod.check_num_sms(num_sms)
+
+    @property
+    def num_sms(self) -> int | None:
+        return self.ops.num_sms
 
     @property
     def done(self) -> bool:
@@ -266,7 +289,9 @@ class Trainer:
         step = _Step(index, examples, [], sum(e.num_targets for e in examples))
         for group in self._micro_groups(examples):
             batch = pack([examples[j] for j in group], [seeds[j] for j in group], self.view.device)
-            ctx = graph.make_context(self.view, self.adapters, batch, self.dtype, training=True)
+            ctx = graph.make_context(
+                self.view, self.adapters, batch, self.dtype, training=True, ops=self.ops
+            )
             step.micro.append(_MicroBatch(batch, ctx, [None] * self.view.config.num_layers))
         step.units = self._units(step)
         return step
@@ -356,6 +381,7 @@ class Trainer:
                 out = graph.layer_forward(self.view, self.adapters, i, x, mb.ctx)
         else:
             x, out = mb.saved[i]
+            self.ops.prepare_backward(out)  # an earlier unit's graph: the current num_sms
         mb.saved[i] = None
         out.backward(mb.carry)
         mb.carry = x.grad if i > 0 else None

@@ -130,7 +130,10 @@ class HarliScheduler(Scheduler):
                 base_model_view(self.tp_worker.model_runner.model),
                 self.tokenizer,
                 base_model_name=self.server_args.model_path,
-                config=RunnerConfig(checkpoint_every=self.harli_config.checkpoint_every),
+                config=RunnerConfig(
+                    checkpoint_every=self.harli_config.checkpoint_every,
+                    kernels=self.harli_config.kernels,
+                ),
             )
         except Exception as exc:  # noqa: BLE001 - a bad job fails; serving goes on
             logger.exception("fine-tuning job %s could not start", job.id)

@@ -1,4 +1,9 @@
-"""Start and stop real SGLang servers (ours or plain) on this machine for tests."""
+"""Start, query and stop real SGLang servers (ours or plain) as process groups.
+
+For tests and benchmarks, in the spirit of SGLang's own ``popen_launch_server``: a server is
+started with the README's command or with plain ``python -m sglang.launch_server`` (given what
+SGLang needs on this machine), and ``stop()`` kills it with every process it spawned.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import requests
 
 from sglang_harli.srt import cpu
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # the checkout (scripts/serve.sh lives there)
 START_TIMEOUT_S = 420
 
 
@@ -91,8 +96,8 @@ class Server:
         self._log.close()
 
 
-# Same for every server a test compares: sleep-on-idle keeps an idle scheduler from spinning a
-# core of a 2-core CI machine; it does not change what is computed.
+# Same for every server a test or benchmark compares: sleep-on-idle keeps an idle scheduler from
+# spinning a core of a 2-core CI machine; it does not change what is computed.
 COMMON_FLAGS = ["--sleep-on-idle"]
 
 

@@ -1,0 +1,128 @@
+"""What Harli costs decode, measured side by side on one machine.
+
+Two servers run at once, ``--harli-mode off`` (SGLang's own scheduler) and the default mode,
+and get the same sequential greedy requests (one at a time, so every decode iteration has batch
+size 1), alternating between the two so that drift in the machine's load hits both alike:
+
+1. both idle: the time per output token (TPOT) of each, and the hooks' own time per decode
+   iteration from ``GET /harli/status``;
+2. then a fine-tuning job trains on the Harli server: its TPOT again, and the job's progress.
+
+TPOT comes from two request lengths: (t(long) - t(short)) / (long - short) tokens, so prefill
+and HTTP cost cancel out. Ratios are what to compare; absolute times say only what this machine
+does (a CPU one here).
+
+    .venv/bin/python scripts/bench_corun.py [--requests 8] [--long 64] [--short 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from sglang_harli.server_process import harli_server
+from sglang_harli.tiny_model import ensure_tiny_model
+
+PROMPTS = ["def hello(world):", "import os, sys", "class Foo:", "x = [i for i in"]
+
+
+def timed_generate(server, prompt: str, tokens: int) -> float:
+    body = {
+        "text": prompt,
+        "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True},
+    }
+    start = time.perf_counter()
+    server.post("/generate", body)
+    return time.perf_counter() - start
+
+
+def tpot_ms(server, prompt: str, long: int, short: int) -> float:
+    """One sample of the time per output token, in ms."""
+    t_long = timed_generate(server, prompt, long)
+    t_short = timed_generate(server, prompt, short)
+    return (t_long - t_short) / (long - short) * 1e3
+
+
+def start_training(server, model: str, workdir: Path) -> str:
+    data = workdir / "train.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    record = {"messages": turns}
+    data.write_text("\n".join(json.dumps(record) for _ in range(8)) + "\n")
+    with open(data, "rb") as f:
+        upload = requests.post(
+            server.url + "/v1/files", files={"file": f}, data={"purpose": "fine-tune"}, timeout=60
+        ).json()
+    job = server.post(
+        "/v1/fine_tuning/jobs",
+        {"model": model, "training_file": upload["id"], "hyperparameters": {"n_epochs": 100000}},
+    )
+    while server.get(f"/v1/fine_tuning/jobs/{job['id']}")["step"] < 1:
+        time.sleep(0.2)
+    return job["id"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--long", type=int, default=64)
+    parser.add_argument("--short", type=int, default=4)
+    args = parser.parse_args()
+    model = str(ensure_tiny_model())
+    workdir = Path(tempfile.mkdtemp(prefix="bench-corun-"))
+    samples: dict[str, list[float]] = {"off": [], "harli": [], "training": []}
+    off = harli_server(workdir / "off.log", "--harli-mode", "off", "--model-path", model)
+    state = str(workdir / "state")
+    harli = harli_server(workdir / "harli.log", "--model-path", model, "--harli-state-dir", state)
+    try:
+        off.wait_ready()
+        harli.wait_ready()
+        before = harli.get("/harli/status")["schedulers"][0]
+        for i in range(args.requests):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            samples["off"].append(tpot_ms(off, prompt, args.long, args.short))
+            samples["harli"].append(tpot_ms(harli, prompt, args.long, args.short))
+        after = harli.get("/harli/status")["schedulers"][0]
+        job_id = start_training(harli, model, workdir)
+        step0 = harli.get(f"/v1/fine_tuning/jobs/{job_id}")["step"]
+        t0 = time.perf_counter()
+        for i in range(args.requests):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            samples["training"].append(tpot_ms(harli, prompt, args.long, args.short))
+        steps = harli.get(f"/v1/fine_tuning/jobs/{job_id}")["step"] - step0
+        train_s = time.perf_counter() - t0
+        harli.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", {})
+        mode = after["mode"]
+    finally:
+        off.stop()
+        harli.stop()
+    results = {name: statistics.median(values) for name, values in samples.items()}
+
+    # all hook time spent while phase 2 ran (idle passes included), per decode iteration
+    iterations = after["decode_iterations"] - before["decode_iterations"]
+    hook_us = {
+        name: (timer["total_us"] - before["hooks"].get(name, {"total_us": 0.0})["total_us"])
+        / iterations
+        for name, timer in after["hooks"].items()
+    }
+    per_iteration_us = sum(hook_us.values())
+    print(f"decode TPOT, median of {args.requests} samples ({args.long} vs {args.short} tokens):")
+    for label, key in (("--harli-mode off", "off"), (f"{mode}, no job", "harli"),
+                       (f"{mode}, job training", "training")):  # fmt: skip
+        ratio = results[key] / results["off"]
+        print(f"  {label:<26} {results[key]:8.2f} ms   x{ratio:.3f}")
+    print(
+        f"hooks per decode iteration: {per_iteration_us:.1f} us "
+        f"({', '.join(f'{k} {v:.1f} us' for k, v in hook_us.items())}) = "
+        f"{per_iteration_us / 1e3 / results['off'] * 100:.2f}% of the baseline TPOT"
+    )
+    print(f"fine-tuning while measured: {steps} optimizer steps in {train_s:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Choosing the ops backend: validation, and the torch path never touching harli_kernels.
+
+The Triton backend's numerics are checked in test/kernels/test_engine_kernels.py (interpreter).
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from sglang_harli.finetune import LoraConfig, TrainConfig, Trainer, make_ops
+from sglang_harli.finetune.ops import TorchOps
+
+from .helpers import load_hf, random_examples, view_and_adapters
+
+
+def test_unknown_backend_and_bad_num_sms_raise(monkeypatch):
+    with pytest.raises(
+        ValueError, match=r"kernels 'cuda-magic': choose one of \('torch', 'triton'\)"
+    ):
+        make_ops("cuda-magic")
+    with pytest.raises(ValueError, match="kernels"):
+        TrainConfig(kernels="cuda-magic")
+    for bad in (0, -2, True, 2.5, "8"):
+        with pytest.raises(ValueError, match="num_sms"):
+            make_ops("torch", bad)
+        with pytest.raises(ValueError, match="num_sms"):
+            TrainConfig(num_sms=bad)
+    # On a CPU without Triton's interpreter the kernels cannot run: refused up front.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="runs on CUDA"):
+        make_ops("triton", 4, device="cpu")
+    assert isinstance(make_ops("torch", None, device="cpu"), TorchOps)
+
+
+def test_torch_backend_never_imports_harli_kernels(model_dirs, monkeypatch):
+    # None in sys.modules makes any `import harli_kernels` raise, even if it was imported before.
+    monkeypatch.setitem(sys.modules, "harli_kernels", None)
+    with pytest.raises(ImportError, match="kernels='triton' needs"):
+        make_ops("triton", 2, device="cuda")  # the one place that imports it
+    view, adapters = view_and_adapters(load_hf(model_dirs["llama"]), LoraConfig(r=2))
+    data = random_examples(2, view.config.vocab_size)
+    trainer = Trainer(view, adapters, data, TrainConfig(global_batch_size=2, micro_batch_size=1))
+    trainer.set_num_sms(3)  # accepted and ignored by the torch backend
+    assert trainer.ops.name == "torch" and trainer.num_sms == 3
+    assert trainer.run_step().loss > 0
+
+    # ...and importing the package does not import it (nor Triton) either: a fresh interpreter.
+    code = (
+        "import sys, sglang_harli.finetune as f; f.make_ops('torch', 8); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('harli_kernels', 'triton', 'sglang')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_set_num_sms_validates(model_dirs):
+    view, adapters = view_and_adapters(load_hf(model_dirs["llama"]), LoraConfig(r=2))
+    trainer = Trainer(view, adapters, random_examples(1, 100), TrainConfig(num_sms=5))
+    assert trainer.num_sms == 5
+    trainer.set_num_sms(None)
+    assert trainer.num_sms is None
+    with pytest.raises(ValueError, match="num_sms"):
+        trainer.set_num_sms(0)
