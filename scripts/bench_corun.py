@@ -1,10 +1,11 @@
 """What Harli costs decode, measured side by side on one machine.
 
-Two servers run at once, ``--harli-mode off`` (SGLang's own scheduler) and the default mode,
-and get the same sequential greedy requests (one at a time, so every decode iteration has batch
-size 1), alternating between the two so that drift in the machine's load hits both alike:
+Three servers run at once and get the same sequential greedy requests (one at a time, so every
+decode iteration has batch size 1), in turn, so that drift in the machine's load hits all alike:
+``--harli-mode off`` (SGLang's own scheduler), ``--harli-mode off`` with the LoRA serving flags
+Harli mode adds (to tell SGLang's LoRA-serving cost from ours), and the default mode.
 
-1. both idle: the time per output token (TPOT) of each, and the hooks' own time per decode
+1. all idle: the time per output token (TPOT) of each, and the hooks' own time per decode
    iteration from ``GET /harli/status``;
 2. then a fine-tuning job trains on the Harli server: its TPOT again, and the job's progress.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import requests
 
 from sglang_harli.server_process import harli_server
+from sglang_harli.srt.server import lora_serving_flags
 from sglang_harli.tiny_model import ensure_tiny_model
 
 PROMPTS = ["def hello(world):", "import os, sys", "class Foo:", "x = [i for i in"]
@@ -75,17 +77,22 @@ def main() -> None:
     args = parser.parse_args()
     model = str(ensure_tiny_model())
     workdir = Path(tempfile.mkdtemp(prefix="bench-corun-"))
-    samples: dict[str, list[float]] = {"off": [], "harli": [], "training": []}
+    samples: dict[str, list[float]] = {"off": [], "off_lora": [], "harli": [], "training": []}
     off = harli_server(workdir / "off.log", "--harli-mode", "off", "--model-path", model)
+    lora_flags = lora_serving_flags(lambda flag: False)
+    off_lora = harli_server(
+        workdir / "off-lora.log", "--harli-mode", "off", "--model-path", model, *lora_flags
+    )
     state = str(workdir / "state")
     harli = harli_server(workdir / "harli.log", "--model-path", model, "--harli-state-dir", state)
     try:
-        off.wait_ready()
-        harli.wait_ready()
+        for server in (off, off_lora, harli):
+            server.wait_ready()
         before = harli.get("/harli/status")["schedulers"][0]
         for i in range(args.requests):
             prompt = PROMPTS[i % len(PROMPTS)]
             samples["off"].append(tpot_ms(off, prompt, args.long, args.short))
+            samples["off_lora"].append(tpot_ms(off_lora, prompt, args.long, args.short))
             samples["harli"].append(tpot_ms(harli, prompt, args.long, args.short))
         after = harli.get("/harli/status")["schedulers"][0]
         job_id = start_training(harli, model, workdir)
@@ -99,8 +106,8 @@ def main() -> None:
         harli.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", {})
         mode = after["mode"]
     finally:
-        off.stop()
-        harli.stop()
+        for server in (off, off_lora, harli):
+            server.stop()
     results = {name: statistics.median(values) for name, values in samples.items()}
 
     # all hook time spent while phase 2 ran (idle passes included), per decode iteration
@@ -111,15 +118,32 @@ def main() -> None:
         for name, timer in after["hooks"].items()
     }
     per_iteration_us = sum(hook_us.values())
+    # with no job, the finetune slots only look for one (a store query every 0.5 s at most)
+    polling_us = (
+        sum(
+            timer["total_us"] - before["finetune"].get(name, {"total_us": 0.0})["total_us"]
+            for name, timer in after["finetune"].items()
+        )
+        / iterations
+    )
     print(f"decode TPOT, median of {args.requests} samples ({args.long} vs {args.short} tokens):")
-    for label, key in (("--harli-mode off", "off"), (f"{mode}, no job", "harli"),
-                       (f"{mode}, job training", "training")):  # fmt: skip
+    labels = {
+        "off": "--harli-mode off",
+        "off_lora": "off + LoRA serving",
+        "harli": f"{mode}, no job",
+        "training": f"{mode}, job training",
+    }
+    for key, label in labels.items():
         ratio = results[key] / results["off"]
         print(f"  {label:<26} {results[key]:8.2f} ms   x{ratio:.3f}")
     print(
         f"hooks per decode iteration: {per_iteration_us:.1f} us "
         f"({', '.join(f'{k} {v:.1f} us' for k, v in hook_us.items())}) = "
         f"{per_iteration_us / 1e3 / results['off'] * 100:.2f}% of the baseline TPOT"
+    )
+    print(
+        f"looking for jobs, per decode iteration: {polling_us:.1f} us; Harli over off + LoRA "
+        f"serving: x{results['harli'] / results['off_lora']:.3f}"
     )
     print(f"fine-tuning while measured: {steps} optimizer steps in {train_s:.1f} s")
 

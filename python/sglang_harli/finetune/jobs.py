@@ -285,6 +285,9 @@ class JobStore:
     def claim_next(self) -> Job | None:
         """The oldest queued job, now marked running; None if there is none (first come first
         served). One scheduler claims a job: the transaction makes the claim exclusive."""
+        with self._connect() as db:  # the common answer, "none", needs no write lock
+            if db.execute("SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1").fetchone() is None:
+                return None
         with self._transaction() as db:
             row = db.execute(
                 "SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1"
