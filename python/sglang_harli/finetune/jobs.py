@@ -222,14 +222,8 @@ class JobStore:
 
     def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[Job], bool]:
         """Newest first; ``after`` is the id of the last job of the previous page."""
-        with self._connect() as db:
-            cursor = db.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone()
-            bound = cursor["seq"] if cursor else None
-            rows = db.execute(
-                "SELECT * FROM jobs WHERE (? IS NULL OR seq < ?) ORDER BY seq DESC LIMIT ?",
-                (bound, bound, limit + 1),
-            ).fetchall()
-        return [_job(r) for r in rows[:limit]], len(rows) > limit
+        rows, more = self._newest_first("jobs", "1", (), self._seq_of("jobs", after), limit)
+        return [_job(r) for r in rows], more
 
     def adapter_name_taken(self, adapter_name: str) -> bool:
         """Whether a job that has not failed or been cancelled already claims this name."""
@@ -341,13 +335,8 @@ class JobStore:
         self, job_id: str, after: str | None = None, limit: int = 20
     ) -> tuple[list[Event], bool]:
         """Newest first, like OpenAI's; ``after`` is the id of the last event already seen."""
-        bound = _seq_of(after, "ftevent")
-        with self._connect() as db:
-            rows = db.execute(
-                "SELECT * FROM events WHERE job_id = ? AND (? IS NULL OR seq < ?)"
-                " ORDER BY seq DESC LIMIT ?",
-                (job_id, bound, bound, limit + 1),
-            ).fetchall()
+        bound = _event_seq(after)
+        rows, more = self._newest_first("events", "job_id = ?", (job_id,), bound, limit)
         events = [
             Event(
                 id=f"ftevent-{r['seq']}",
@@ -358,9 +347,9 @@ class JobStore:
                 type=r["type"],
                 data=json.loads(r["data"]) if r["data"] else None,
             )
-            for r in rows[:limit]
+            for r in rows
         ]
-        return events, len(rows) > limit
+        return events, more
 
     def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict) -> Checkpoint:
         checkpoint_id = new_id("ftckpt")
@@ -376,14 +365,8 @@ class JobStore:
         self, job_id: str, after: str | None = None, limit: int = 10
     ) -> tuple[list[Checkpoint], bool]:
         """Newest first; ``after`` is the id of the last checkpoint already seen."""
-        with self._connect() as db:
-            cursor = db.execute("SELECT seq FROM checkpoints WHERE id = ?", (after,)).fetchone()
-            bound = cursor["seq"] if cursor else None
-            rows = db.execute(
-                "SELECT * FROM checkpoints WHERE job_id = ? AND (? IS NULL OR seq < ?)"
-                " ORDER BY seq DESC LIMIT ?",
-                (job_id, bound, bound, limit + 1),
-            ).fetchall()
+        bound = self._seq_of("checkpoints", after)
+        rows, more = self._newest_first("checkpoints", "job_id = ?", (job_id,), bound, limit)
         checkpoints = [
             Checkpoint(
                 id=r["id"],
@@ -393,9 +376,30 @@ class JobStore:
                 path=r["path"],
                 metrics=json.loads(r["metrics"]),
             )
-            for r in rows[:limit]
+            for r in rows
         ]
-        return checkpoints, len(rows) > limit
+        return checkpoints, more
+
+    # --- pages -------------------------------------------------------------------------------
+
+    def _seq_of(self, table: str, record_id: str | None) -> int | None:
+        """The position of ``record_id`` in ``table`` (pages continue after it), if it exists."""
+        with self._connect() as db:
+            row = db.execute(f"SELECT seq FROM {table} WHERE id = ?", (record_id,)).fetchone()
+        return row["seq"] if row else None
+
+    def _newest_first(
+        self, table: str, where: str, args: tuple, before: int | None, limit: int
+    ) -> tuple[list[sqlite3.Row], bool]:
+        """Up to ``limit`` rows of ``table`` matching ``where`` with ``seq < before``, newest
+        first, and whether more follow."""
+        with self._connect() as db:
+            rows = db.execute(
+                f"SELECT * FROM {table} WHERE {where} AND (? IS NULL OR seq < ?)"
+                " ORDER BY seq DESC LIMIT ?",
+                (*args, before, before, limit + 1),
+            ).fetchall()
+        return rows[:limit], len(rows) > limit
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -411,7 +415,9 @@ def _to_db(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, dict) else value
 
 
-def _seq_of(event_id: str | None, prefix: str) -> int | None:
-    if event_id and event_id.startswith(prefix + "-") and event_id[len(prefix) + 1 :].isdigit():
-        return int(event_id[len(prefix) + 1 :])
+def _event_seq(event_id: str | None) -> int | None:
+    """Events are numbered, not random: ``ftevent-<seq>``."""
+    prefix = "ftevent-"
+    if event_id and event_id.startswith(prefix) and event_id[len(prefix) :].isdigit():
+        return int(event_id[len(prefix) :])
     return None
