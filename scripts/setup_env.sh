@@ -15,5 +15,7 @@ if [ ! -x "$VENV/bin/python" ] || [ "$want" != "$have" ]; then
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q -U pip >&2
   "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" >&2
+  # The GPU machines run Triton 3.6: the kernel tests also run against it (test_triton_compat)
+  "$VENV/bin/python" -m pip install -q --no-deps --upgrade --target "$VENV/triton-3.6" triton==3.6.0 >&2
   echo "$want" > "$VENV/.harli-stamp"
 fi
