@@ -57,6 +57,12 @@ def test_speculative_decoding_is_refused(tiny_model_dir):
     assert "speculative decoding" in result.stderr
 
 
+def test_parallelism_is_refused(tiny_model_dir):
+    result = launch("--model-path", str(tiny_model_dir), "--tp-size", "2")
+    assert result.returncode == 2
+    assert "tensor, pipeline or data parallelism" in result.stderr
+
+
 def test_help_shows_sglang_and_harli_flags():
     result = launch("--help")
     assert result.returncode == 0

@@ -38,6 +38,11 @@ def check_server_args(server_args) -> None:
         "the gRPC server (--smg-grpc-mode/--grpc-mode)": server_args.smg_grpc_mode
         or server_args.grpc_mode,
         "Ray launch (--use-ray)": server_args.use_ray,
+        # the engine trains on whole (unsharded) weights, and SGLang loads adapters at DP 1 only
+        "tensor, pipeline or data parallelism (--tp-size/--pp-size/--dp-size > 1)": max(
+            server_args.tp_size, server_args.pp_size, server_args.dp_size
+        )
+        > 1,
     }
     for what, requested in refusals.items():
         if requested:
