@@ -29,7 +29,19 @@ PAIRS = [
 ]
 # 4 examples in one batch: one optimizer step per epoch
 LEARN = {"n_epochs": 30, "batch_size": 4, "learning_rate_multiplier": 50, "lora_rank": 8}
-SERVER_FLAGS = ("--harli-checkpoint-every", "3")
+
+
+def ft_server(log_path, model_dir, state_dir):
+    """Our server over ``state_dir``, checkpointing every 3 steps (both runs use the same)."""
+    return harli_server(
+        log_path,
+        "--model-path",
+        str(model_dir),
+        "--harli-state-dir",
+        str(state_dir),
+        "--harli-checkpoint-every",
+        "3",
+    )
 
 
 def write_dataset(path, pairs=PAIRS) -> str:
@@ -70,14 +82,7 @@ def state_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, state_dir, tmp_path_factory):
-    server = harli_server(
-        tmp_path_factory.mktemp("ft") / "server.log",
-        "--model-path",
-        str(tiny_model_dir),
-        "--harli-state-dir",
-        str(state_dir),
-        *SERVER_FLAGS,
-    )
+    server = ft_server(tmp_path_factory.mktemp("ft") / "server.log", tiny_model_dir, state_dir)
     try:
         yield server.wait_ready()
     finally:
@@ -297,14 +302,7 @@ def test_restart_resumes_running_job_and_serves_earlier_adapters(
         time.sleep(0.2)
     server.stop()  # mid-training: the last checkpoint is at step 3 or later
 
-    again = harli_server(
-        tmp_path / "server2.log",
-        "--model-path",
-        str(tiny_model_dir),
-        "--harli-state-dir",
-        str(state_dir),
-        *SERVER_FLAGS,
-    )
+    again = ft_server(tmp_path / "server2.log", tiny_model_dir, state_dir)
     try:
         again.wait_ready()
         client2 = openai.OpenAI(base_url=again.url + "/v1", api_key="unused", max_retries=0)
