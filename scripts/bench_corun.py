@@ -21,15 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import requests
 
-from sglang_harli.server_process import harli_server
 from sglang_harli.srt.server import lora_serving_flags
 from sglang_harli.tiny_model import ensure_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: test/support
+from test.support.server_process import harli_server  # noqa: E402
 
 PROMPTS = ["def hello(world):", "import os, sys", "class Foo:", "x = [i for i in"]
 

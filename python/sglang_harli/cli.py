@@ -20,8 +20,9 @@ from typing import Any
 
 import requests
 
+from sglang_harli.jobs.lifecycle import FINAL_STATES, JobStatus
+
 DEFAULT_SERVER = os.environ.get("HARLI_SERVER", "http://127.0.0.1:30000")
-FINAL = ("succeeded", "failed", "cancelled")
 EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
 BAR_WIDTH = 24
 
@@ -131,7 +132,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
 def cmd_get(client: Client, args: argparse.Namespace) -> int:
     job = client.job(args.job)
     print(json.dumps(job, indent=2))
-    return EXIT_JOB_FAILED if job["status"] in ("failed", "cancelled") else EXIT_OK
+    return EXIT_JOB_FAILED if job["status"] in (JobStatus.FAILED, JobStatus.CANCELLED) else EXIT_OK
 
 
 def cmd_events(client: Client, args: argparse.Namespace) -> int:
@@ -142,8 +143,12 @@ def cmd_events(client: Client, args: argparse.Namespace) -> int:
                 seen.add(event["id"])
                 print(f"{_clock(event['created_at'])}  {event['level']:<5}  {event['message']}")
         job = client.job(args.job)
-        if not args.follow or job["status"] in FINAL:
-            return EXIT_JOB_FAILED if job["status"] in ("failed", "cancelled") else EXIT_OK
+        if not args.follow or job["status"] in FINAL_STATES:
+            return (
+                EXIT_JOB_FAILED
+                if job["status"] in (JobStatus.FAILED, JobStatus.CANCELLED)
+                else EXIT_OK
+            )
         time.sleep(args.poll)
 
 
@@ -173,12 +178,12 @@ def wait(client: Client, job_id: str, poll_s: float) -> int:
         if line != last_line:
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
             last_line = line
-        if job["status"] in FINAL:
+        if job["status"] in FINAL_STATES:
             break
         time.sleep(poll_s)
     if tty:
         print()
-    if job["status"] == "succeeded":
+    if job["status"] == JobStatus.SUCCEEDED:
         print(f'succeeded: use "model": "{job["fine_tuned_model"]}"')
         return EXIT_OK
     reason = (job.get("error") or {}).get("message", "")
@@ -193,7 +198,7 @@ def progress_line(job: dict, loss: float | None) -> str:
     parts = [f"{job['status']:<9}", f"[{bar}]", f"step {step}/{total or '?'}"]
     if loss is not None:
         parts.append(f"loss {loss:.4f}")
-    if job["status"] == "running" and job.get("estimated_finish"):
+    if job["status"] == JobStatus.RUNNING and job.get("estimated_finish"):
         parts.append(f"eta {max(0, job['estimated_finish'] - int(time.time()))}s")
     return "  ".join(parts)
 

@@ -19,11 +19,14 @@ from sglang_harli.srt.support import UnsupportedConfigError, check_model_path
 
 logger = logging.getLogger("sglang_harli")
 PROG = "python -m sglang_harli.launch_server"
+LOG_FORMAT = "[%(asctime)s harli] %(message)s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s harli] %(message)s")
+    # our log level follows SGLang's --log-level (SGLang configures its own processes likewise)
+    level = (cpu.flag_value(argv, "--log-level") or "info").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), format=LOG_FORMAT)
     on_cpu = not cpu.cuda_available()
     if on_cpu:
         cpu.enable()  # before anything imports SGLang

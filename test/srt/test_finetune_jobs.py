@@ -17,7 +17,7 @@ import openai
 import pytest
 import requests
 
-from sglang_harli.server_process import REPO, harli_server
+from test.support.server_process import REPO, harli_server
 
 pytestmark = pytest.mark.server
 

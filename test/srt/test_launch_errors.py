@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sglang_harli.server_process import REPO
+from test.support.server_process import REPO
 
 pytestmark = pytest.mark.server
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_harli.server_process import harli_server
+from test.support.server_process import harli_server
 
 pytestmark = pytest.mark.server
 

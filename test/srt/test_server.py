@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_harli.server_process import harli_server, plain_sglang_server
+from test.support.server_process import harli_server, plain_sglang_server
 
 pytestmark = pytest.mark.server
 

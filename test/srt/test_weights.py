@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sglang_harli.server_process import COMMON_FLAGS, Server
+from test.support.server_process import COMMON_FLAGS, Server
 
 from .weights_probe import fp32_loss
 

@@ -38,7 +38,7 @@ def test_bad_harli_flags_raise(argv, message):
 def test_auto_mode_and_state_dir_resolve(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     auto = HarliConfig().resolved(has_cuda=False)
-    # the GPU-only "harli" mode is not built yet: auto is time-sliced on every machine
+    # auto is time-sliced on every machine
     assert auto.mode == HarliConfig().resolved(has_cuda=True).mode == "time-sliced"
     assert auto.state_dir == str(tmp_path / "sglang_harli" / "state")
     idle = HarliConfig(mode="idle-only", state_dir="rel").resolved(has_cuda=False)
@@ -64,3 +64,34 @@ def test_kernels_follow_the_device():
     assert HarliConfig(kernels="torch").resolved(has_cuda=True).kernels == "torch"
     with pytest.raises(HarliConfigError, match="needs a CUDA GPU"):
         HarliConfig(kernels="triton").resolved(has_cuda=False)
+
+
+def test_every_config_field_is_one_flag_with_help():
+    import argparse
+    import dataclasses
+
+    from sglang_harli.config import add_harli_args
+
+    parser = argparse.ArgumentParser()
+    add_harli_args(parser)
+    help_text = parser.format_help()
+    for field in dataclasses.fields(HarliConfig):
+        flag = "--harli-" + field.name.replace("_", "-")
+        assert flag in help_text
+    # choices come from the enums: the help lists exactly the modes the code knows
+    assert "{auto,time-sliced,idle-only,off}" in help_text
+    assert "{auto,torch,triton}" in help_text
+
+
+def test_new_service_flags_parse_and_are_checked():
+    config, _ = parse_harli_args(["--harli-keep-checkpoints", "2", "--harli-max-upload-mb=0.5"])
+    assert (config.keep_checkpoints, config.max_upload_mb) == (2, 0.5)
+    with pytest.raises(HarliConfigError, match="--harli-keep-checkpoints"):
+        parse_harli_args(["--harli-keep-checkpoints", "0"])
+
+
+def test_modes_are_enums_shared_with_the_code():
+    from sglang_harli.config import Kernels, Mode
+
+    config, _ = parse_harli_args(["--harli-mode", "idle-only", "--harli-kernels", "torch"])
+    assert config.mode is Mode.IDLE_ONLY and config.kernels is Kernels.TORCH

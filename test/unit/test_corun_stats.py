@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from sglang_harli.scheduler.stats import DecodeStats, HookStats
+from sglang_harli.corun.stats import DecodeStats, HookStats
 
 
 def test_decode_iterations_and_hook_time_are_counted():

@@ -1,7 +1,7 @@
-"""``python -m sglang_harli.finetune``: the fine-tuning CLI (``sglang_harli/finetune_cli.py``)."""
+"""``python -m sglang_harli.finetune``: the fine-tuning CLI (``sglang_harli/cli.py``)."""
 
 import sys
 
-from sglang_harli.finetune_cli import main
+from sglang_harli.cli import main
 
 sys.exit(main())

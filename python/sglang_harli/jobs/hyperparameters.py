@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .base_model import PROJECTIONS
+from sglang_harli.finetune.base_model import PROJECTIONS
 
 # AdamW learning rate that learning_rate_multiplier scales: a common LoRA choice.
 BASE_LEARNING_RATE = 2e-4

@@ -16,14 +16,16 @@ from typing import Any
 
 import torch
 
-from . import graph
-from .base_model import BaseModelView
-from .data import Example, load_jsonl, pack
+from sglang_harli.finetune import graph
+from sglang_harli.finetune.base_model import BaseModelView
+from sglang_harli.finetune.data import Example, load_jsonl, pack
+from sglang_harli.finetune.lora import LoraAdapters, LoraConfig
+from sglang_harli.finetune.peft_io import save_adapter
+from sglang_harli.finetune.trainer import StepResult, TrainConfig, Trainer
+
 from .hyperparameters import Hyperparameters
-from .jobs import Job, JobStore
-from .lora import LoraAdapters, LoraConfig
-from .peft_io import save_adapter
-from .trainer import StepResult, TrainConfig, Trainer
+from .lifecycle import JobStatus
+from .store import Job, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ class JobRunner:
         try:
             if self.store.cancel_requested(self.job.id):
                 self.trainer.abandon_step()
-                self.store.set_status(self.job.id, "cancelled")
+                self.store.set_status(self.job.id, JobStatus.CANCELLED)
                 self.store.add_event(self.job.id, "Job cancelled")
                 return False
             deadline = time.monotonic() + budget_s
@@ -195,5 +197,7 @@ class JobRunner:
 
 def fail(store: JobStore, job_id: str, exc: BaseException) -> None:
     message = f"{type(exc).__name__}: {exc}"
-    store.set_status(job_id, "failed", error={"code": "training_failed", "message": message})
+    store.set_status(
+        job_id, JobStatus.FAILED, error={"code": "training_failed", "message": message}
+    )
     store.add_event(job_id, f"Job failed: {message}", level="error")

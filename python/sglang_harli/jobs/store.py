@@ -5,9 +5,9 @@ share it; SQLite in WAL mode lets them read while one writes. Every method opens
 connection, so the store is safe to use from any thread or process. Records come back as the
 dataclasses below; the API turns them into OpenAI's JSON shapes.
 
-Job states: validating_files -> queued -> running -> succeeded | failed | cancelled. A job that
-was running when its server stopped goes back to queued at the next start and resumes from its
-last checkpoint.
+Job states and the moves between them are ``lifecycle.py``'s; :meth:`JobStore.set_status` applies
+a move only from a state it allows. A job that was running when its server stopped goes back to
+queued at the next start and resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .lifecycle import ALLOWED_FROM, FINAL_STATES, JobStatus, adapter_name
+
 DB_NAME = "harli.db"
-ACTIVE_STATES = ("validating_files", "queued", "running")
-FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -188,7 +188,7 @@ class JobStore:
         seed: int,
         validation_file: str | None = None,
         suffix: str | None = None,
-        status: str = "validating_files",
+        status: JobStatus = JobStatus.VALIDATING_FILES,
     ) -> Job:
         """A new job; its adapter is named after its suffix, or else after the job itself."""
         job_id = new_id("ftjob")
@@ -206,10 +206,10 @@ class JobStore:
                     training_file,
                     validation_file,
                     suffix,
-                    suffix or job_id,
+                    adapter_name(suffix, job_id),
                     seed,
                     json.dumps(hyperparameters),
-                    status,
+                    str(status),
                 ),
             )
         self.add_event(job_id, f"Created fine-tuning job: {job_id}")
@@ -235,17 +235,25 @@ class JobStore:
             ).fetchone()
         return row is not None
 
-    def set_status(self, job_id: str, status: str, **fields: Any) -> None:
-        """Move a job to ``status`` and set other columns (dicts are stored as JSON)."""
+    def set_status(self, job_id: str, status: JobStatus, **fields: Any) -> bool:
+        """Move a job to ``status`` and set other columns (dicts are stored as JSON), if the
+        lifecycle allows that move from its current state; False (nothing written) if not."""
+        status = JobStatus(status)
         now = int(time.time())
-        if status == "running":
+        if status == JobStatus.RUNNING:
             fields.setdefault("started_at", now)
         if status in FINAL_STATES:
             fields.setdefault("finished_at", now)
-        columns = {"status": status, **{k: _to_db(v) for k, v in fields.items()}}
+        columns = {"status": str(status), **{k: _to_db(v) for k, v in fields.items()}}
         assignments = ", ".join(f"{name} = ?" for name in columns)
+        sources = sorted(str(s) for s in ALLOWED_FROM[status])
+        marks = ", ".join("?" * len(sources))
         with self._connect() as db:
-            db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*columns.values(), job_id))
+            cursor = db.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN ({marks})",
+                (*columns.values(), job_id, *sources),
+            )
+        return cursor.rowcount == 1
 
     def update_progress(self, job_id: str, **fields: Any) -> None:
         assignments = ", ".join(f"{name} = ?" for name in fields)
@@ -313,6 +321,19 @@ class JobStore:
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
+
+    def dataset_path(self, job_id: str, split: str) -> Path:
+        """A job's tokenized dataset (``split``: "train" or "validation"), written by the API
+        (``finetune.data.save_examples``) before the job is queued, read by the runner."""
+        return self.job_dir(job_id) / f"{split}.npz"
+
+    # Paths in the database are relative to the state dir, so that it can be moved.
+
+    def relative(self, path: str | Path) -> str:
+        return str(Path(path).resolve().relative_to(self.state_dir.resolve()))
+
+    def resolve(self, stored: str) -> Path:
+        return self.state_dir / stored
 
     # --- events and checkpoints --------------------------------------------------------------
 

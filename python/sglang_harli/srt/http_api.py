@@ -21,9 +21,14 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from sglang_harli.config import HarliConfig
-from sglang_harli.finetune import hyperparameters as hp
 from sglang_harli.finetune.data import DatasetError, parse_jsonl_lines
-from sglang_harli.finetune.jobs import FINAL_STATES, Checkpoint, Event, FileRecord, Job, JobStore
+from sglang_harli.jobs import hyperparameters as hp
+from sglang_harli.jobs.lifecycle import (
+    FINAL_STATES,
+    JobStatus,
+    checkpoint_model_name,
+)
+from sglang_harli.jobs.store import Checkpoint, Event, FileRecord, Job, JobStore
 
 FILE_PURPOSES = ("fine-tune", "assistants", "batch", "user_data", "vision", "evals")
 SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -252,7 +257,7 @@ class FineTuningApi:
             suffix=suffix,
             hyperparameters=resolved.to_dict(),
             seed=seed,
-            status="queued",
+            status=JobStatus.QUEUED,
         )
 
 
@@ -270,11 +275,6 @@ def file_json(f: FileRecord) -> dict:
         "status": "processed",
         "status_details": None,
     }
-
-
-def fine_tuned_model_name(job: Job) -> str:
-    """What requests name to use the adapter: ``<base>:<adapter>`` (SGLang's LoRA syntax)."""
-    return f"{job.model}:{job.adapter_name}"
 
 
 def job_json(job: Job) -> dict:
@@ -321,7 +321,7 @@ def checkpoint_json(c: Checkpoint, job: Job) -> dict:
         "id": c.id,
         "object": "fine_tuning.job.checkpoint",
         "created_at": c.created_at,
-        "fine_tuned_model_checkpoint": f"{fine_tuned_model_name(job)}:ckpt-step-{c.step}",
+        "fine_tuned_model_checkpoint": checkpoint_model_name(job.model, job.adapter_name, c.step),
         "fine_tuning_job_id": c.job_id,
         "step_number": c.step,
         "metrics": c.metrics,

@@ -16,8 +16,8 @@ import time
 
 import requests
 
-from sglang_harli.finetune.jobs import JobStore
-from sglang_harli.srt.http_api import fine_tuned_model_name
+from sglang_harli.jobs.lifecycle import JobStatus, fine_tuned_model_name
+from sglang_harli.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -48,24 +48,21 @@ class AdapterPublisher:
 
     def publish_pending(self) -> None:
         """Load adapters of succeeded jobs not yet loaded, then of jobs that just finished."""
-        for job in self.store.jobs_with_status("succeeded"):
+        for job in self.store.jobs_with_status(JobStatus.SUCCEEDED):
             if job.adapter_name not in self.loaded and self._load(job.adapter_name, job):
                 logger.info("serving adapter %s again", job.fine_tuned_model)
-        for job in self.store.jobs_with_status("running"):
+        for job in self.store.jobs_with_status(JobStatus.RUNNING):
             if job.adapter_path is None:
                 continue
             if job.cancel_requested:  # cancelled between the end of training and now
-                self.store.set_status(job.id, "cancelled")
+                self.store.set_status(job.id, JobStatus.CANCELLED)
                 self.store.add_event(job.id, "Job cancelled")
                 continue
             if self._load(job.adapter_name, job):
-                self.store.set_status(
-                    job.id, "succeeded", fine_tuned_model=fine_tuned_model_name(job)
-                )
-                self.store.add_event(
-                    job.id, f"The job has successfully completed: {fine_tuned_model_name(job)}"
-                )
-                logger.info("fine-tuning job %s succeeded: %s", job.id, fine_tuned_model_name(job))
+                model = fine_tuned_model_name(job.model, job.adapter_name)
+                self.store.set_status(job.id, JobStatus.SUCCEEDED, fine_tuned_model=model)
+                self.store.add_event(job.id, f"The job has successfully completed: {model}")
+                logger.info("fine-tuning job %s succeeded: %s", job.id, model)
 
     def _load(self, name: str, job) -> bool:
         started = time.monotonic()
@@ -81,9 +78,9 @@ class AdapterPublisher:
             logger.info("loaded adapter %s in %.2fs", name, time.monotonic() - started)
             return True
         message = body.get("message") or response.text
-        if job.status == "running":
+        if job.status == JobStatus.RUNNING:
             self.store.set_status(
-                job.id, "failed", error={"code": "adapter_load_failed", "message": message}
+                job.id, JobStatus.FAILED, error={"code": "adapter_load_failed", "message": message}
             )
             self.store.add_event(job.id, f"The adapter could not be served: {message}", "error")
         else:

@@ -10,7 +10,7 @@ It runs SGLang's own event loops unchanged; the hooks wrap three of the methods 
 
 Every hook counts its calls and the time spent in our code, so the overhead Harli adds to
 SGLang's loop is measured, not assumed (``GET /harli/status``); the finetune time it hands out
-is reported apart from that overhead. No KV is lent yet, so the reclaim hook only is timed.
+is reported apart from that overhead.
 
 Fine-tuning jobs come from the job store shared with the HTTP API; one trains at a time, first
 come first served, through a :class:`JobRunner` that gets a time slice after each decode
@@ -28,10 +28,10 @@ from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from sglang_harli.config import HarliConfig
-from sglang_harli.finetune.job_runner import JobRunner, RunnerConfig, fail
-from sglang_harli.finetune.jobs import JobStore
-from sglang_harli.scheduler.stats import DecodeStats, HookStats
+from sglang_harli.config import HarliConfig, Mode
+from sglang_harli.corun.stats import DecodeStats, HookStats
+from sglang_harli.jobs.runner import JobRunner, RunnerConfig, fail
+from sglang_harli.jobs.store import JobStore
 from sglang_harli.srt.support import UnsupportedConfigError
 from sglang_harli.srt.weights import base_model_view
 
@@ -87,7 +87,7 @@ class HarliScheduler(Scheduler):
         with self.harli_stats.timed("before_decode"):
             self.harli_stats.record_decode(decode_stats(batch))
         result = super().run_batch(batch, pp_proxy_tensors)
-        if self.harli_config.mode == "time-sliced":
+        if self.harli_config.mode == Mode.TIME_SLICED:
             with self.harli_stats.timed("finetune_slice", overhead=False):
                 self._harli_finetune(self.harli_config.finetune_budget_ms / 1e3)
         return result
@@ -141,7 +141,7 @@ class HarliScheduler(Scheduler):
         return self._harli_runner
 
     def _harli_reclaim_kv(self) -> None:
-        """Give lent KV slots back before SGLang sizes its next batch (nothing is lent yet)."""
+        """Give lent KV slots back before SGLang sizes its next batch (today no slot is lent)."""
 
     # --- reporting ---------------------------------------------------------------------------
 
@@ -150,7 +150,7 @@ class HarliScheduler(Scheduler):
         output = super().get_internal_state(recv_req)
         runner = self._harli_runner
         output.internal_state["harli"] = {
-            "mode": self.harli_config.mode,
+            "mode": str(self.harli_config.mode),
             "running_job": runner.job.id if runner is not None else None,
             **self.harli_stats.to_dict(),
         }

@@ -7,7 +7,7 @@ import os
 
 from sglang_harli.config import HarliConfig
 from sglang_harli.finetune.base_model import PROJECTIONS
-from sglang_harli.finetune.hyperparameters import ServingLimits
+from sglang_harli.jobs.hyperparameters import ServingLimits
 
 # What --enable-lora is sized for when the user does not say (see lora_serving_flags).
 DEFAULT_MAX_LORA_RANK = 16
@@ -61,7 +61,7 @@ def run(server_args, harli_config: HarliConfig) -> None:
 
 def _start_publisher(server_args, harli_config: HarliConfig) -> None:
     """Runs once the server answers: finished adapters are loaded through its own API."""
-    from sglang_harli.finetune.jobs import JobStore
+    from sglang_harli.jobs.store import JobStore
     from sglang_harli.srt.publisher import AdapterPublisher
 
     host = server_args.host if server_args.host not in ("0.0.0.0", "::", "") else "127.0.0.1"

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_harli.finetune import hyperparameters as hp
 from sglang_harli.finetune.base_model import PROJECTIONS
+from sglang_harli.jobs import hyperparameters as hp
 
 LIMITS = hp.ServingLimits(max_lora_rank=16, target_modules=PROJECTIONS, max_seq_length=512)
 

@@ -6,7 +6,7 @@ import multiprocessing
 
 import pytest
 
-from sglang_harli.finetune.jobs import JobStore
+from sglang_harli.jobs.store import JobStore
 
 HP = {"n_epochs": 1}
 

@@ -1,0 +1,59 @@
+"""A fine-tuning job's states, the moves between them, and the names its adapter goes by.
+
+The one place that says what a job may become next: the store applies a transition only from the
+states listed here (``UPDATE ... WHERE status IN (...)``), so a late writer (a runner that fails
+after a cancel, a publisher racing a cancel) cannot resurrect or overwrite a finished job.
+
+    validating_files -> queued -> running -> succeeded
+                          ^          |  \\-> failed
+                          +----------+   \\-> cancelled      (queued -> cancelled as well)
+                         (lease expired: re-queued)
+
+``running`` covers training and, once the adapter is written (``adapter_path`` set), the short
+wait for the publisher to load it into SGLang's LoRA serving. Imports nothing heavy: the CLI uses
+it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class JobStatus(enum.StrEnum):
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+ACTIVE_STATES = frozenset(JobStatus) - FINAL_STATES
+
+# target state -> the states a job may be in to move there
+ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.VALIDATING_FILES, JobStatus.RUNNING}),
+    JobStatus.RUNNING: frozenset({JobStatus.QUEUED}),
+    JobStatus.SUCCEEDED: frozenset({JobStatus.RUNNING}),
+    JobStatus.FAILED: frozenset({JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING}),
+    JobStatus.CANCELLED: frozenset(ACTIVE_STATES),
+}
+
+
+def can_move(current: str, target: str) -> bool:
+    return JobStatus(current) in ALLOWED_FROM.get(JobStatus(target), frozenset())
+
+
+def adapter_name(suffix: str | None, job_id: str) -> str:
+    """The name SGLang serves the adapter under: the job's suffix, or else the job's id."""
+    return suffix or job_id
+
+
+def fine_tuned_model_name(base_model: str, adapter: str) -> str:
+    """What requests name to use the adapter: ``<base>:<adapter>`` (SGLang's LoRA syntax)."""
+    return f"{base_model}:{adapter}"
+
+
+def checkpoint_model_name(base_model: str, adapter: str, step: int) -> str:
+    return f"{fine_tuned_model_name(base_model, adapter)}:ckpt-step-{step}"
