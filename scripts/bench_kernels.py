@@ -2,7 +2,8 @@
 """GPU benchmark for harli_kernels (UNTESTED: written on a machine without a GPU).
 
 1. Throughput of each finetune kernel at several SM budgets (``--num-sms 8,16,33,66,all``)
-   against the torch/cuBLAS equivalent on the whole GPU.
+   against the engine's own torch op (``sglang_harli.finetune.graph``, what ``kernels="torch"``
+   runs: cuBLAS, SDPA, ...) on the whole GPU.
 2. Interference curve: latency of a decode-like batched GEMV kernel alone, and while finetune
    kernels (LoRA linear forward+backward) run concurrently on another stream limited to
    ``num_sms`` SMs (persistent grid only, and inside a green context when available).
@@ -55,6 +56,9 @@ def _time_ms(torch, fn, iters, stream=None):
 
 
 def throughput(torch, hk, args, budgets, total_sms):
+    from sglang_harli.finetune import graph
+    from sglang_harli.finetune.lora import LoraPair
+
     dt = torch.bfloat16
     dev = "cuda"
     T, H, inter, V = args.tokens, args.hidden, args.intermediate, args.vocab
@@ -66,9 +70,8 @@ def throughput(torch, hk, args, budgets, total_sms):
     lm = torch.randn(V, H, device=dev, dtype=dt) / math.sqrt(H)
     labels = torch.randint(0, V, (T,), device=dev)
     seqlens = [T // 4] * 4
-    cu = torch.tensor(
-        [0, *[sum(seqlens[: i + 1]) for i in range(4)]], dtype=torch.int32, device=dev
-    )
+    cu_seqlens = tuple(sum(seqlens[:i]) for i in range(5))
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=dev)
     q = torch.randn(T, args.heads, hd, device=dev, dtype=dt, requires_grad=True)
     k = torch.randn(T, args.kv_heads, hd, device=dev, dtype=dt, requires_grad=True)
     v = torch.randn(T, args.kv_heads, hd, device=dev, dtype=dt, requires_grad=True)
@@ -93,35 +96,27 @@ def throughput(torch, hk, args, budgets, total_sms):
         ),
         "lora_linear fwd+bwd": (
             lambda n: fb(lambda: hk.lora_linear(x, w, a, b, 2.0, n)),
-            fb(lambda: x @ w.t() + 2.0 * (x @ a.t()) @ b.t()),
+            fb(lambda: graph.lora_linear(x, w, None, LoraPair(a, b), 2.0)),
             3 * gemm_flops,
         ),
         "fused_linear_ce fwd+bwd": (
-            lambda n: fb(lambda: hk.fused_linear_cross_entropy(x, lm, labels, n)),
-            fb(lambda: torch.nn.functional.cross_entropy((x @ lm.t()).float(), labels)),
+            lambda n: fb(lambda: hk.fused_linear_cross_entropy(x, lm, labels, n, reduction="sum")),
+            fb(lambda: graph.chunked_cross_entropy(x, lm, labels)),
             3 * 2 * T * H * V,
         ),
         "attention fwd+bwd": (
             lambda n: fb(lambda: hk.causal_attention_varlen(q, k, v, cu, n, max_seqlen=T // 4)),
-            fb(
-                lambda: torch.nn.functional.scaled_dot_product_attention(
-                    q.view(4, T // 4, args.heads, hd).transpose(1, 2),
-                    k.view(4, T // 4, args.kv_heads, hd).transpose(1, 2),
-                    v.view(4, T // 4, args.kv_heads, hd).transpose(1, 2),
-                    is_causal=True,
-                    enable_gqa=True,
-                )
-            ),
+            fb(lambda: graph.attention(q, k, v, cu_seqlens)),
             3.5 * attn_flops,
         ),
         "swiglu fwd+bwd": (
             lambda n: fb(lambda: hk.swiglu(g, u, n)),
-            fb(lambda: torch.nn.functional.silu(g) * u),
+            fb(lambda: graph.swiglu(g, u)),
             None,
         ),
         "rms_norm fwd+bwd": (
             lambda n: fb(lambda: hk.rms_norm(x, nw, 1e-5, n)),
-            fb(lambda: torch.nn.functional.rms_norm(x, (H,), nw, 1e-5)),
+            fb(lambda: graph.rms_norm(x, nw, 1e-5)),
             None,
         ),
     }

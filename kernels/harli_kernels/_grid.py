@@ -5,18 +5,18 @@ program walks the tile space with a stride of ``tl.num_programs(0)``.  A launch 
 has more than ``num_sms`` CTAs resident, so it can never occupy more than ``num_sms`` SMs, which is
 what makes an SM share handed out by the co-location policy real even without green contexts.
 
-This module also holds the argument validation shared by all ops and the small Triton helpers
-(:func:`mma`, :func:`grouped_tile`) used inside the kernels.
+This module also holds the tensor argument validation shared by all ops and the small Triton
+helpers (:func:`mma`, :func:`grouped_tile`) used inside the kernels; the ``num_sms`` validation
+and the interpreter switch, which the engine shares, are in the Triton-free :mod:`.launch`.
 """
 
 from __future__ import annotations
 
-import operator
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import interpreting
 
 SUPPORTED_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -25,24 +25,6 @@ _TL_DTYPES = {
     torch.bfloat16: tl.bfloat16,
     torch.float32: tl.float32,
 }
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def check_num_sms(num_sms: object) -> int:
-    """Validate the SM budget of a launch and return it as an ``int``."""
-    if isinstance(num_sms, bool):
-        raise ValueError(f"num_sms must be an int >= 1, got {num_sms!r}")
-    try:
-        value = operator.index(num_sms)
-    except TypeError:
-        raise ValueError(f"num_sms must be an int >= 1, got {num_sms!r}") from None
-    if value < 1:
-        raise ValueError(f"num_sms must be >= 1, got {value}")
-    return value
 
 
 def num_programs(num_tiles: int, num_sms: int) -> int:

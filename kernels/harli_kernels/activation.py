@@ -13,9 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._grid import check_device, check_float, check_num_sms, interpreting, num_programs
+from ._grid import check_device, check_float, num_programs
+from .launch import check_num_sms, interpreting
 
-__all__ = ["swiglu", "swiglu_reference"]
+__all__ = ["swiglu"]
 
 
 @triton.jit
@@ -156,8 +157,3 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, num_sms: int) -> torch.Tensor:
     if gate.dtype != up.dtype:
         raise ValueError(f"gate dtype {gate.dtype} differs from up dtype {up.dtype}")
     return _SwiGLUFn.apply(gate, up, num_sms)
-
-
-def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Torch reference (fp32 math, result in the input dtype; differentiable)."""
-    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)

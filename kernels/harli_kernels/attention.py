@@ -29,17 +29,16 @@ import triton.language as tl
 from ._grid import (
     check_device,
     check_float,
-    check_num_sms,
     compute_dtype,
-    interpreting,
     mma,
     next_pow2,
     num_programs,
     tl_dtype,
     upcast_dots,
 )
+from .launch import check_num_sms, interpreting
 
-__all__ = ["causal_attention_varlen", "causal_attention_varlen_reference"]
+__all__ = ["causal_attention_varlen"]
 
 _LOG2E = 1.4426950408889634
 _NEG = -1.0e30
@@ -551,31 +550,3 @@ def causal_attention_varlen(
         if t.stride(2) != 1:
             raise ValueError(f"{name} must have a unit stride on head_dim")
     return _AttnFn.apply(q, k, v, cu_seqlens.contiguous(), int(max_seqlen), scale, num_sms)
-
-
-def causal_attention_varlen_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    softmax_scale: float | None = None,
-) -> torch.Tensor:
-    """Torch reference: per sequence, fp32 scores with a causal mask (differentiable)."""
-    T, HQ, D = q.shape
-    group = HQ // k.shape[1]
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    bounds = cu_seqlens.tolist()
-    outs = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        if b == a:
-            continue
-        qi = q[a:b].float().transpose(0, 1)
-        ki = k[a:b].float().repeat_interleave(group, dim=1).transpose(0, 1)
-        vi = v[a:b].float().repeat_interleave(group, dim=1).transpose(0, 1)
-        scores = (qi @ ki.transpose(1, 2)) * scale
-        causal = torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-        outs.append((scores.softmax(-1) @ vi).transpose(0, 1))
-    if not outs:
-        return torch.zeros_like(q)
-    return torch.cat(outs, 0).to(q.dtype)

@@ -29,17 +29,16 @@ from ._grid import (
     check_device,
     check_float,
     check_ndim,
-    check_num_sms,
     compute_dtype,
-    interpreting,
     mma,
     num_programs,
     tl_dtype,
     upcast_dots,
 )
+from .launch import check_num_sms, interpreting
 from .matmul import persistent_matmul
 
-__all__ = ["fused_linear_cross_entropy", "fused_linear_cross_entropy_reference"]
+__all__ = ["fused_linear_cross_entropy"]
 
 
 @triton.jit
@@ -361,21 +360,3 @@ def fused_linear_cross_entropy(
     return _FusedLinearCEFn.apply(
         hidden, lm_head_w, labels.contiguous(), num_sms, chunk_size, int(ignore_index), reduction
     )
-
-
-def fused_linear_cross_entropy_reference(
-    hidden: torch.Tensor,
-    lm_head_w: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Torch reference: full fp32 logits + ``F.cross_entropy`` (mean of 0 tokens -> 0)."""
-    cd = compute_dtype(hidden.dtype, lm_head_w.dtype)
-    logits = hidden.to(cd).float() @ lm_head_w.to(cd).float().t()
-    total = torch.nn.functional.cross_entropy(
-        logits, labels.long(), ignore_index=ignore_index, reduction="sum"
-    )
-    if reduction == "sum":
-        return total
-    return total / (labels != ignore_index).sum().clamp_min(1)

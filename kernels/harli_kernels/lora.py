@@ -31,18 +31,17 @@ from ._grid import (
     check_device,
     check_float,
     check_ndim,
-    check_num_sms,
     grouped_tile,
-    interpreting,
     mma,
     next_pow2,
     num_programs,
     tl_dtype,
     upcast_dots,
 )
+from .launch import check_num_sms, interpreting
 from .matmul import mm_config, persistent_matmul
 
-__all__ = ["lora_linear", "lora_linear_reference", "fused_base_lowrank_matmul"]
+__all__ = ["lora_linear", "fused_base_lowrank_matmul"]
 
 
 @triton.jit
@@ -331,21 +330,3 @@ def lora_linear(
         x.reshape(-1, n_in), weight, lora_a, lora_b, bias, mask2, float(scaling), num_sms
     )
     return y.reshape(*lead, n_out)
-
-
-def lora_linear_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-    bias: torch.Tensor | None = None,
-    dropout_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Torch reference (fp32 math, differentiable, result in x's dtype)."""
-    xf = x.float()
-    x_in = xf if dropout_mask is None else xf * dropout_mask.float()
-    y = xf @ weight.float().t() + scaling * ((x_in @ lora_a.float().t()) @ lora_b.float().t())
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)

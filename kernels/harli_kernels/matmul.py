@@ -24,22 +24,19 @@ from ._grid import (
     check_device,
     check_float,
     check_ndim,
-    check_num_sms,
     compute_dtype,
     grouped_tile,
-    interpreting,
     mma,
     next_pow2,
     num_programs,
     tl_dtype,
     upcast_dots,
 )
+from .launch import check_num_sms, interpreting
 
 __all__ = [
     "persistent_matmul",
-    "matmul_reference",
     "linear",
-    "linear_reference",
     "linear_forward",
     "linear_input_grad",
     "linear_weight_grad",
@@ -260,15 +257,6 @@ def persistent_matmul(
     return out
 
 
-def matmul_reference(
-    a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, out_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """fp32 torch reference of :func:`persistent_matmul` (operands rounded to the compute dtype)."""
-    cd = compute_dtype(a.dtype, b.dtype)
-    c = alpha * (a.to(cd).float() @ b.to(cd).float())
-    return c.to(out_dtype or a.dtype)
-
-
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, num_sms: int) -> torch.Tensor:
     """``x [M, in] @ weight[out, in]^T`` -> ``[M, out]``."""
     return persistent_matmul(x, weight.t(), num_sms)
@@ -319,8 +307,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, num_sms: int) -> torch.Tensor:
     lead = x.shape[:-1]
     y = _LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, num_sms)
     return y.reshape(*lead, weight.shape[0])
-
-
-def linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Torch reference of :func:`linear` (fp32 math, result in ``x.dtype``; differentiable)."""
-    return (x.float() @ weight.float().t()).to(x.dtype)

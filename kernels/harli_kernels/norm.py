@@ -14,17 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._grid import (
-    check_device,
-    check_float,
-    check_num_sms,
-    interpreting,
-    next_pow2,
-    num_programs,
-    tl_dtype,
-)
+from ._grid import check_device, check_float, next_pow2, num_programs, tl_dtype
+from .launch import check_num_sms, interpreting
 
-__all__ = ["rms_norm", "rms_norm_reference"]
+__all__ = ["rms_norm"]
 
 
 @triton.jit
@@ -203,10 +196,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, num_sms: int) ->
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     return _RMSNormFn.apply(x, weight, float(eps), num_sms)
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Torch reference (``LlamaRMSNorm`` math; output in x's dtype; differentiable)."""
-    xf = x.float()
-    xn = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * xn.to(x.dtype).float()).to(x.dtype)

@@ -31,7 +31,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 # max dynamic shared memory per CTA (opt-in): A100 163 KiB, H100/H200 227 KiB
 _SMEM_LIMIT = {80: 166912, 90: 232448}
-MODULES = ["matmul", "lora", "norm", "swiglu", "rope", "cross_entropy", "attention"]
+MODULES = ["matmul", "lora", "norm", "activation", "rope", "cross_entropy", "attention"]
 _PTR = {
     torch.float32: "*fp32",
     torch.float16: "*fp16",
@@ -70,6 +70,9 @@ def _install_recorders(launches):
 def _exercise(quick: bool):
     """Call every public op forward + backward with GPU-sized configs."""
     import harli_kernels as hk
+    from sglang_harli.finetune.base_model import RopeConfig
+    from sglang_harli.finetune.graph import rope_inv_freq
+    from sglang_harli.finetune.ops import rope_position_tables
 
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
 
@@ -91,7 +94,7 @@ def _exercise(quick: bool):
             leaf(7, 4096, dtype=dt), leaf(4096, dtype=dt), 1e-5, 16
         ).float().sum().backward()
         hk.swiglu(leaf(7, 1000, dtype=dt), leaf(7, 1000, dtype=dt), 16).float().sum().backward()
-        cos, sin = hk.rope_cos_sin_cache(64, 128)
+        cos, sin = rope_position_tables(64, rope_inv_freq(RopeConfig(), 128))
         pos = torch.arange(9) % 64
         hk.apply_rope(leaf(9, 8, 128, dtype=dt), pos, cos, sin, 16).float().sum().backward()
         h = leaf(70, 256, dtype=dt)

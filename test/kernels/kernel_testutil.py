@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from harli_kernels._grid import interpreting
+from harli_kernels.launch import interpreting
 
 # max |actual - expected| / max |expected| allowed, per dtype of the kernel inputs.  fp32 is
 # exact-ish under the interpreter but uses TF32 tensor cores in tl.dot on a GPU.

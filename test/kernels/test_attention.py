@@ -1,9 +1,15 @@
+"""The varlen attention kernel against the engine's torch attention (``graph.attention``: one
+SDPA call per packed sequence)."""
+
+import math
+
 import pytest
 import torch
 from kernel_testutil import LaunchSpy, assert_close, fwd_bwd, leaf
 
 import harli_kernels.attention as attn_mod
-from harli_kernels import causal_attention_varlen, causal_attention_varlen_reference
+from harli_kernels import causal_attention_varlen
+from sglang_harli.finetune import graph
 
 # packed lengths: 1 token, 7, an empty sequence, 19 (two 16-row blocks under the interpreter), 3
 SEQLENS = [1, 7, 0, 19, 3]
@@ -13,6 +19,14 @@ def _cu(seqlens, device):
     cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(seqlens).cumsum(0)
     return cu.to(device)
+
+
+def _engine_attention(q, k, v, cu, softmax_scale=None):
+    """``graph.attention`` on the kernel's arguments: ``cu_seqlens`` as a tuple, the output back
+    to [T, Hq, D]; a custom scale is folded into q (SDPA's own scale is 1/sqrt(D))."""
+    if softmax_scale is not None:
+        q = q * (softmax_scale * math.sqrt(q.shape[-1]))
+    return graph.attention(q, k, v, tuple(cu.tolist())).view(q.shape)
 
 
 def _check(dtype, hq, hkv, d, num_sms, device, seqlens=SEQLENS, **kw):
@@ -28,7 +42,7 @@ def _check(dtype, hq, hkv, d, num_sms, device, seqlens=SEQLENS, **kw):
     )
     qr, kr, vr = leaf(q), leaf(k), leaf(v)
     o_ref, grads_ref, _ = fwd_bwd(
-        lambda q, k, v: causal_attention_varlen_reference(q, k, v, cu, softmax_scale=scale),
+        lambda q, k, v: _engine_attention(q, k, v, cu, softmax_scale=scale),
         [qr, kr, vr],
         go,
     )
@@ -82,9 +96,7 @@ def test_attention_strided_qkv_views(device):
 
     o, (g,), go = fwd_bwd(split(lambda q, k, v: causal_attention_varlen(q, k, v, cu, 2)), [qkv])
     qkv_r = leaf(qkv)
-    o_r, (g_r,), _ = fwd_bwd(
-        split(lambda q, k, v: causal_attention_varlen_reference(q, k, v, cu)), [qkv_r], go
-    )
+    o_r, (g_r,), _ = fwd_bwd(split(lambda q, k, v: _engine_attention(q, k, v, cu)), [qkv_r], go)
     assert_close(o, o_r, torch.bfloat16, "o")
     assert_close(g, g_r, torch.bfloat16, "d qkv")
 

@@ -25,7 +25,7 @@ import harli_kernels.cross_entropy as ce_mod
 import harli_kernels.lora as lora_mod
 import harli_kernels.matmul as matmul_mod
 import harli_kernels.norm as norm_mod
-from harli_kernels._grid import interpreting
+from harli_kernels.launch import interpreting
 from sglang_harli.finetune import (
     BaseModelView,
     LoraAdapters,

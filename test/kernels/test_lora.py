@@ -1,11 +1,20 @@
+"""The fused LoRA linear kernel against the engine's torch projection (``graph.lora_linear``,
+adapters cast to x's dtype)."""
+
 import pytest
 import torch
 import triton
 from kernel_testutil import LaunchSpy, assert_close, fwd_bwd, leaf
 
 import harli_kernels.lora as lora_mod
-from harli_kernels import fused_base_lowrank_matmul, lora_linear, lora_linear_reference
+from harli_kernels import fused_base_lowrank_matmul, lora_linear
 from harli_kernels.matmul import mm_config
+from sglang_harli.finetune import graph
+from sglang_harli.finetune.lora import LoraPair
+
+
+def _engine_lora(x, w, a, b, scaling, bias=None, dropout_mask=None):
+    return graph.lora_linear(x, w, bias, LoraPair(a, b), scaling, dropout_mask)
 
 
 def _make(dtype, adapter_dtype, r, device, n_in=40, n_out=33, lead=(37,), bias=False):
@@ -25,7 +34,7 @@ def _check(dtype, adapter_dtype, r, num_sms, device, lead=(37,), bias=False, sca
     )
     xr, ar, br = leaf(x), leaf(a), leaf(b)
     yr, (gxr, _, gar, gbr), _ = fwd_bwd(
-        lambda x, w, a, b: lora_linear_reference(x, w, a, b, scaling, bias=bias_t),
+        lambda x, w, a, b: _engine_lora(x, w, a, b, scaling, bias=bias_t),
         [xr, w, ar, br],
         gy,
     )
@@ -73,7 +82,7 @@ def test_lora_only_adapter_grads(device):
     y = lora_linear(x, w, a, b, 2.0, 3)
     y.float().sum().backward()
     ar, br = leaf(a), leaf(b)
-    lora_linear_reference(x, w, ar, br, 2.0).float().sum().backward()
+    _engine_lora(x, w, ar, br, 2.0).float().sum().backward()
     assert x.grad is None
     assert_close(a.grad, ar.grad, torch.bfloat16, "dA")
     assert_close(b.grad, br.grad, torch.bfloat16, "dB")
@@ -120,7 +129,7 @@ def test_lora_dropout_mask(dtype, device):
     )
     xr, ar, br = leaf(x), leaf(a), leaf(b)
     yr, (gxr, _, gar, gbr), _ = fwd_bwd(
-        lambda x, w, a, b: lora_linear_reference(x, w, a, b, 0.5, dropout_mask=mask),
+        lambda x, w, a, b: _engine_lora(x, w, a, b, 0.5, dropout_mask=mask),
         [xr, w, ar, br],
         gy,
     )

@@ -12,7 +12,8 @@ import torch
 
 import harli_kernels
 from harli_kernels import sm_partition
-from harli_kernels._grid import check_device, check_num_sms, num_programs
+from harli_kernels._grid import check_device, num_programs
+from harli_kernels.launch import check_num_sms
 from harli_kernels.sm_partition import (
     PERSISTENT_GRIDS_ONLY,
     SMPartitionLadder,
@@ -95,8 +96,13 @@ def test_num_sms_validation_and_grid():
 
     assert check_num_sms(np.int64(2)) == 2
     for bad in (0, -1, 2.0, True, "3", None):
-        with pytest.raises(ValueError, match="num_sms"):
+        with pytest.raises(ValueError, match="num_sms must be an int >= 1"):
             check_num_sms(bad)
+    assert check_num_sms(None, allow_none=True) is None
+    assert check_num_sms(4, allow_none=True) == 4
+    for bad in (0, 2.0, False):
+        with pytest.raises(ValueError, match="num_sms must be None or an int >= 1"):
+            check_num_sms(bad, allow_none=True)
     assert num_programs(9, 1) == 1
     assert num_programs(9, 3) == 3
     assert num_programs(9, 1000) == 9
@@ -132,9 +138,31 @@ def test_sm_partition_imports_cuda_bindings_lazily():
             assert not (mod or "").startswith("cuda"), f"module-level import of {mod}"
 
 
+def test_exports_resolve_and_no_submodule_shadows_one():
+    # the lazy package: every exported name resolves, and none is also a submodule's name (the
+    # import system would rebind the package attribute to the submodule when it is imported)
+    submodules = {path.stem for path in PKG_DIR.glob("*.py")}
+    for name in harli_kernels.__all__:
+        assert name not in submodules, name
+        assert callable(getattr(harli_kernels, name)), name
+    with pytest.raises(AttributeError):
+        harli_kernels.no_such_op  # noqa: B018
+
+
+def test_launch_helpers_import_without_triton_or_torch():
+    code = (
+        "import sys, harli_kernels, harli_kernels.launch as l; l.check_num_sms(3);"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('triton', 'torch')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_import_is_sglang_free():
     code = (
-        "import sys, harli_kernels, harli_kernels.sm_partition;"
+        "import sys, harli_kernels, harli_kernels.sm_partition, harli_kernels.lora;"
         "print([m for m in sys.modules if m.split('.')[0] in ('sglang', 'sglang_harli')])"
     )
     out = subprocess.run(

@@ -9,7 +9,9 @@ its ``GraphContext``. Two backends:
   at most ``num_sms`` programs (issue 5). For CUDA; on CPU only under Triton's interpreter
   (``TRITON_INTERPRET=1`` set before ``harli_kernels`` is imported), which is how it is tested.
 
-``harli_kernels`` (and Triton) are imported only when ``"triton"`` is chosen. ``num_sms`` is a
+The kernels (and Triton) are imported only when ``"triton"`` is chosen; the torch path uses
+only ``harli_kernels.launch``, which imports neither (the ``num_sms`` validation and the
+interpreter switch live there once, for the kernels and for this module). ``num_sms`` is a
 plain mutable attribute of the ops object: the scheduler's plan changes it between work units,
 and every kernel launched afterwards uses the new value.
 """
@@ -17,11 +19,11 @@ and every kernel launched afterwards uses the new value.
 from __future__ import annotations
 
 import functools
-import operator
-import os
 from typing import Any, Protocol
 
 import torch
+
+from harli_kernels import launch
 
 from . import graph
 from .data import PackedBatch
@@ -37,18 +39,20 @@ def check_kernels(kernels: object) -> str:
 
 
 def check_num_sms(num_sms: object) -> int | None:
-    """``None`` (all SMs of the device) or an int >= 1."""
-    if num_sms is None:
-        return None
-    if isinstance(num_sms, bool):
-        raise ValueError(f"num_sms must be None or an int >= 1, got {num_sms!r}")
-    try:
-        value = operator.index(num_sms)
-    except TypeError:
-        raise ValueError(f"num_sms must be None or an int >= 1, got {num_sms!r}") from None
-    if value < 1:
-        raise ValueError(f"num_sms must be None or an int >= 1, got {value}")
-    return value
+    """``None`` (all SMs of the device) or an int >= 1 (the kernels' own check)."""
+    return launch.check_num_sms(num_sms, allow_none=True)
+
+
+def rope_position_tables(
+    num_positions: int, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE kernel's fp32 tables ``[num_positions, D/2]`` (row p: position p), from
+    ``graph.rope_cos_sin``: the first half of its rotate-half layout, where both halves are
+    equal."""
+    positions = torch.arange(num_positions, device=inv_freq.device)
+    cos, sin = graph.rope_cos_sin(positions, inv_freq, torch.float32)
+    half = inv_freq.shape[0]
+    return cos[:, :half], sin[:, :half]
 
 
 class Ops(Protocol):
@@ -177,7 +181,7 @@ class TritonOps:
         # Per-position fp32 tables [max position + 1, D/2]; the kernel indexes them by each
         # token's position (positions restart at 0 in every packed sequence) and rounds once
         # to x's dtype, so ``dtype`` is not needed.
-        cos, sin = self._k.rope_cos_sin(max(batch.lengths), inv_freq, batch.positions.device)
+        cos, sin = rope_position_tables(max(batch.lengths), inv_freq)
         return batch.positions, cos, sin
 
     def apply_rope(self, x, tables):
@@ -247,10 +251,6 @@ class TritonOps:
             stack.extend(fn for fn, _ in node.next_functions)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def make_ops(
     kernels: str = "torch",
     num_sms: int | None = None,
@@ -266,7 +266,7 @@ def make_ops(
     num_sms = check_num_sms(num_sms)
     if kernels == "torch":
         return TorchOps(num_sms)
-    if device is not None and torch.device(device).type != "cuda" and not _interpreting():
+    if device is not None and torch.device(device).type != "cuda" and not launch.interpreting():
         raise ValueError(
             f"kernels='triton' runs on CUDA, not on {torch.device(device).type} (on CPU only "
             "under Triton's interpreter: TRITON_INTERPRET=1 before harli_kernels is imported); "

@@ -1,4 +1,4 @@
-"""Choosing the ops backend: validation, and the torch path never touching harli_kernels.
+"""Choosing the ops backend: validation, and the torch path never touching the kernels or Triton.
 
 The Triton backend's numerics are checked in test/kernels/test_engine_kernels.py (interpreter).
 """
@@ -33,8 +33,9 @@ def test_unknown_backend_and_bad_num_sms_raise(monkeypatch):
     assert isinstance(make_ops("torch", None, device="cpu"), TorchOps)
 
 
-def test_torch_backend_never_imports_harli_kernels(model_dirs, monkeypatch):
-    # None in sys.modules makes any `import harli_kernels` raise, even if it was imported before.
+def test_torch_backend_never_imports_the_kernels(model_dirs, monkeypatch):
+    # None in sys.modules makes any `import harli_kernels` raise, even if it was imported before
+    # (ops.py took its Triton-free harli_kernels.launch when it was imported).
     monkeypatch.setitem(sys.modules, "harli_kernels", None)
     with pytest.raises(ImportError, match="kernels='triton' needs"):
         make_ops("triton", 2, device="cuda")  # the one place that imports it
@@ -45,14 +46,18 @@ def test_torch_backend_never_imports_harli_kernels(model_dirs, monkeypatch):
     assert trainer.ops.name == "torch" and trainer.num_sms == 3
     assert trainer.run_step().loss > 0
 
-    # ...and importing the package does not import it (nor Triton) either: a fresh interpreter.
+    # ...and importing the package and running the torch ops imports no kernel, no Triton and
+    # no SGLang, only the Triton-free harli_kernels.launch: a fresh interpreter.
     code = (
-        "import sys, sglang_harli.finetune as f; f.make_ops('torch', 8); "
+        "import sys, torch, sglang_harli.finetune as f; from sglang_harli.finetune import ops; "
+        "o = ops.TorchOps(8); x = torch.randn(3, 8, requires_grad=True); "
+        "o.swiglu(o.rms_norm(x, torch.ones(8), 1e-6), x).sum().backward(); "
+        "f.make_ops('torch', None); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('harli_kernels', 'triton', 'sglang')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
+    assert out.stdout.strip() == "['harli_kernels', 'harli_kernels.launch']", out.stdout
 
 
 def test_set_num_sms_validates(model_dirs):
