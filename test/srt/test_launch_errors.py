@@ -78,3 +78,15 @@ def test_triton_kernels_need_a_gpu():
     result = launch("--harli-kernels", "triton")
     assert result.returncode == 2
     assert "--harli-kernels triton needs a CUDA GPU" in result.stderr
+
+
+@pytest.mark.parametrize("level, shown", [("info", True), ("warning", False)])
+def test_our_log_lines_follow_sglangs_log_level(tiny_model_dir, level, shown):
+    from sglang_harli.srt import cpu
+
+    if cpu.cuda_available():
+        pytest.skip("the line checked is the CPU recipe's, logged only without a GPU")
+    # refused after the launcher logged what it applied: quick, and starts nothing
+    result = launch("--model-path", str(tiny_model_dir), "--tp-size", "2", "--log-level", level)
+    assert result.returncode == 2
+    assert ("running SGLang on the CPU" in result.stderr) is shown
