@@ -1,0 +1,127 @@
+"""The house rules of the layout, checked on the source: who may import what, and no cycles.
+
+Module-level imports only (imports inside functions are deliberate late binding, e.g. the CLI's
+lazy engine names); read with ``ast`` so nothing is executed.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ROOTS = {
+    "sglang_harli": REPO / "python" / "sglang_harli",
+    "harli_kernels": REPO / "kernels" / "harli_kernels",
+}
+
+
+def module_name(package: str, root: Path, path: Path) -> str:
+    parts = [package, *path.relative_to(root).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def top_level_imports(path: Path, module: str) -> set[str]:
+    """Absolute names of what ``module`` imports at module level (not inside functions)."""
+    tree = ast.parse(path.read_text())
+    is_package = path.name == "__init__.py"
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")
+                base = base if is_package else base[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            names.add(target)
+            names.update(f"{target}.{alias.name}" for alias in node.names)
+    return names
+
+
+def all_modules() -> dict[str, set[str]]:
+    modules = {}
+    for package, root in ROOTS.items():
+        for path in root.rglob("*.py"):
+            if "cpu_boot" in path.parts:
+                continue
+            name = module_name(package, root, path)
+            modules[name] = top_level_imports(path, name)
+    return modules
+
+
+MODULES = all_modules()
+
+
+def imports_of(prefix: str) -> dict[str, set[str]]:
+    return {m: i for m, i in MODULES.items() if m == prefix or m.startswith(prefix + ".")}
+
+
+@pytest.mark.parametrize(
+    "layer, forbidden",
+    [
+        (
+            "sglang_harli.finetune",
+            (
+                "sglang",
+                "sqlite3",
+                "requests",
+                "fastapi",
+                "sglang_harli.jobs",
+                "sglang_harli.srt",
+                "sglang_harli.corun",
+            ),
+        ),
+        ("sglang_harli.jobs", ("sglang", "fastapi", "requests", "sglang_harli.srt")),
+        ("sglang_harli.corun", ("sglang", "sglang_harli.srt", "sglang_harli.jobs")),
+        ("sglang_harli.cli", ("torch", "sglang", "sglang_harli.finetune", "sglang_harli.srt")),
+        ("sglang_harli.config", ("torch", "sglang")),
+        ("harli_kernels", ("sglang", "sglang_harli")),
+    ],
+)
+def test_layers_import_only_what_they_may(layer, forbidden):
+    bad = {
+        (module, name)
+        for module, names in imports_of(layer).items()
+        for name in names
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    }
+    assert not bad, f"{layer} imports what it must not: {sorted(bad)}"
+
+
+def test_no_import_cycles_between_our_modules():
+    graph = {
+        module: {
+            target
+            for name in names
+            for target in (name, name.rsplit(".", 1)[0])
+            if target in MODULES and target != module
+        }
+        for module, names in MODULES.items()
+    }
+    # a package's __init__ importing its own submodules is how packages work, not a cycle
+    graph = {
+        m: {t for t in targets if not (MODULES.get(m) is not None and t.startswith(m + "."))}
+        for m, targets in graph.items()
+    }
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append([*stack[stack.index(nxt) :], nxt] if nxt in stack else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, f"import cycles: {cycles}"
