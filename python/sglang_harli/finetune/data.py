@@ -8,10 +8,15 @@ in one :class:`DatasetError` that names each line. Accepted records:
   message with ``"weight": 0`` is context, not a target, as in OpenAI's format);
 * prompt/completion: ``{"prompt": "...", "completion": "..."}``; loss on the completion and
   the end-of-sequence token that follows it.
+
+Lines are separated by ``\n`` only (a trailing ``\r`` is dropped): JSON strings may hold U+2028,
+U+2029 and other characters that ``str.splitlines`` would split on. Whatever a line makes the
+tokenizer or its chat template raise is that line's problem, never an exception of the caller.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import logging
@@ -60,10 +65,43 @@ class _Invalid(Exception):
     """One record's problem; becomes a line of a DatasetError."""
 
 
-def load_jsonl(path: str | Path, tokenizer: Any, max_length: int) -> list[Example]:
-    """Read, validate and tokenize a JSONL dataset; raises :class:`DatasetError`."""
-    text = Path(path).read_text(encoding="utf-8")
-    return parse_jsonl_lines(text.splitlines(), tokenizer, max_length, source=str(path))
+def load_jsonl(
+    path: str | Path, tokenizer: Any, max_length: int, source: str | None = None
+) -> list[Example]:
+    """Read, validate and tokenize a JSONL dataset; raises :class:`DatasetError`, which names
+    ``source`` (default: the file's name, not its whole path: errors may reach API clients)."""
+    source = source or Path(path).name
+    lines = decode_lines(Path(path).read_bytes(), source)
+    return parse_jsonl_lines(lines, tokenizer, max_length, source=source)
+
+
+def split_lines(text: str) -> list[str]:
+    """JSONL lines: split on ``\n`` only, each without a trailing ``\r``."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
+def decode_lines(content: bytes, source: str = "<dataset>") -> list[str]:
+    """UTF-8 bytes (a leading byte-order mark is allowed) as JSONL lines; raises
+    :class:`DatasetError` naming the line of the first byte that is not UTF-8."""
+    content = content.removeprefix(codecs.BOM_UTF8)
+    try:
+        return split_lines(content.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = content.count(b"\n", 0, exc.start) + 1
+        problem = f"not UTF-8 text (byte {exc.start} of the file)"
+        raise DatasetError(source, [(line, problem)]) from None
+
+
+def check_lengths(examples: Sequence[Example], max_length: int, source: str) -> None:
+    """Raise :class:`DatasetError` naming every example longer than ``max_length`` tokens
+    (for a limit lower than the one the examples were parsed with)."""
+    errors = [
+        (e.line, f"too long: {len(e.input_ids)} tokens, more than max_length {max_length}")
+        for e in examples
+        if len(e.input_ids) > max_length
+    ]
+    if errors:
+        raise DatasetError(source, errors)
 
 
 def parse_jsonl_lines(
@@ -77,6 +115,8 @@ def parse_jsonl_lines(
             examples.append(_parse_line(raw, tokenizer, max_length, i))
         except _Invalid as e:
             errors.append((i, str(e)))
+        except Exception as e:  # noqa: BLE001 - the tokenizer or the template failed on it
+            errors.append((i, f"cannot be tokenized ({type(e).__name__}: {_short(e)})"))
     if not examples and not errors:
         errors.append((None, "empty dataset: no records"))
     if errors:
@@ -93,6 +133,8 @@ def _parse_line(raw: str, tokenizer: Any, max_length: int, line: int) -> Example
         record = json.loads(raw)
     except json.JSONDecodeError as e:
         raise _Invalid(f"not JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an integer of 5000 digits, [[[[...]]]] nested
+        raise _Invalid(f"not JSON we accept ({_short(e)})") from None
     if not isinstance(record, dict):
         raise _Invalid(f"not a JSON object but {type(record).__name__}")
     if "messages" in record and ("prompt" in record or "completion" in record):
@@ -142,7 +184,12 @@ def _tokenize_chat(messages: Any, tokenizer: Any) -> tuple[list[int], list[bool]
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
 
     def render(msgs: list[dict[str, str]], gen_prompt: bool = False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+        try:
+            return tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=gen_prompt
+            )
+        except Exception as exc:  # noqa: BLE001 - templates raise on conversations they refuse
+            raise _Invalid(f"the chat template refused it: {_short(exc)}") from None
 
     text = render(plain)
     spans = []  # character spans of the trained assistant turns (with their end marker)
@@ -171,6 +218,11 @@ def _tokenize_prompt_completion(record: dict, tokenizer: Any) -> tuple[list[int]
     if tokenizer.eos_token_id is not None:
         completion.append(tokenizer.eos_token_id)
     return prompt + completion, [False] * len(prompt) + [True] * len(completion)
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --- tokenized datasets on disk --------------------------------------------------------------

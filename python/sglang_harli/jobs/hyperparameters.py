@@ -4,6 +4,19 @@ OpenAI's ``hyperparameters`` object has ``n_epochs``, ``batch_size`` and
 ``learning_rate_multiplier`` (each may be ``"auto"``); we add ``lora_rank``, ``lora_alpha``,
 ``lora_dropout``, ``lora_target_modules`` and ``max_seq_length``. Everything is resolved to a
 concrete value when the job is created, so a job's record says exactly what it trains with.
+
+Limits, so that no request can ask for what the server cannot hold or run (each is a 400 that
+names the parameter):
+
+* ``n_epochs`` <= :data:`MAX_EPOCHS` (OpenAI allows 50; tiny datasets are often trained for
+  hundreds of epochs, so we allow more, but not a job that would run for years);
+* ``batch_size x max_seq_length`` <= :data:`MICRO_BATCH_TOKENS`: the trainer packs a batch into
+  one micro-batch and keeps each layer's input for it, so this bounds its memory beside decode.
+  ``max_seq_length`` is also at most the model's context length; ``"auto"`` is the longest
+  example of the job's files, and an ``"auto"`` batch size shrinks to fit the budget;
+* ``lora_rank`` <= the server's ``--max-lora-rank``, ``lora_target_modules`` among the ones it
+  serves (an adapter beyond them could not be served);
+* ``seed`` (a job field, not a hyperparameter) in ``0 .. MAX_SEED``.
 """
 
 from __future__ import annotations
@@ -18,6 +31,9 @@ from sglang_harli.finetune.base_model import PROJECTIONS
 # AdamW learning rate that learning_rate_multiplier scales: a common LoRA choice.
 BASE_LEARNING_RATE = 2e-4
 AUTO = "auto"
+MAX_EPOCHS = 10_000
+MICRO_BATCH_TOKENS = 32_768  # tokens per micro-batch: about 8 GB of layer inputs for an 8B model
+MAX_SEED = 2**31 - 1  # every RNG we seed (torch, numpy, Python) takes it as is
 
 
 class InvalidParameter(ValueError):
@@ -59,13 +75,24 @@ class ServingLimits:
 
     max_lora_rank: int
     target_modules: tuple[str, ...] = PROJECTIONS
-    max_seq_length: int = 2048
+    max_seq_length: int = 2048  # the model's context length
+
+    @property
+    def max_example_tokens(self) -> int:
+        """The longest example a job can train on: the context, within one micro-batch."""
+        return min(self.max_seq_length, MICRO_BATCH_TOKENS)
 
 
 def resolve(
-    raw: Mapping[str, Any] | None, num_examples: int, limits: ServingLimits
+    raw: Mapping[str, Any] | None,
+    num_examples: int,
+    limits: ServingLimits,
+    longest: int | None = None,
 ) -> Hyperparameters:
-    """Check ``raw`` and fill in every ``"auto"`` or missing value; raises InvalidParameter."""
+    """Check ``raw`` and fill in every ``"auto"`` or missing value; raises InvalidParameter.
+
+    ``longest``: the longest example of the job's files, in tokens (what an ``"auto"``
+    ``max_seq_length`` becomes; without it, the longest the server accepts)."""
     raw = dict(raw or {})
     known = {f.name for f in dataclasses.fields(Hyperparameters)}
     unknown = sorted(set(raw) - known)
@@ -73,7 +100,18 @@ def resolve(
         raise InvalidParameter(
             f"hyperparameters.{unknown[0]}", f"unknown hyperparameter {unknown[0]!r}"
         )
-    batch_size = _int(raw, "batch_size", auto=max(1, min(8, math.ceil(num_examples / 10))))
+    ceiling = limits.max_example_tokens
+    auto_length = ceiling if longest is None else max(1, min(longest, ceiling))
+    max_seq_length = min(_int(raw, "max_seq_length", auto=auto_length), ceiling)
+    fits = max(1, MICRO_BATCH_TOKENS // max_seq_length)
+    batch_size = _int(raw, "batch_size", auto=max(1, min(8, math.ceil(num_examples / 10), fits)))
+    if batch_size * max_seq_length > MICRO_BATCH_TOKENS:
+        raise InvalidParameter(
+            "hyperparameters.batch_size",
+            f"batch_size {batch_size} x max_seq_length {max_seq_length} = "
+            f"{batch_size * max_seq_length} tokens per micro-batch; the server trains at most "
+            f"{MICRO_BATCH_TOKENS}: lower batch_size or max_seq_length",
+        )
     rank = _int(raw, "lora_rank", auto=min(8, limits.max_lora_rank))
     if rank > limits.max_lora_rank:
         raise InvalidParameter(
@@ -83,16 +121,14 @@ def resolve(
     targets = raw.get("lora_target_modules", AUTO)
     targets = tuple(limits.target_modules) if targets == AUTO else _modules(targets, limits)
     return Hyperparameters(
-        n_epochs=_int(raw, "n_epochs", auto=3),
+        n_epochs=_int(raw, "n_epochs", auto=3, maximum=MAX_EPOCHS),
         batch_size=batch_size,
         learning_rate_multiplier=_positive_float(raw, "learning_rate_multiplier", auto=1.0),
         lora_rank=rank,
         lora_alpha=_positive_float(raw, "lora_alpha", auto=2.0 * rank),
         lora_dropout=_dropout(raw),
         lora_target_modules=targets,
-        max_seq_length=min(
-            _int(raw, "max_seq_length", auto=limits.max_seq_length), limits.max_seq_length
-        ),
+        max_seq_length=max_seq_length,
     )
 
 
@@ -101,29 +137,47 @@ def _value(raw: Mapping[str, Any], name: str, auto: Any) -> Any:
     return auto if value == AUTO else value
 
 
-def _int(raw: Mapping[str, Any], name: str, auto: int) -> int:
+def _int(raw: Mapping[str, Any], name: str, auto: int, maximum: int | None = None) -> int:
     value = _value(raw, name, auto)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidParameter(
-            f"hyperparameters.{name}", f"{name} must be a positive integer or 'auto', got {value!r}"
+            f"hyperparameters.{name}",
+            f"{name} must be a positive integer or 'auto', got {_shown(value)}",
+        )
+    if maximum is not None and value > maximum:
+        raise InvalidParameter(
+            f"hyperparameters.{name}", f"{name} must be at most {maximum}, got {value}"
         )
     return value
 
 
+def _shown(value: Any) -> str:
+    """A rejected value as the error message shows it: short whatever the client sent."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
 def _positive_float(raw: Mapping[str, Any], name: str, auto: float) -> float:
     value = _value(raw, name, auto)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+    # an integer too large for a float (JSON allows any) is as impossible as infinity
+    as_float = float(value) if isinstance(value, float) or _small_int(value) else math.nan
+    if not 0 < as_float < math.inf:
         raise InvalidParameter(
-            f"hyperparameters.{name}", f"{name} must be a positive number or 'auto', got {value!r}"
+            f"hyperparameters.{name}",
+            f"{name} must be a positive number or 'auto', got {_shown(value)}",
         )
-    return float(value)
+    return as_float
+
+
+def _small_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**1000
 
 
 def _dropout(raw: Mapping[str, Any]) -> float:
     value = _value(raw, "lora_dropout", 0.0)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
         raise InvalidParameter(
-            "hyperparameters.lora_dropout", f"lora_dropout must be in [0, 1), got {value!r}"
+            "hyperparameters.lora_dropout", f"lora_dropout must be in [0, 1), got {_shown(value)}"
         )
     return float(value)
 

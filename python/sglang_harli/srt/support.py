@@ -43,6 +43,11 @@ def check_server_args(server_args) -> None:
             server_args.tp_size, server_args.pp_size, server_args.dp_size
         )
         > 1,
+        # the fine-tuning API lives on the main process's app; extra tokenizer workers serve
+        # HTTP from apps of their own, without it (and SGLang has no API keys there)
+        "several tokenizer workers (--tokenizer-worker-num > 1)": (
+            server_args.tokenizer_worker_num > 1
+        ),
     }
     for what, requested in refusals.items():
         if requested:
