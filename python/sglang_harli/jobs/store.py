@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import secrets
 import sqlite3
 import time
@@ -22,7 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .lifecycle import ALLOWED_FROM, FINAL_STATES, JobStatus, adapter_name
+from sglang_harli import durable
+
+from .lifecycle import ACTIVE_STATES, ALLOWED_FROM, FINAL_STATES, JobStatus, adapter_name
 
 DB_NAME = "harli.db"
 
@@ -61,7 +64,15 @@ class FileRecord:
     purpose: str
     bytes: int
     created_at: int
-    path: str
+    path: str  # absolute; the database stores it relative to the state dir
+
+
+class FileInUseError(Exception):
+    """A file that an active job (validating, queued or running) still needs."""
+
+    def __init__(self, file_id: str, job_ids: list[str]):
+        super().__init__(f"file {file_id} is used by {', '.join(job_ids)}")
+        self.file_id, self.job_ids = file_id, job_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,36 +158,84 @@ class JobStore:
 
     # --- files -------------------------------------------------------------------------------
 
-    def add_file(self, filename: str, purpose: str, content: bytes) -> FileRecord:
+    def add_file(self, filename: str, purpose: str, content: bytes | Path) -> FileRecord:
+        """Store an upload: ``content`` is its bytes, or a file the caller wrote under
+        ``files_dir`` (see :meth:`upload_path`), which is moved into place. Durable: the file
+        is on disk (fsynced) before its row exists."""
         file_id = new_id("file")
         path = self.files_dir / file_id
-        path.write_bytes(content)
-        record = FileRecord(file_id, filename, purpose, len(content), int(time.time()), str(path))
-        with self._connect() as db:
-            db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)", dataclasses.astuple(record))
+        if isinstance(content, bytes):
+            durable.write_bytes(path, content)
+        else:
+            with open(content, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(content, path)
+            durable.fsync_dir(self.files_dir)
+        record = FileRecord(
+            file_id, filename, purpose, path.stat().st_size, int(time.time()), str(path)
+        )
+        stored = dataclasses.replace(record, path=self.relative(path))
+        try:
+            with self._connect() as db:
+                db.execute(
+                    "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)", dataclasses.astuple(stored)
+                )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         return record
+
+    def upload_path(self) -> Path:
+        """A temporary name under ``files_dir`` to stream an upload to before :meth:`add_file`
+        (the same file system, so the move is a rename); a restart may delete leftovers."""
+        return self.files_dir / f"upload{durable.TMP_MARK}{secrets.token_hex(8)}"
 
     def get_file(self, file_id: str) -> FileRecord | None:
         with self._connect() as db:
             row = db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
-        return FileRecord(**row) if row else None
+        return self._file(row) if row else None
 
-    def list_files(self, purpose: str | None = None) -> list[FileRecord]:
-        query, args = "SELECT * FROM files", ()
+    def list_files(
+        self, purpose: str | None = None, after: str | None = None, limit: int | None = None
+    ) -> list[FileRecord]:
+        """Newest first; ``after`` is the id of the last file of the previous page (an unknown
+        id starts from the newest, as for jobs); at most ``limit`` files (all if None)."""
+        where, args = ["1"], []
         if purpose is not None:
-            query, args = query + " WHERE purpose = ?", (purpose,)
+            where, args = [*where, "purpose = ?"], [*args, purpose]
         with self._connect() as db:
-            rows = db.execute(query + " ORDER BY created_at DESC, rowid DESC", args).fetchall()
-        return [FileRecord(**row) for row in rows]
+            if after is not None:  # rowids only grow among existing rows: insertion order
+                bound = db.execute("SELECT rowid FROM files WHERE id = ?", (after,)).fetchone()
+                if bound is not None:
+                    where, args = [*where, "rowid < ?"], [*args, bound[0]]
+            query = f"SELECT * FROM files WHERE {' AND '.join(where)} ORDER BY rowid DESC"
+            if limit is not None:
+                query, args = query + " LIMIT ?", [*args, limit]
+            rows = db.execute(query, args).fetchall()
+        return [self._file(row) for row in rows]
 
     def delete_file(self, file_id: str) -> bool:
-        with self._connect() as db:
+        """Delete a file (False if there is none); raises :class:`FileInUseError`, deleting
+        nothing, if a job that is not finished trains or validates on it."""
+        active = sorted(str(s) for s in ACTIVE_STATES)
+        with self._transaction() as db:  # no job can start using it between check and delete
             record = db.execute("SELECT path FROM files WHERE id = ?", (file_id,)).fetchone()
             if record is None:
                 return False
+            users = db.execute(
+                "SELECT id FROM jobs WHERE (training_file = ? OR validation_file = ?)"
+                f" AND status IN ({', '.join('?' * len(active))}) ORDER BY seq",
+                (file_id, file_id, *active),
+            ).fetchall()
+            if users:
+                raise FileInUseError(file_id, [u["id"] for u in users])
             db.execute("DELETE FROM files WHERE id = ?", (file_id,))
-        Path(record["path"]).unlink(missing_ok=True)
+        self.resolve(record["path"]).unlink(missing_ok=True)
         return True
+
+    def _file(self, row: sqlite3.Row) -> FileRecord:
+        # rows written before paths were relative hold absolute paths: resolve() keeps those
+        return FileRecord(**{**dict(row), "path": str(self.resolve(row["path"]))})
 
     # --- jobs --------------------------------------------------------------------------------
 
