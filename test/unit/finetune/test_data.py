@@ -1,11 +1,13 @@
 """Datasets: formats, loss masks, and every kind of bad line rejected with its number."""
 
+import copy
 import json
 
 import pytest
 import torch
 
 from sglang_harli.finetune import DatasetError, Example, load_jsonl, pack, parse_jsonl_lines
+from sglang_harli.finetune.data import check_lengths, decode_lines
 
 
 def _chat(*turns):
@@ -116,3 +118,82 @@ def test_pack_targets_never_cross_sequences():
     assert batch.targets.tolist() == [-100, 12, 13, -100, 21, 22, -100]
     assert batch.num_targets == a.num_targets + b.num_targets == 4
     assert batch.input_ids.dtype == torch.int64 and batch.seeds == (5, 6)
+
+
+# --- input that used to escape as an exception or split a valid line -----------------------
+
+
+def test_lines_split_on_newline_only(tokenizer):
+    # U+2028/U+2029 (and \x85, \x0c) are characters inside JSON strings, not line breaks
+    record = json.dumps(
+        {"prompt": "a\u2028b\u2029c\x85d\x0ce", "completion": "f"}, ensure_ascii=False
+    )
+    content = (record + "\r\n" + record + "\n").encode()
+    lines = decode_lines(content)
+    assert lines == [record, record, ""]
+    assert [e.line for e in parse_jsonl_lines(lines, tokenizer, max_length=64)] == [1, 2]
+
+
+def test_non_utf8_names_its_line():
+    good = json.dumps({"prompt": "a", "completion": "b"}).encode()
+    with pytest.raises(DatasetError) as info:
+        decode_lines(good + b"\n" + good + b"\n\xff\xfe oops\n", source="the file")
+    assert info.value.errors[0][0] == 3 and "not UTF-8" in info.value.errors[0][1]
+    assert str(info.value).startswith("the file: 1 problem(s)")
+    assert decode_lines(b"\xef\xbb\xbf" + good) == [good.decode()]  # a byte-order mark is fine
+
+
+def test_a_chat_template_that_raises_is_that_lines_problem(tokenizer):
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}"
+        "{{ raise_exception('the first message must be a system message') }}{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    ok = json.dumps(
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+    )
+    with pytest.raises(DatasetError) as info:
+        parse_jsonl_lines([ok, _chat("q", "a"), ok], strict, max_length=64)
+    ((line, problem),) = info.value.errors
+    assert line == 2 and "the chat template refused it" in problem
+    assert "first message must be a system message" in problem
+
+
+@pytest.mark.parametrize(
+    "raw, problem",
+    [
+        ('{"prompt": 1' + "0" * 5000 + "}", "not JSON we accept"),  # int beyond Python's limit
+        ("[" * 100_000 + "]" * 100_000, "not JSON"),  # nested beyond the decoder's recursion
+        (json.dumps({"prompt": "\ud800", "completion": "x"}), "cannot be tokenized"),
+    ],
+)
+def test_lines_that_break_the_parser_or_tokenizer_are_refused_by_line(tokenizer, raw, problem):
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    with pytest.raises(DatasetError) as info:
+        parse_jsonl_lines([good, raw], tokenizer, max_length=64)
+    ((line, message),) = info.value.errors
+    assert line == 2 and problem in message, message
+
+
+def test_load_jsonl_names_the_file_not_its_path(tokenizer, tmp_path):
+    path = tmp_path / "file-abc"
+    path.write_text("{not json\n")
+    with pytest.raises(DatasetError) as info:
+        load_jsonl(path, tokenizer, max_length=64)
+    assert str(info.value).startswith("file-abc: ") and str(tmp_path) not in str(info.value)
+
+
+def test_check_lengths_names_every_long_example():
+    examples = [Example((1, 2, 3), (False, True, True), line=1), Example((1,) * 9, (True,) * 9, 2)]
+    check_lengths(examples, 9, "the training file")
+    with pytest.raises(DatasetError) as info:
+        check_lengths(examples, 5, "the training file")
+    assert info.value.errors == [(2, "too long: 9 tokens, more than max_length 5")]

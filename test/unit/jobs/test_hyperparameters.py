@@ -64,3 +64,44 @@ def test_targets_outside_the_served_ones_are_refused():
     with pytest.raises(hp.InvalidParameter, match="not served"):
         hp.resolve({"lora_target_modules": ["o_proj"]}, 4, limits)
     assert hp.resolve({}, 4, limits).lora_target_modules == ("q_proj", "v_proj")
+
+
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        ({"n_epochs": hp.MAX_EPOCHS + 1}, "hyperparameters.n_epochs"),
+        ({"n_epochs": 10**30}, "hyperparameters.n_epochs"),
+        ({"batch_size": 10**6}, "hyperparameters.batch_size"),
+        ({"batch_size": 128, "max_seq_length": 512}, "hyperparameters.batch_size"),
+        ({"learning_rate_multiplier": 10**400}, "hyperparameters.learning_rate_multiplier"),
+        ({"lora_alpha": float("inf")}, "hyperparameters.lora_alpha"),
+        ({"lora_alpha": 10**400}, "hyperparameters.lora_alpha"),
+    ],
+)
+def test_absurd_sizes_are_refused_by_name(raw, param):
+    with pytest.raises(hp.InvalidParameter) as refused:
+        hp.resolve(raw, num_examples=1000, limits=LIMITS)
+    assert refused.value.param == param
+    assert len(str(refused.value)) < 300  # a huge value is not echoed whole
+
+
+def test_a_micro_batch_fits_the_token_budget():
+    long_context = hp.ServingLimits(max_lora_rank=16, max_seq_length=131_072)
+    # auto: the longest example, and as many sequences of it as the budget holds
+    resolved = hp.resolve({}, num_examples=1000, limits=long_context, longest=10_000)
+    assert resolved.max_seq_length == 10_000
+    assert resolved.batch_size == hp.MICRO_BATCH_TOKENS // 10_000 == 3
+    assert resolved.batch_size * resolved.max_seq_length <= hp.MICRO_BATCH_TOKENS
+    # never longer than one micro-batch, whatever the context
+    assert hp.resolve({}, 10, long_context).max_seq_length == hp.MICRO_BATCH_TOKENS
+    assert long_context.max_example_tokens == hp.MICRO_BATCH_TOKENS
+    exact = {"batch_size": 4, "max_seq_length": hp.MICRO_BATCH_TOKENS // 4}
+    assert hp.resolve(exact, 10, long_context).batch_size == 4
+    with pytest.raises(hp.InvalidParameter, match="tokens per micro-batch"):
+        hp.resolve({**exact, "batch_size": 5}, 10, long_context)
+
+
+def test_auto_max_seq_length_is_the_longest_example():
+    resolved = hp.resolve({}, num_examples=45, limits=LIMITS, longest=37)
+    assert resolved.max_seq_length == 37 and resolved.batch_size == 5
+    assert hp.resolve({"max_seq_length": 100}, 45, LIMITS, longest=37).max_seq_length == 100
