@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import time
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+from harli_kernels.launch import interpreting  # Triton-free: Triton is not imported yet
+
+if interpreting():
     sys.exit("codegen_check must run without TRITON_INTERPRET")
 
 import torch  # noqa: E402
