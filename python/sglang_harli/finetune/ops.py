@@ -24,18 +24,20 @@ from typing import Any, Protocol
 import torch
 
 from harli_kernels import launch
+from sglang_harli.config import Kernels
 
 from . import graph
 from .data import PackedBatch
 from .lora import LoraPair
 
-KERNELS = ("torch", "triton")
+# The backends a trainer can run: the enum of --harli-kernels, less "auto" (resolved at start-up)
+KERNELS = tuple(k.value for k in Kernels if k != Kernels.AUTO)
 
 
-def check_kernels(kernels: object) -> str:
+def check_kernels(kernels: object) -> Kernels:
     if kernels not in KERNELS:
         raise ValueError(f"kernels {kernels!r}: choose one of {KERNELS}")
-    return kernels  # type: ignore[return-value]
+    return Kernels(kernels)
 
 
 def check_num_sms(num_sms: object) -> int | None:
@@ -262,9 +264,9 @@ def make_ops(
     later with ``ops.num_sms = n``. With ``device``, ``"triton"`` on a non-CUDA device is
     refused unless Triton's interpreter is on.
     """
-    check_kernels(kernels)
+    kernels = check_kernels(kernels)
     num_sms = check_num_sms(num_sms)
-    if kernels == "torch":
+    if kernels == Kernels.TORCH:
         return TorchOps(num_sms)
     if device is not None and torch.device(device).type != "cuda" and not launch.interpreting():
         raise ValueError(
