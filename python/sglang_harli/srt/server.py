@@ -1,4 +1,12 @@
-"""Start SGLang's HTTP server with the Harli pieces attached (main process)."""
+"""Start SGLang's HTTP server with the Harli pieces attached (main process).
+
+Harli mode: our routes (``http_api.py``), the model ids of ``model_ids.py`` (``/v1/models`` lists
+``<base>:<adapter>``; a bare adapter name reaches its adapter), our scheduler in every scheduler
+process, and, once SGLang answers, the adapter publisher, which calls SGLang at SGLang's own
+address (https under ``--ssl-certfile``), trusting the server's certificate, with its admin or
+api key (``loopback.ServerEndpoint``). Mode ``off``: SGLang's own ``run_server``, nothing of
+ours but ``/harli/status``.
+"""
 
 from __future__ import annotations
 
@@ -37,11 +45,13 @@ def run(server_args, harli_config: HarliConfig) -> None:
     from sglang.srt.entrypoints import http_server
     from sglang.srt.utils import kill_process_tree
 
-    from sglang_harli.srt import process
+    from sglang_harli.srt import model_ids, process
     from sglang_harli.srt.http_api import mount_routes
 
     limits = serving_limits(server_args) if harli_config.enabled else None
     mount_routes(http_server.app, harli_config, limits)
+    if harli_config.enabled:
+        model_ids.install(http_server.app)
     try:
         if harli_config.enabled:
             http_server.launch_server(
@@ -62,12 +72,8 @@ def run(server_args, harli_config: HarliConfig) -> None:
 def _start_publisher(server_args, harli_config: HarliConfig) -> None:
     """Runs once the server answers: finished adapters are loaded through its own API."""
     from sglang_harli.jobs.store import JobStore
+    from sglang_harli.srt.loopback import ServerEndpoint
     from sglang_harli.srt.publisher import AdapterPublisher
 
-    host = server_args.host if server_args.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    host = f"[{host}]" if ":" in host else host
-    # loading adapters is an admin call when the server has an admin key
-    key = server_args.admin_api_key or server_args.api_key
-    AdapterPublisher(
-        JobStore(harli_config.state_dir), f"http://{host}:{server_args.port}", key
-    ).start()
+    endpoint = ServerEndpoint.from_server_args(server_args)
+    AdapterPublisher(JobStore(harli_config.state_dir), endpoint).start()
