@@ -95,3 +95,15 @@ def test_modes_are_enums_shared_with_the_code():
 
     config, _ = parse_harli_args(["--harli-mode", "idle-only", "--harli-kernels", "torch"])
     assert config.mode is Mode.IDLE_ONLY and config.kernels is Kernels.TORCH
+
+
+def test_the_readme_documents_every_flag():
+    import dataclasses
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [
+        f.name
+        for f in dataclasses.fields(HarliConfig)
+        if f"--harli-{f.name.replace('_', '-')}" not in readme
+    ]
+    assert not missing, f"README.md does not document: {missing}"
