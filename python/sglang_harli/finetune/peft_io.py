@@ -3,12 +3,16 @@
 The files are what ``peft.PeftModel.from_pretrained`` loads onto a Hugging Face Llama/Qwen2
 model: key ``base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight``,
 A ``[r, in_features]``, B ``[out_features, r]``.
+
+The writers fill a directory in place; callers that need a crash to leave either the old or the
+whole new adapter write into ``durable.new_directory(path)`` (the trainer's checkpoints do).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -41,6 +45,9 @@ def peft_key(layer: int, module: str, which: str) -> str:
     return f"base_model.model.model.layers.{layer}.{block}.{module}.lora_{which}.weight"
 
 
+_NAME = re.compile(r"layers\.(\d+)\.(\w+)\.lora_([AB])")  # LoraAdapters.named_parameters()
+
+
 def save_adapter(
     path: str | Path,
     adapters: LoraAdapters,
@@ -49,14 +56,34 @@ def save_adapter(
     base_model_name_or_path: str = "",
 ) -> None:
     """Write a PEFT LoRA directory, weights in ``dtype`` (the base model's, to serve with)."""
+    save_adapter_tensors(
+        path,
+        adapters.config,
+        adapters.named_parameters(),
+        dtype=dtype,
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+
+def save_adapter_tensors(
+    path: str | Path,
+    cfg: LoraConfig,
+    named: Iterable[tuple[str, torch.Tensor]],
+    *,
+    dtype: torch.dtype,
+    base_model_name_or_path: str = "",
+) -> None:
+    """:func:`save_adapter` from ``(name, tensor)`` pairs named as
+    ``LoraAdapters.named_parameters()`` names them (e.g. a host copy taken for a checkpoint)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = adapters.config
     tensors = {}
-    for i, pairs in enumerate(adapters.layers):
-        for module, pair in pairs.items():
-            for which, t in (("A", pair.A), ("B", pair.B)):
-                tensors[peft_key(i, module, which)] = t.detach().to("cpu", dtype).contiguous()
+    for name, t in named:
+        match = _NAME.fullmatch(name)
+        if match is None:
+            raise ValueError(f"unexpected adapter tensor name {name!r}")
+        key = peft_key(int(match[1]), match[2], match[3])
+        tensors[key] = t.detach().to("cpu", dtype).contiguous()
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",

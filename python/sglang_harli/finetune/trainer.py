@@ -17,24 +17,33 @@ the same sequences with the same dropout masks.
 The ops run on the backend ``TrainConfig.kernels`` names (``ops.py``): graph.py's torch
 functions, or the ``harli_kernels`` Triton kernels on at most ``num_sms`` SMs, which
 :meth:`Trainer.set_num_sms` changes for the units that run next.
+
+Checkpoints come in two halves so that a server's scheduler thread does only the cheap one:
+:meth:`Trainer.snapshot` copies the adapters, the AdamW state and the counters into host memory
+(asynchronously on a GPU, into pinned buffers reserved ahead), and :func:`write_checkpoint`
+writes such a snapshot durably (temporary directory, fsync, rename), from any thread.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from sglang_harli import durable
 
 from . import graph
 from . import ops as ops_mod
 from .base_model import BaseModelView
 from .data import Example, PackedBatch, pack
-from .lora import LoraAdapters, sequence_seed
-from .peft_io import save_adapter
+from .lora import LoraAdapters, LoraConfig, sequence_seed
+from .peft_io import save_adapter_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +125,81 @@ class StepResult:
     grad_norm: float  # before clipping
     num_sequences: int
     num_targets: int
+    skipped: bool = False  # non-finite gradient norm: the update was not applied
+
+
+class NonFiniteError(ValueError):
+    """Training diverged: a loss, a gradient or a weight is NaN or infinite."""
+
+    code = "training_diverged"
+
+
+@dataclasses.dataclass(eq=False)
+class CheckpointSnapshot:
+    """A trainer's state at one step, in host memory: what :func:`write_checkpoint` writes.
+
+    On a GPU the copies are enqueued asynchronously; :meth:`wait` blocks until they landed (the
+    writer calls it, not the scheduler). :meth:`release` hands the host buffers back to the
+    trainer for its next snapshot."""
+
+    step: int
+    lora: LoraConfig
+    adapters: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    state: dict[str, Any]
+    copied: Any = None  # a torch.cuda.Event recorded after the copies, or None (synchronous)
+    _release: Callable[[], None] | None = dataclasses.field(default=None, repr=False)
+
+    def wait(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+    def check_finite(self) -> None:
+        for name, t in self.adapters.items():
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"adapter weight {name} is not finite at step {self.step}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapters": self.adapters, "optimizer": self.optimizer, "state": self.state}
+
+
+def write_checkpoint(
+    path: str | Path,
+    snapshot: CheckpointSnapshot,
+    *,
+    dtype: torch.dtype,
+    base_model_name_or_path: str = "",
+    adapter_only: bool = False,
+) -> None:
+    """Write ``snapshot`` as a PEFT adapter directory plus ``trainer_state.pt`` (fp32 masters,
+    AdamW state, counters), or the adapter alone; durably: a crash leaves the old directory or
+    the whole new one. Raises :class:`NonFiniteError` (writing nothing) on non-finite weights."""
+    snapshot.wait()
+    snapshot.check_finite()
+    with durable.new_directory(path) as tmp:
+        save_adapter_tensors(
+            tmp,
+            snapshot.lora,
+            snapshot.adapters.items(),
+            dtype=dtype,
+            base_model_name_or_path=base_model_name_or_path,
+        )
+        if not adapter_only:
+            torch.save(snapshot.to_dict(), tmp / STATE_FILE)
+
+
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What :func:`write_checkpoint` wrote, for :meth:`Trainer.restore`; raises if the files
+    are missing, truncated or not a trainer state."""
+    saved = torch.load(Path(path) / STATE_FILE, map_location=device, weights_only=True)
+    if not isinstance(saved, dict) or not {"adapters", "optimizer", "state"} <= set(saved):
+        raise ValueError(f"{path}: not a trainer checkpoint")
+    return saved
 
 
 @dataclasses.dataclass(eq=False)
@@ -182,6 +266,7 @@ class Trainer:
         self.state = TrainerState()
         self._step: _Step | None = None
         self._orders: dict[int, list[int]] = {}
+        self._host: dict[str, torch.Tensor] | None = {}  # snapshot buffers; None while lent out
 
     # --- scheduler-facing API ----------------------------------------------------------------
 
@@ -241,32 +326,106 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
 
     def save_checkpoint(self, path: str | Path, base_model_name_or_path: str = "") -> None:
-        """A PEFT adapter directory plus ``trainer_state.pt`` (fp32 masters, AdamW, counters)."""
-        if self._step is not None:
-            raise RuntimeError("a step is open: finish or abandon it before saving")
-        path = Path(path)
-        save_adapter(
-            path,
-            self.adapters,
-            dtype=self.view.dtype,
-            base_model_name_or_path=base_model_name_or_path,
-        )
-        torch.save(
-            {
-                "adapters": self.adapters.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "state": dataclasses.asdict(self.state),
-            },
-            path / STATE_FILE,
-        )
+        """A PEFT adapter directory plus ``trainer_state.pt`` (fp32 masters, AdamW, counters),
+        written durably; :meth:`snapshot` and :func:`write_checkpoint` in one call."""
+        snapshot = self.snapshot()
+        try:
+            write_checkpoint(
+                path,
+                snapshot,
+                dtype=self.view.dtype,
+                base_model_name_or_path=base_model_name_or_path,
+            )
+        finally:
+            snapshot.release()
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from :meth:`save_checkpoint` output (same dataset and config)."""
-        saved = torch.load(Path(path) / STATE_FILE, map_location=self.view.device)
+        self.restore(read_checkpoint(path, self.view.device))
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Resume from :func:`read_checkpoint` output; raises (changing nothing the next
+        restore would not replace) if it does not fit these adapters."""
         self.abandon_step()
         self.adapters.load_state_dict(saved["adapters"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.state = TrainerState(**saved["state"])
+
+    def reserve_snapshot_memory(self) -> None:
+        """Allocate the host buffers snapshots copy into (pinned on a GPU, which is slow to
+        allocate: call this off the serving thread, before the first snapshot)."""
+        host = self._host if self._host is not None else {}
+        for key, t in self._snapshot_tensors(with_optimizer_guess=True):
+            if key not in host:
+                host[key] = _host_like(t)
+        self._host = host
+
+    @property
+    def can_snapshot(self) -> bool:
+        """False while the previous snapshot's buffers are still being written."""
+        return self._host is not None
+
+    def snapshot(self) -> CheckpointSnapshot:
+        """Copy the trainer's state to host memory (cheap: copies into reserved buffers,
+        asynchronous on a GPU); the returned snapshot is what :func:`write_checkpoint` writes.
+        Its buffers are this trainer's until :meth:`CheckpointSnapshot.release`."""
+        if self._step is not None:
+            raise RuntimeError("a step is open: finish or abandon it before saving")
+        host = self._host if self._host is not None else {}  # lent out: copy to fresh buffers
+        lent = self._host is not None
+        self._host = None
+        copies: dict[str, torch.Tensor] = {}
+        for key, t in self._snapshot_tensors():
+            buffer = host.get(key)
+            if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
+                buffer = host[key] = _host_like(t)
+            buffer.copy_(t.detach(), non_blocking=t.device.type == "cuda")
+            copies[key] = buffer
+        copied = None
+        if self.view.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        optimizer = self.optimizer.state_dict()  # references: replaced by the copies below
+        state = {
+            index: {
+                name: copies[f"optimizer.{index}.{name}"] if _copied(value) else _detach(value)
+                for name, value in entry.items()
+            }
+            for index, entry in optimizer["state"].items()
+        }
+
+        def release() -> None:
+            if lent:
+                self._host = host
+
+        return CheckpointSnapshot(
+            step=self.state.step,
+            lora=self.adapters.config,
+            adapters={
+                name: copies[f"adapters.{name}"] for name, _ in self.adapters.named_parameters()
+            },
+            optimizer={"state": state, "param_groups": copy.deepcopy(optimizer["param_groups"])},
+            state=dataclasses.asdict(self.state),
+            copied=copied,
+            _release=release,
+        )
+
+    def _snapshot_tensors(self, with_optimizer_guess: bool = False):
+        """``(key, tensor)`` of everything a snapshot copies: the fp32 masters and AdamW's
+        per-parameter tensors (before the first step AdamW has none: with
+        ``with_optimizer_guess``, its moments are assumed shaped like the parameters)."""
+        params = self.adapters.parameters()
+        for name, p in self.adapters.named_parameters():
+            yield f"adapters.{name}", p
+        state = self.optimizer.state
+        for index, p in enumerate(params):
+            if p in state:
+                for name, value in state[p].items():
+                    if _copied(value):
+                        yield f"optimizer.{index}.{name}", value
+            elif with_optimizer_guess:
+                yield f"optimizer.{index}.exp_avg", p
+                yield f"optimizer.{index}.exp_avg_sq", p
 
     # --- planning ----------------------------------------------------------------------------
 
@@ -406,4 +565,21 @@ class Trainer:
         s.tokens += step.num_targets
         s.last_loss, s.last_grad_norm, s.last_lr = loss, norm.item(), lr
         logger.debug("step %d: loss %.4f lr %.3g grad norm %.3g", step.index, loss, lr, norm)
-        return StepResult(step.index, loss, lr, norm.item(), len(step.examples), step.num_targets)
+        skipped = not math.isfinite(norm.item())
+        return StepResult(
+            step.index, loss, lr, norm.item(), len(step.examples), step.num_targets, skipped
+        )
+
+
+def _copied(value: Any) -> bool:
+    """Optimizer state a snapshot copies into a buffer (not AdamW's scalar CPU step count)."""
+    return isinstance(value, torch.Tensor) and (value.dim() > 0 or value.device.type != "cpu")
+
+
+def _detach(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+
+def _host_like(t: torch.Tensor) -> torch.Tensor:
+    """A host tensor shaped like ``t``; pinned when ``t`` is on a GPU (asynchronous copies)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")

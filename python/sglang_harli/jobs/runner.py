@@ -1,67 +1,147 @@
-"""Runs one stored fine-tuning job, a time budget at a time.
+"""Runs one stored fine-tuning job, a time budget at a time, on the scheduler thread.
 
 The scheduler gives the runner slices of time (between decode iterations, or longer quanta
-when idle); the runner spends each on the trainer's work units, writes progress, events and
-checkpoints to the job store, and stops a cancelled job at its next slice. Any exception ends
-the job as failed with its reason; it never escapes to the caller, which is serving requests.
+when idle); the runner spends each on work units: the trainer's (layer forward/backward, an
+optimizer step) and, at a checkpoint with a validation file, one validation example each. It
+never touches the job store or the disk itself: everything it records goes to its
+:class:`~.agent.JobLink`, which the agent's thread writes (``jobs/agent.py``). So a slice costs
+only its work units, whatever the store or the disk are doing:
+
+- starting a job: :meth:`JobRunner.build` reads the tokenized dataset and the newest readable
+  checkpoint on the agent's thread; the scheduler only takes the finished runner;
+- a checkpoint: the slice copies the adapters and the AdamW state into host buffers reserved
+  ahead (:meth:`Trainer.snapshot`); the agent writes them (durably) while training goes on;
+- a store that does not answer: the runner pauses (no work units) until the agent's writes go
+  through again, or the agent fails the job after ``AgentConfig.give_up_s``.
+
+A job ends here as cancelled, failed (``training_failed``, or ``training_diverged`` for a
+non-finite loss or mostly skipped steps), or with its adapter written for the publisher; a job
+another server took over is dropped without a write. No exception reaches the caller, which is
+serving requests.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import logging
+import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sglang_harli import durable
 from sglang_harli.finetune import graph
 from sglang_harli.finetune.base_model import BaseModelView
-from sglang_harli.finetune.data import Example, load_jsonl, pack
+from sglang_harli.finetune.data import Example, load_examples, load_jsonl, pack
 from sglang_harli.finetune.lora import LoraAdapters, LoraConfig
-from sglang_harli.finetune.peft_io import save_adapter
-from sglang_harli.finetune.trainer import StepResult, TrainConfig, Trainer
+from sglang_harli.finetune.trainer import (
+    STATE_FILE,
+    StepResult,
+    TrainConfig,
+    Trainer,
+    read_checkpoint,
+    write_checkpoint,
+)
 
+from .agent import JobLink
 from .hyperparameters import Hyperparameters
 from .lifecycle import JobStatus
-from .store import Job, JobStore
+from .store import (
+    STORE_ERRORS,
+    Checkpoint,
+    Job,
+    JobStore,
+    NewCheckpoint,
+    NewEvent,
+    Outcome,
+    Progress,
+    Prune,
+    Rewind,
+)
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+DIVERGED = "training_diverged"
+SKIP_WINDOW = 10  # divergence: more than half of the last SKIP_WINDOW steps skipped...
+MIN_SKIPPED = 3  # ...and at least this many
 
 
 @dataclasses.dataclass(frozen=True)
 class RunnerConfig:
-    checkpoint_every: int = 10  # optimizer steps between checkpoints (and at the end)
+    checkpoint_every: int = 10  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # the newest checkpoints kept per job, besides the adapter
     kernels: str = "torch"  # the ops backend (see ops.py): "torch", or "triton" on a GPU
+    base_model_name: str = ""  # written into the adapters' PEFT config
+
+
+class DatasetUnavailable(ValueError):
+    """The job's training or validation data cannot be read: the job fails (no retry)."""
+
+
+@dataclasses.dataclass
+class _Checkpoint:
+    """A checkpoint being made: its validation pass runs as work units first. The metrics event
+    of its step waits for it, so that one event per step carries both losses."""
+
+    step: int
+    train_loss: float | None
+    final: bool
+    validation_left: list[Example]
+    metrics: dict[str, Any] | None = None  # the step's metrics event data, if a step ran
+    valid_sum: float = 0.0
+    valid_targets: int = 0
 
 
 class JobRunner:
-    """Owns the trainer of one job; ``run_for`` returns False once the job is over."""
+    """Trains one job; ``run_for`` returns False once the runner is done with it."""
 
     def __init__(
         self,
-        store: JobStore,
         job: Job,
-        view: BaseModelView,
-        tokenizer: Any,
-        base_model_name: str,
+        trainer: Trainer,
+        link: JobLink,
+        job_dir: Path,
+        validation: list[Example],
         config: RunnerConfig = RunnerConfig(),
     ):
-        self.store, self.job, self.view = store, job, view
-        self.base_model_name, self.config = base_model_name, config
-        self.dir = store.job_dir(job.id)
+        self.job, self.trainer, self.link, self.dir = job, trainer, link, job_dir
+        self.validation, self.config = validation, config
+        self.view = trainer.view
+        self._making: _Checkpoint | None = None
+        self._done = False  # the job ended here, or its adapter is handed over
+        self._skips: collections.deque[bool] = collections.deque(maxlen=SKIP_WINDOW)
+        self._step_times: list[float] = []
+        self._last_step_end = time.monotonic()
+
+    # --- start: on the agent's thread --------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        store: JobStore,
+        job: Job,
+        link: JobLink,
+        *,
+        view: BaseModelView,
+        tokenizer: Any = None,
+        config: RunnerConfig = RunnerConfig(),
+    ) -> JobRunner:
+        """Everything heavy about starting a job, off the scheduler thread: stale temporary
+        files, the tokenized dataset, the adapters, the newest readable checkpoint."""
+        job_dir = store.job_dir(job.id)
+        clean_job_dir(store, job.id)
         hp = Hyperparameters.from_dict(job.hyperparameters)
-        training_file = store.get_file(job.training_file)
-        if training_file is None:
-            raise FileNotFoundError(f"training file {job.training_file} was deleted")
-        dataset = load_jsonl(training_file.path, tokenizer, hp.max_seq_length)
-        self.validation: list[Example] = []
+        dataset = _examples(store, job, "train", job.training_file, tokenizer, hp)
+        validation = []
         if job.validation_file:
-            validation_file = store.get_file(job.validation_file)
-            if validation_file is None:
-                raise FileNotFoundError(f"validation file {job.validation_file} was deleted")
-            self.validation = load_jsonl(validation_file.path, tokenizer, hp.max_seq_length)
+            validation = _examples(store, job, "validation", job.validation_file, tokenizer, hp)
         lora = LoraConfig(
             r=hp.lora_rank,
             alpha=hp.lora_alpha,
@@ -69,7 +149,6 @@ class JobRunner:
             target_modules=hp.lora_target_modules,
             seed=job.seed,
         )
-        adapters = LoraAdapters.create(view.config, lora, device=view.device)
         train = TrainConfig(
             lr=hp.learning_rate,
             epochs=hp.n_epochs,
@@ -79,46 +158,107 @@ class JobRunner:
             lr_schedule="linear",
             kernels=config.kernels,  # num_sms None: the whole device until a policy shares it
         )
-        self.trainer = Trainer(view, adapters, dataset, train)
-        self.trainer_resumed_from: int | None = None
-        checkpoints, _ = store.list_checkpoints(job.id, limit=1)
-        if checkpoints:
-            self.trainer.load_checkpoint(checkpoints[0].path)
-            self.trainer_resumed_from = checkpoints[0].step
-            store.add_event(job.id, f"Resumed from the checkpoint at step {checkpoints[0].step}")
-        store.update_progress(job.id, total_steps=self.trainer.total_steps)
-        self._started = time.monotonic()
-        self._step_times: list[float] = []
-        self._last_step_end = time.monotonic()
-        if self.trainer_resumed_from is None:
-            store.add_event(
-                job.id,
-                f"Fine-tuning started: {len(dataset)} examples, {self.trainer.total_steps} steps",
+
+        def new_trainer() -> Trainer:
+            return Trainer(
+                view, LoraAdapters.create(view.config, lora, view.device), dataset, train
             )
 
+        trainer = new_trainer()
+        resumed, events = None, []
+        checkpoints, _ = store.list_checkpoints(job.id, limit=100)
+        for checkpoint in checkpoints:  # newest first
+            try:
+                trainer.restore(read_checkpoint(checkpoint.path, view.device))
+            except Exception as exc:  # noqa: BLE001 - a torn or corrupt checkpoint: an older one
+                logger.warning("job %s: checkpoint %s unreadable: %s", job.id, checkpoint.path, exc)
+                events.append(_unreadable(checkpoint, exc))
+                trainer = new_trainer()  # a restore that failed half way leaves nothing behind
+                continue
+            resumed = checkpoint.step
+            break
+        trainer.reserve_snapshot_memory()
+        where = f"on {link.owner.info}"
+        if resumed is not None:
+            events.append(NewEvent(f"Resumed from the checkpoint at step {resumed} ({where})"))
+        else:
+            if checkpoints:
+                events.append(NewEvent("No checkpoint could be read: the job starts over"))
+            events.append(
+                NewEvent(
+                    f"Fine-tuning started: {len(dataset)} examples, {trainer.total_steps} steps"
+                    f" ({where})",
+                    data={"owner": link.owner.info},
+                )
+            )
+        link.submit(
+            Rewind(resumed or 0),  # what a lost run recorded after the checkpoint goes
+            *events,
+            Progress({"total_steps": trainer.total_steps, "trained_tokens": trainer.state.tokens}),
+        )
+        return cls(job, trainer, link, job_dir, validation, config)
+
+    # --- the scheduler thread ----------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        """Waiting for the store, or for the previous checkpoint's write: no work to do."""
+        waiting = self._making is not None and not self._making.validation_left
+        return self.link.store_failing or (waiting and not self.trainer.can_snapshot)
+
     def run_for(self, budget_s: float) -> bool:
-        """Run work units for about ``budget_s`` seconds (at least one); False when over."""
+        """Run work units for about ``budget_s`` seconds (at least one); False when done."""
         try:
-            if self.store.cancel_requested(self.job.id):
-                self.trainer.abandon_step()
-                self.store.set_status(self.job.id, JobStatus.CANCELLED)
-                self.store.add_event(self.job.id, "Job cancelled")
-                return False
             deadline = time.monotonic() + budget_s
             while True:
-                unit = self.trainer.next_unit()
-                if unit is None:
-                    self._finish()
+                if self._done:
                     return False
-                result = unit.run()
-                if result is not None:
-                    self._on_step(result)
+                if self.link.stopped:  # lost to another server, or failed by the agent
+                    self.trainer.abandon_step()
+                    self._done = True
+                    self.link.close()
+                    return False
+                if self.link.cancel_requested:
+                    self._end(JobStatus.CANCELLED, "Job cancelled")
+                    return False
+                if self.link.store_failing:
+                    return True  # paused: decode goes on, the writes wait for the store
+                if not self._work_unit():
+                    return not self._done  # nothing to do before the next slice, or done
                 if time.monotonic() >= deadline:
                     return True
         except Exception as exc:  # noqa: BLE001 - a job's failure must not stop serving
             logger.exception("fine-tuning job %s failed", self.job.id)
-            fail(self.store, self.job.id, exc)
+            self._end(
+                JobStatus.FAILED,
+                f"Job failed: {type(exc).__name__}: {exc}",
+                {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}"},
+            )
             return False
+
+    def _work_unit(self) -> bool:
+        """Run one unit of work; False if there is none now (done, or waiting to snapshot)."""
+        making = self._making
+        if making is not None:
+            if making.validation_left:
+                self._validate_one(making)
+                return True
+            if not self.trainer.can_snapshot:
+                return False  # the previous checkpoint is still being written: wait for it
+            self._making = None
+            self._write(making)
+            return not self._done
+        unit = self.trainer.next_unit()
+        if unit is None:  # trained: the final checkpoint and the adapter
+            state = self.trainer.state
+            self._making = _Checkpoint(
+                state.step, state.last_loss, final=True, validation_left=list(self.validation)
+            )
+            return True
+        result = unit.run()
+        if result is not None:
+            self._on_step(result)
+        return True
 
     def _on_step(self, result: StepResult) -> None:
         now = time.monotonic()
@@ -129,75 +269,181 @@ class JobRunner:
         recent = self._step_times[-10:]
         eta_s = (total - step) * sum(recent) / len(recent)
         tokens_per_s = result.num_targets / max(self._step_times[-1], 1e-9)
-        self.store.update_progress(
-            self.job.id,
-            step=step,
-            trained_tokens=state.tokens,
-            estimated_finish=int(time.time() + eta_s),
-        )
-        self.store.add_event(
-            self.job.id,
-            f"Step {step}/{total}: training loss={result.loss:.4f}",
-            type="metrics",
-            data={
-                "step": step,
-                "total_steps": total,
-                "train_loss": result.loss,
-                "learning_rate": result.lr,
-                "grad_norm": result.grad_norm,
-                "tokens_per_second": tokens_per_s,
-                "eta_seconds": eta_s,
-            },
-        )
-        if step % self.config.checkpoint_every == 0 and step < total:
-            self._checkpoint(step, result.loss)
-
-    def _checkpoint(self, step: int, loss: float) -> Path:
-        path = self.dir / "checkpoints" / f"step-{step}"
-        self.trainer.save_checkpoint(path, base_model_name_or_path=self.base_model_name)
-        metrics = {"step": step, "train_loss": loss}
-        if self.validation:
-            metrics["valid_loss"] = self.validation_loss()
-            self.store.add_event(
-                self.job.id,
-                f"Step {step}: validation loss={metrics['valid_loss']:.4f}",
-                type="metrics",
-                data=metrics,
+        self.link.submit(
+            Progress(
+                {
+                    "step": step,
+                    "trained_tokens": state.tokens,
+                    "estimated_finish": int(time.time() + eta_s),
+                }
             )
-        self.store.add_checkpoint(self.job.id, step, str(path), metrics)
-        return path
-
-    def validation_loss(self) -> float:
-        """Mean loss per target token over the validation file, one sequence at a time."""
-        total, targets = 0.0, 0
-        with torch.no_grad():
-            for example in self.validation:
-                batch = pack([example], device=self.view.device)
-                loss = graph.loss_sum(
-                    self.view, self.trainer.adapters, batch, self.trainer.dtype, training=False
-                )
-                total += float(loss)
-                targets += batch.num_targets
-        return total / max(targets, 1)
-
-    def _finish(self) -> None:
-        """Training is done: write the adapter; the publisher loads it, then marks success."""
-        adapter = self.dir / "adapter"
-        save_adapter(
-            adapter,
-            self.trainer.adapters,
-            dtype=self.view.dtype,
-            base_model_name_or_path=self.base_model_name,
         )
-        state = self.trainer.state
-        self._checkpoint(state.step, state.last_loss if state.last_loss is not None else 0.0)
-        self.store.update_progress(self.job.id, adapter_path=str(adapter))
-        self.store.add_event(self.job.id, "Training finished; loading the adapter for serving")
+        metrics = {
+            "step": step,
+            "total_steps": total,
+            "train_loss": result.loss,
+            "learning_rate": result.lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_second": tokens_per_s,
+            "eta_seconds": eta_s,
+        }
+        self._skips.append(result.skipped)
+        diverged = self._diverged(step, result)
+        if diverged is not None:
+            self.link.submit(_metrics_event(metrics))
+            self._end(
+                JobStatus.FAILED,
+                f"Job failed: {diverged}",
+                {"code": DIVERGED, "message": diverged},
+            )
+            return
+        if step % self.config.checkpoint_every == 0 or step >= total:
+            final = step >= total
+            self._making = _Checkpoint(step, result.loss, final, list(self.validation), metrics)
+        else:
+            self.link.submit(_metrics_event(metrics))
+
+    def _diverged(self, step: int, result: StepResult) -> str | None:
+        hint = (
+            f"Try a lower learning_rate_multiplier (this job used "
+            f"{self.job.hyperparameters.get('learning_rate_multiplier')}) or a smaller batch, "
+            "and check the training data"
+        )
+        if not math.isfinite(result.loss):
+            return f"Training diverged at step {step}: the training loss is {result.loss}. {hint}"
+        skipped = sum(self._skips)
+        if skipped >= MIN_SKIPPED and 2 * skipped > len(self._skips):
+            return (
+                f"Training diverged at step {step}: {skipped} of the last {len(self._skips)} "
+                f"steps had non-finite gradients and were skipped. {hint}"
+            )
+        return None
+
+    def _validate_one(self, making: _Checkpoint) -> None:
+        example = making.validation_left.pop()
+        batch = pack([example], device=self.view.device)
+        with torch.no_grad():
+            loss = graph.loss_sum(
+                self.view, self.trainer.adapters, batch, self.trainer.dtype, training=False
+            )
+        making.valid_sum += float(loss)
+        making.valid_targets += batch.num_targets
+
+    def _write(self, making: _Checkpoint) -> None:
+        """Hand the checkpoint (and at the end the adapter) to the agent: the copy is taken
+        now, the files are written on the agent's thread."""
+        step = making.step
+        snapshot = self.trainer.snapshot()
+        path = self.dir / CHECKPOINTS / f"step-{step}"
+        metrics: dict[str, Any] = {"step": step, "train_loss": making.train_loss}
+        if self.validation:
+            metrics["valid_loss"] = making.valid_sum / max(making.valid_targets, 1)
+        rows: list = []
+        if making.metrics is not None:
+            rows.append(_metrics_event({**making.metrics, **metrics}))
+        rows += [NewCheckpoint(step, str(path), metrics), Prune(self.config.keep_checkpoints)]
+        write = functools.partial(
+            write_checkpoint,
+            snapshot=snapshot,
+            dtype=self.view.dtype,
+            base_model_name_or_path=self.config.base_model_name,
+        )
+        if not making.final:
+            self.link.submit(*rows, files=lambda: write(path), release=snapshot.release)
+            return
+        adapter = self.dir / ADAPTER
+
+        def write_both() -> None:
+            write(path)
+            write(adapter, adapter_only=True)
+
+        rows += [
+            Progress({"adapter_path": str(adapter)}),
+            NewEvent("Training finished; loading the adapter for serving"),
+        ]
+        self.link.submit(
+            *rows, files=write_both, after=self._drop_trainer_states, release=snapshot.release
+        )
+        self._done = True
+        self.link.close()
+
+    def _end(self, status: JobStatus, message: str, error: dict | None = None) -> None:
+        """The job ends here (cancelled, failed): nothing is published."""
+        self.trainer.abandon_step()
+        self._making = None
+        self._done = True
+        level = "error" if status == JobStatus.FAILED else "info"
+        if error is not None:
+            error = {"param": None, **error}
+        self.link.submit(
+            Outcome(status, error),
+            NewEvent(message, level=level),
+            after=self._drop_trainer_states,
+        )
+        self.link.close()
+
+    def _drop_trainer_states(self) -> None:
+        """A job that will not resume needs no optimizer state: its checkpoints keep their
+        adapters (servable) and lose the 2/3 of their bytes that only resuming reads."""
+        for state in (self.dir / CHECKPOINTS).glob(f"*/{STATE_FILE}"):
+            state.unlink(missing_ok=True)
 
 
-def fail(store: JobStore, job_id: str, exc: BaseException) -> None:
-    message = f"{type(exc).__name__}: {exc}"
-    store.set_status(
-        job_id, JobStatus.FAILED, error={"code": "training_failed", "message": message}
+def clean_job_dir(store: JobStore, job_id: str) -> None:
+    """What a crash left in a job's directory: temporary files and directories, and checkpoint
+    directories no row names (pruned, or written but never recorded). Only the job's owner
+    calls it (nobody else writes there meanwhile)."""
+    job_dir = store.job_dir(job_id)
+    durable.remove_leftovers(job_dir)
+    checkpoints_dir = job_dir / CHECKPOINTS
+    if not checkpoints_dir.is_dir():
+        return
+    durable.remove_leftovers(checkpoints_dir)
+    checkpoints, _ = store.list_checkpoints(job_id, limit=1_000_000)
+    named = {Path(c.path).resolve() for c in checkpoints}
+    for child in checkpoints_dir.iterdir():
+        if child.is_dir() and child.resolve() not in named:
+            logger.info("removing %s: no checkpoint row names it", child)
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _examples(
+    store: JobStore, job: Job, split: str, file_id: str, tokenizer: Any, hp: Hyperparameters
+) -> list[Example]:
+    """The job's tokenized ``split``, written by the API before the job was queued."""
+    path = store.dataset_path(job.id, split)
+    try:
+        if path.exists():
+            return load_examples(path)
+        # Jobs queued before the API wrote tokenized datasets: tokenize here (off the
+        # scheduler thread, on the agent's).
+        record = store.get_file(file_id)
+        if record is None:
+            raise DatasetUnavailable(f"the {split} file {file_id} was deleted")
+        if tokenizer is None:
+            raise DatasetUnavailable(f"no tokenized {split} set at {path}")
+        return load_jsonl(record.path, tokenizer, hp.max_seq_length)
+    except DatasetUnavailable:
+        raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise DatasetUnavailable(f"the {split} set cannot be read: {exc}") from exc
+    except STORE_ERRORS:
+        raise  # the store or the disk may answer later: the agent builds again then
+    except Exception as exc:  # noqa: BLE001 - a corrupt file will not get better
+        raise DatasetUnavailable(f"the {split} set cannot be read: {exc}") from exc
+
+
+def _metrics_event(data: dict[str, Any]) -> NewEvent:
+    """One event per step: OpenAI's ``metrics`` event shape."""
+    message = f"Step {data['step']}/{data['total_steps']}: training loss={data['train_loss']:.4f}"
+    if "valid_loss" in data:
+        message += f", validation loss={data['valid_loss']:.4f}"
+    return NewEvent(message, type="metrics", data=data)
+
+
+def _unreadable(checkpoint: Checkpoint, exc: BaseException) -> NewEvent:
+    return NewEvent(
+        f"The checkpoint at step {checkpoint.step} could not be read ({type(exc).__name__}:"
+        f" {exc}); resuming from an older one",
+        level="warning",
     )
-    store.add_event(job_id, f"Job failed: {message}", level="error")

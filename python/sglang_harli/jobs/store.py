@@ -5,17 +5,33 @@ share it; SQLite in WAL mode lets them read while one writes. Every method opens
 connection, so the store is safe to use from any thread or process. Records come back as the
 dataclasses below; the API turns them into OpenAI's JSON shapes.
 
+A writer waits at most ``busy_timeout_ms`` for another one's lock, then gets
+``sqlite3.OperationalError`` (one of :data:`STORE_ERRORS`, with a full disk or a read-only file
+system): the scheduler processes' callers catch those and try again later (``jobs/agent.py``).
+Opening a store whose schema is current takes no lock; an older database gets its missing
+columns (``ALTER TABLE ... ADD COLUMN``) when it is opened.
+
 Job states and the moves between them are ``lifecycle.py``'s; :meth:`JobStore.set_status` applies
-a move only from a state it allows. A job that was running when its server stopped goes back to
-queued at the next start and resumes from its last checkpoint.
+a move only from a state it allows. A running job has an owner (one scheduler process, see
+:class:`Owner`) and a lease that its owner renews; the scheduler's writes for a job go through
+:meth:`JobStore.apply`, which writes only while the caller still owns the job. A job whose lease
+expired (its server stopped, or lost the store for longer than the lease) goes back to queued
+and resumes from its last checkpoint on whichever server claims it next.
+
+Non-finite numbers (a diverged loss) are stored and returned as null: JSON has no NaN, and every
+reader (the API, the CLI) gets valid JSON. Paths are stored relative to the state dir.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import secrets
+import shutil
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -28,6 +44,12 @@ from sglang_harli import durable
 from .lifecycle import ACTIVE_STATES, ALLOWED_FROM, FINAL_STATES, JobStatus, adapter_name
 
 DB_NAME = "harli.db"
+DEFAULT_BUSY_TIMEOUT_MS = 30_000  # the API's writes wait this long for another writer
+LEASE_S = 30.0  # a running job's owner renews its lease well within this (see jobs/agent.py)
+
+# What "the store cannot answer now" looks like: a lock held too long, a full disk, a read-only
+# or vanished file system. Callers on the serving path catch these and try again later.
+STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -55,6 +77,14 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, seq);
 """
+
+# Columns added to a table after databases were first written: (table, column, declaration). An
+# older database gets them when it is opened; new ones go at the end of this list.
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("jobs", "owner", "TEXT"),  # Owner.id of the scheduler process training it
+    ("jobs", "owner_info", "TEXT"),  # host and pid of that process, for humans
+    ("jobs", "lease_expires", "REAL"),  # unix time; past it, any server may re-queue the job
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +127,9 @@ class Job:
     step: int
     total_steps: int | None
     cancel_requested: bool
+    owner: str | None = None
+    owner_info: str | None = None
+    lease_expires: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,21 +157,48 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """Who trains a running job: one scheduler process (a random id, so a restarted process
+    on the same host and pid is a different owner), with its host and pid for humans."""
+
+    id: str
+    info: str
+
+    @classmethod
+    def this_process(cls) -> Owner:
+        return cls(new_id("owner"), f"{socket.gethostname()} pid {os.getpid()}")
+
+
 class JobStore:
-    def __init__(self, state_dir: str | Path):
+    def __init__(self, state_dir: str | Path, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS):
         self.state_dir = Path(state_dir)
+        self.busy_timeout_s = busy_timeout_ms / 1000
         self.files_dir = self.state_dir / "files"
         self.jobs_dir = self.state_dir / "jobs"
         for d in (self.files_dir, self.jobs_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.db_path = self.state_dir / DB_NAME
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Create the tables, or add what an older database lacks. A current database is only
+        read: opening the store then never waits for another process's write lock."""
         with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+            if _schema_is_current(db):
+                return
+            db.execute("PRAGMA journal_mode=WAL")  # persistent: set once, when the file is new
+        with self._transaction() as db:  # two processes may open a new database at once
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            for table, column, declaration in _ADDED_COLUMNS:
+                if column not in _columns(db, table):
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        db = sqlite3.connect(self.db_path, timeout=self.busy_timeout_s, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
             yield db
@@ -277,12 +337,12 @@ class JobStore:
     def get_job(self, job_id: str) -> Job | None:
         with self._connect() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _job(row) if row else None
+        return self._job(row) if row else None
 
     def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[Job], bool]:
         """Newest first; ``after`` is the id of the last job of the previous page."""
         rows, more = self._newest_first("jobs", "1", (), self._seq_of("jobs", after), limit)
-        return [_job(r) for r in rows], more
+        return [self._job(r) for r in rows], more
 
     def adapter_name_taken(self, adapter_name: str) -> bool:
         """Whether a job that has not failed or been cancelled already claims this name."""
@@ -303,7 +363,7 @@ class JobStore:
             fields.setdefault("started_at", now)
         if status in FINAL_STATES:
             fields.setdefault("finished_at", now)
-        columns = {"status": str(status), **{k: _to_db(v) for k, v in fields.items()}}
+        columns = {"status": str(status), **self._columns(fields)}
         assignments = ", ".join(f"{name} = ?" for name in columns)
         sources = sorted(str(s) for s in ALLOWED_FROM[status])
         marks = ", ".join("?" * len(sources))
@@ -315,12 +375,15 @@ class JobStore:
         return cursor.rowcount == 1
 
     def update_progress(self, job_id: str, **fields: Any) -> None:
-        assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._connect() as db:
-            db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ?",
-                (*(_to_db(v) for v in fields.values()), job_id),
-            )
+            _update_job(db, job_id, self._columns(fields))
+
+    def _columns(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Column values as stored: dicts as JSON (non-finite numbers null), paths relative."""
+        columns = {k: _to_db(v) for k, v in fields.items()}
+        if columns.get("adapter_path") is not None:
+            columns["adapter_path"] = self.relative(columns["adapter_path"])
+        return columns
 
     def request_cancel(self, job_id: str) -> Job | None:
         """Cancel a job: a queued one at once, a running one when its trainer next checks."""
@@ -343,40 +406,108 @@ class JobStore:
             row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
 
-    def claim_next(self) -> Job | None:
-        """The oldest queued job, now marked running; None if there is none (first come first
-        served). One scheduler claims a job: the transaction makes the claim exclusive."""
+    def claim_next(
+        self, model: str | None = None, owner: Owner | None = None, lease_s: float = LEASE_S
+    ) -> Job | None:
+        """The oldest queued job for ``model`` (any model if None), now running under
+        ``owner``'s lease; None if there is none (first come first served). One scheduler
+        claims a job: the transaction makes the claim exclusive."""
+        queued = "status = 'queued' AND (? IS NULL OR model = ?)"
         with self._connect() as db:  # the common answer, "none", needs no write lock
-            if db.execute("SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1").fetchone() is None:
+            args = (model, model)
+            if db.execute(f"SELECT 1 FROM jobs WHERE {queued} LIMIT 1", args).fetchone() is None:
                 return None
+        now = time.time()
         with self._transaction() as db:
             row = db.execute(
-                "SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1"
+                f"SELECT id FROM jobs WHERE {queued} ORDER BY seq LIMIT 1", (model, model)
             ).fetchone()
             if row is None:
                 return None
             db.execute(
-                "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?)"
-                " WHERE id = ?",
-                (int(time.time()), row["id"]),
+                "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?),"
+                " owner = ?, owner_info = ?, lease_expires = ? WHERE id = ?",
+                (
+                    int(now),
+                    owner.id if owner else None,
+                    owner.info if owner else None,
+                    now + lease_s if owner else None,
+                    row["id"],
+                ),
             )
         return self.get_job(row["id"])
 
-    def requeue_running(self) -> list[str]:
-        """At start-up: jobs left running by a server that stopped go back to the queue."""
+    def requeue_expired(self, now: float | None = None) -> list[str]:
+        """Jobs whose owner stopped renewing their lease (its server stopped or crashed) go
+        back to the queue, to resume from their last checkpoint; their ids. A job whose adapter
+        is written is not re-queued: it waits only for the publisher. Cheap when there is none
+        (no write lock), so every server calls it whenever it looks for work."""
+        now = time.time() if now is None else now
+        expired = (
+            "status = 'running' AND adapter_path IS NULL"
+            " AND (lease_expires IS NULL OR lease_expires < ?)"
+        )
+        with self._connect() as db:
+            if db.execute(f"SELECT 1 FROM jobs WHERE {expired} LIMIT 1", (now,)).fetchone() is None:
+                return []
         with self._transaction() as db:
-            # a job whose adapter is written only waits for the publisher, not for training
-            unfinished = "status = 'running' AND adapter_path IS NULL"
-            ids = [r["id"] for r in db.execute(f"SELECT id FROM jobs WHERE {unfinished}")]
-            db.execute(f"UPDATE jobs SET status = 'queued' WHERE {unfinished}")
-        for job_id in ids:
-            self.add_event(job_id, "Server restarted; the job resumes from its last checkpoint")
-        return ids
+            rows = db.execute(f"SELECT id, owner_info FROM jobs WHERE {expired}", (now,)).fetchall()
+            db.execute(
+                f"UPDATE jobs SET status = 'queued', owner = NULL, lease_expires = NULL"
+                f" WHERE {expired}",
+                (now,),
+            )
+            for row in rows:
+                who = f" ({row['owner_info']})" if row["owner_info"] else ""
+                _insert_event(
+                    db,
+                    row["id"],
+                    NewEvent(
+                        f"The server training this job{who} stopped renewing its lease; the job"
+                        " is queued again and resumes from its last checkpoint",
+                        level="warning",
+                    ),
+                )
+        return [row["id"] for row in rows]
+
+    def renew_lease(self, job_id: str, owner: Owner, lease_s: float = LEASE_S) -> bool:
+        """Extend ``owner``'s lease on a running job; False if it no longer owns it."""
+        with self._connect() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET lease_expires = ?"
+                " WHERE id = ? AND owner = ? AND status = 'running'",
+                (time.time() + lease_s, job_id, owner.id),
+            )
+        return cursor.rowcount == 1
+
+    def apply(self, job_id: str, writes: list[JobWrite], owner: Owner | None = None) -> bool:
+        """Apply ``writes`` in one transaction, in order; with ``owner``, only if it still owns
+        the job (running under its id): False, nothing written, if not. Directories that the
+        writes took out of the database (pruned or abandoned checkpoints) are deleted after
+        the commit."""
+        with self._transaction() as db:
+            if owner is not None:
+                row = db.execute(
+                    "SELECT 1 FROM jobs WHERE id = ? AND owner = ? AND status = 'running'",
+                    (job_id, owner.id),
+                ).fetchone()
+                if row is None:
+                    return False
+            removed = [path for write in writes for path in write.apply(self, db, job_id)]
+        for path in removed:
+            _remove_tree(self.resolve(path))
+        return True
+
+    def jobs_by_id(self, job_ids: list[str]) -> list[Job]:
+        marks = ", ".join("?" * len(job_ids))
+        with self._connect() as db:
+            rows = db.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", job_ids).fetchall()
+        return [self._job(r) for r in rows]
 
     def jobs_with_status(self, status: str) -> list[Job]:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status,))
-            return [_job(r) for r in rows.fetchall()]
+            return [self._job(r) for r in rows.fetchall()]
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -389,10 +520,30 @@ class JobStore:
     # Paths in the database are relative to the state dir, so that it can be moved.
 
     def relative(self, path: str | Path) -> str:
-        return str(Path(path).resolve().relative_to(self.state_dir.resolve()))
+        """``path`` as the database stores it: relative to the state dir (a path outside it,
+        or one already relative, is kept as it is)."""
+        path = Path(path)
+        if not path.is_absolute():
+            return str(path)
+        try:
+            return str(path.resolve().relative_to(self.state_dir.resolve()))
+        except ValueError:
+            return str(path)
 
     def resolve(self, stored: str) -> Path:
+        """A stored path, usable: rows written before paths were relative are absolute."""
         return self.state_dir / stored
+
+    def _job(self, row: sqlite3.Row) -> Job:
+        values = dict(row)
+        values.pop("seq")
+        values["hyperparameters"] = json.loads(values["hyperparameters"])
+        values["error"] = _from_db(values["error"])
+        values["cancel_requested"] = bool(values["cancel_requested"])
+        if values["adapter_path"] is not None:
+            values["adapter_path"] = str(self.resolve(values["adapter_path"]))
+        known = {f.name for f in dataclasses.fields(Job)}
+        return Job(**{k: v for k, v in values.items() if k in known})
 
     # --- events and checkpoints --------------------------------------------------------------
 
@@ -405,11 +556,7 @@ class JobStore:
         type: str = "message",
     ) -> None:
         with self._connect() as db:
-            db.execute(
-                "INSERT INTO events (job_id, created_at, level, message, type, data)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, int(time.time()), level, message, type, _to_db(data)),
-            )
+            _insert_event(db, job_id, NewEvent(message, level, type, data))
 
     def list_events(
         self, job_id: str, after: str | None = None, limit: int = 20
@@ -425,21 +572,19 @@ class JobStore:
                 level=r["level"],
                 message=r["message"],
                 type=r["type"],
-                data=json.loads(r["data"]) if r["data"] else None,
+                data=_from_db(r["data"]),
             )
             for r in rows
         ]
         return events, more
 
     def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict) -> Checkpoint:
-        checkpoint_id = new_id("ftckpt")
-        with self._connect() as db:
-            db.execute(
-                "INSERT INTO checkpoints (id, job_id, created_at, step, path, metrics)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (checkpoint_id, job_id, int(time.time()), step, path, json.dumps(metrics)),
-            )
+        self.apply(job_id, [NewCheckpoint(step, str(path), metrics)])
         return self.list_checkpoints(job_id, limit=1)[0][0]
+
+    def prune_checkpoints(self, job_id: str, keep: int) -> None:
+        """Keep the newest ``keep`` checkpoints of a job; delete the others, rows and files."""
+        self.apply(job_id, [Prune(keep)])
 
     def list_checkpoints(
         self, job_id: str, after: str | None = None, limit: int = 10
@@ -453,8 +598,8 @@ class JobStore:
                 job_id=r["job_id"],
                 created_at=r["created_at"],
                 step=r["step"],
-                path=r["path"],
-                metrics=json.loads(r["metrics"]),
+                path=str(self.resolve(r["path"])),
+                metrics=_from_db(r["metrics"]) or {},
             )
             for r in rows
         ]
@@ -482,17 +627,181 @@ class JobStore:
         return rows[:limit], len(rows) > limit
 
 
-def _job(row: sqlite3.Row) -> Job:
-    values = dict(row)
-    values.pop("seq")
-    values["hyperparameters"] = json.loads(values["hyperparameters"])
-    values["error"] = json.loads(values["error"]) if values["error"] else None
-    values["cancel_requested"] = bool(values["cancel_requested"])
-    return Job(**values)
+# --- what a job's runner writes, applied together by JobStore.apply ----------------------------
+
+
+class JobWrite:
+    """One change to a job's records; ``apply`` returns stored paths of directories it took
+    out of the database, for the store to delete once the transaction commits."""
+
+    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class NewEvent(JobWrite):
+    message: str
+    level: str = "info"
+    type: str = "message"
+    data: dict[str, Any] | None = None
+    created_at: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
+        _insert_event(db, job_id, self)
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress(JobWrite):
+    """Columns of the job's row (step, trained_tokens, total_steps, adapter_path...)."""
+
+    fields: dict[str, Any]
+
+    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
+        _update_job(db, job_id, store._columns(self.fields))
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class NewCheckpoint(JobWrite):
+    step: int
+    path: str  # a directory (absolute, or relative to the state dir)
+    metrics: dict[str, Any]
+    created_at: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
+        db.execute(
+            "INSERT INTO checkpoints (id, job_id, created_at, step, path, metrics)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                new_id("ftckpt"),
+                job_id,
+                self.created_at,
+                self.step,
+                store.relative(self.path),
+                _json(self.metrics),
+            ),
+        )
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Prune(JobWrite):
+    """Keep the newest ``keep`` checkpoints (by step); the others go, rows and directories."""
+
+    keep: int
+
+    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
+        rows = db.execute(
+            "SELECT seq, path FROM checkpoints WHERE job_id = ? ORDER BY step DESC, seq DESC"
+            " LIMIT -1 OFFSET ?",
+            (job_id, self.keep),
+        ).fetchall()
+        db.executemany("DELETE FROM checkpoints WHERE seq = ?", [(r["seq"],) for r in rows])
+        return [r["path"] for r in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewind(JobWrite):
+    """A job resumes from its checkpoint at ``step``: what the lost run recorded after it (its
+    metric events, later checkpoints) goes, so no step is listed twice."""
+
+    step: int
+
+    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
+        db.execute(
+            "DELETE FROM events WHERE job_id = ? AND type = 'metrics'"
+            " AND json_extract(data, '$.step') > ?",
+            (job_id, self.step),
+        )
+        rows = db.execute(
+            "SELECT seq, path FROM checkpoints WHERE job_id = ? AND step > ?", (job_id, self.step)
+        ).fetchall()
+        db.executemany("DELETE FROM checkpoints WHERE seq = ?", [(r["seq"],) for r in rows])
+        db.execute("UPDATE jobs SET step = ? WHERE id = ?", (self.step, job_id))
+        return [r["path"] for r in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome(JobWrite):
+    """The job ends (failed or cancelled), if the lifecycle allows it from where it is."""
+
+    status: JobStatus
+    error: dict[str, Any] | None = None
+
+    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
+        sources = sorted(str(s) for s in ALLOWED_FROM[JobStatus(self.status)])
+        db.execute(
+            f"UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_expires = NULL"
+            f" WHERE id = ? AND status IN ({', '.join('?' * len(sources))})",
+            (str(self.status), _to_db(self.error), int(time.time()), job_id, *sources),
+        )
+        return []
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _insert_event(db: sqlite3.Connection, job_id: str, event: NewEvent) -> None:
+    db.execute(
+        "INSERT INTO events (job_id, created_at, level, message, type, data)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (job_id, event.created_at, event.level, event.message, event.type, _to_db(event.data)),
+    )
+
+
+def _update_job(db: sqlite3.Connection, job_id: str, columns: dict[str, Any]) -> None:
+    if columns:
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+        db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*columns.values(), job_id))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json(value: Any) -> str:
+    return json.dumps(_finite(value), allow_nan=False)
 
 
 def _to_db(value: Any) -> Any:
-    return json.dumps(value) if isinstance(value, dict) else value
+    if isinstance(value, dict):
+        return _json(value)
+    return _finite(value)
+
+
+def _from_db(text: str | None) -> Any:
+    """Stored JSON; NaN and Infinity written before they were nulled read as None too."""
+    return json.loads(text, parse_constant=lambda _: None) if text else None
+
+
+_SCHEMA_NAMES = re.compile(r"CREATE (TABLE|INDEX) IF NOT EXISTS (\w+)")
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _schema_is_current(db: sqlite3.Connection) -> bool:
+    """Whether the database has every table, index and column (read-only: takes no lock)."""
+    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        return False
+    existing = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    if any(name not in existing for _, name in _SCHEMA_NAMES.findall(_SCHEMA)):
+        return False
+    return all(column in _columns(db, table) for table, column, _ in _ADDED_COLUMNS)
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _event_seq(event_id: str | None) -> int | None:

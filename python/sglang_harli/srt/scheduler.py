@@ -15,12 +15,17 @@ is reported apart from that overhead.
 Fine-tuning jobs come from the job store shared with the HTTP API; one trains at a time, first
 come first served, through a :class:`JobRunner` that gets a time slice after each decode
 iteration (``time-sliced``) and a quantum on each idle pass (``time-sliced`` and ``idle-only``).
+
+This thread never touches the job store or writes a file: a :class:`JobAgent` thread claims
+jobs for the served model, builds their runners (datasets, checkpoints), writes what they record
+and keeps their leases (``jobs/agent.py``). A store that is locked, full or read-only pauses the
+job, never decode; the scheduler only takes a built runner and gives it its slices.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
 
 import torch
 from sglang.srt.managers.scheduler import Scheduler
@@ -30,15 +35,14 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from sglang_harli.config import HarliConfig, Mode
 from sglang_harli.corun.stats import DecodeStats, HookStats
-from sglang_harli.jobs.runner import JobRunner, RunnerConfig, fail
-from sglang_harli.jobs.store import JobStore
+from sglang_harli.jobs.agent import AgentConfig, JobAgent
+from sglang_harli.jobs.runner import JobRunner, RunnerConfig
 from sglang_harli.srt.support import UnsupportedConfigError
 from sglang_harli.srt.weights import base_model_view
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ALLOCATORS = (TokenToKVPoolAllocator, PagedTokenToKVPoolAllocator)
-JOB_POLL_S = 0.5  # how often an idle trainer looks for a queued job
 
 
 class HarliScheduler(Scheduler):
@@ -47,15 +51,26 @@ class HarliScheduler(Scheduler):
         self.harli_config = harli_config
         self.harli_stats = HookStats()
         self._check_kv_pools()
-        self.harli_jobs = JobStore(harli_config.state_dir)
-        requeued = self.harli_jobs.requeue_running()
         self._harli_runner: JobRunner | None = None
-        self._harli_next_poll = 0.0
+        build = functools.partial(
+            JobRunner.build,
+            view=base_model_view(self.tp_worker.model_runner.model),
+            tokenizer=self.tokenizer,
+            config=RunnerConfig(
+                checkpoint_every=harli_config.checkpoint_every,
+                keep_checkpoints=harli_config.keep_checkpoints,
+                kernels=harli_config.kernels,
+                base_model_name=self.server_args.model_path,
+            ),
+        )
+        # Jobs are claimed only by a server of the model they were created for.
+        agent_config = AgentConfig(model=served_model_name(self.server_args))
+        self.harli_agent = JobAgent(harli_config.state_dir, build, agent_config).start()
         logger.info(
-            "Harli scheduler active (mode %s, job store %s%s)",
+            "Harli scheduler active (mode %s, job store %s, owner %s)",
             harli_config.mode,
             harli_config.state_dir,
-            f", resuming {len(requeued)} job(s)" if requeued else "",
+            self.harli_agent.owner.info,
         )
 
     def _check_kv_pools(self) -> None:
@@ -101,44 +116,25 @@ class HarliScheduler(Scheduler):
         return super().on_idle()
 
     def maybe_sleep_on_idle(self):
-        if self._harli_runner is None:  # while a job trains, idle passes are its quanta
+        # While a job trains, idle passes are its quanta; a paused job (the store does not
+        # answer) lets SGLang sleep until a request comes, rather than spin.
+        runner = self._harli_runner
+        if runner is None or runner.paused:
             super().maybe_sleep_on_idle()
 
     def _harli_finetune(self, budget_s: float) -> None:
-        runner = self._harli_runner or self._harli_start_next_job()
+        runner = self._harli_runner
         if runner is None:
-            return
+            # a runner the agent built (a list swap: the job store is the agent's business)
+            runner = self._harli_runner = self.harli_agent.take_runner()
+            if runner is None:
+                return
+            logger.info("fine-tuning job %s starts", runner.job.id)
         # SGLang's loops run under no_grad (or inference mode); training needs autograd.
         with torch.inference_mode(False), torch.enable_grad():
             still_running = runner.run_for(budget_s)
         if not still_running:
             self._harli_runner = None
-
-    def _harli_start_next_job(self) -> JobRunner | None:
-        now = time.monotonic()
-        if now < self._harli_next_poll:
-            return None
-        self._harli_next_poll = now + JOB_POLL_S
-        job = self.harli_jobs.claim_next()
-        if job is None:
-            return None
-        logger.info("fine-tuning job %s starts", job.id)
-        try:
-            self._harli_runner = JobRunner(
-                self.harli_jobs,
-                job,
-                base_model_view(self.tp_worker.model_runner.model),
-                self.tokenizer,
-                base_model_name=self.server_args.model_path,
-                config=RunnerConfig(
-                    checkpoint_every=self.harli_config.checkpoint_every,
-                    kernels=self.harli_config.kernels,
-                ),
-            )
-        except Exception as exc:  # noqa: BLE001 - a bad job fails; serving goes on
-            logger.exception("fine-tuning job %s could not start", job.id)
-            fail(self.harli_jobs, job.id, exc)
-        return self._harli_runner
 
     def _harli_reclaim_kv(self) -> None:
         """Give lent KV slots back before SGLang sizes its next batch (today no slot is lent)."""
@@ -152,9 +148,22 @@ class HarliScheduler(Scheduler):
         output.internal_state["harli"] = {
             "mode": str(self.harli_config.mode),
             "running_job": runner.job.id if runner is not None else None,
+            "job_paused": runner.paused if runner is not None else None,
+            "jobs": self.harli_agent.status(),
             **self.harli_stats.to_dict(),
         }
         return output
+
+
+def served_model_name(server_args) -> str:
+    """The name the API creates jobs for (SGLang's ``--served-model-name``, default the path)."""
+    try:
+        from sglang.srt.runtime_context import get_serving
+
+        name = get_serving().served_model_name
+    except Exception:  # noqa: BLE001 - older layouts keep it on ServerArgs
+        name = getattr(server_args, "served_model_name", None)
+    return name or server_args.model_path
 
 
 def decode_stats(batch) -> DecodeStats:

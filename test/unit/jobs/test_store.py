@@ -1,12 +1,26 @@
-"""The job store on its own: states, FCFS claiming, cancellation, restart, pagination."""
+"""The job store on its own: states, FCFS claiming, cancellation, restart, pagination; its
+connections (busy timeout, opening under a lock, old databases), leases and owner-checked writes,
+non-finite numbers, relative paths, pruning and rewinding."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import sqlite3
+import subprocess
+import sys
+import time
 
 import pytest
 
-from sglang_harli.jobs.store import JobStore
+from sglang_harli.jobs.store import (
+    JobStore,
+    NewCheckpoint,
+    NewEvent,
+    Owner,
+    Progress,
+    Rewind,
+)
 
 HP = {"n_epochs": 1}
 
@@ -63,7 +77,7 @@ def test_restart_requeues_unfinished_running_jobs_only(tmp_path):
     store.set_status(training.id, "running")
     store.set_status(publishing.id, "running")
     store.update_progress(publishing.id, adapter_path="/adapter")
-    assert JobStore(tmp_path).requeue_running() == [training.id]
+    assert JobStore(tmp_path).requeue_expired() == [training.id]
     assert store.get_job(training.id).status == "queued"
     assert store.get_job(publishing.id).status == "running"
 
@@ -109,6 +123,7 @@ def test_checkpoints_and_files(tmp_path):
     assert [c.step for c in checkpoints] == [6, 3]
     upload = store.get_file(job.training_file)
     assert upload.bytes == len(open(upload.path, "rb").read())
+    store.set_status(job.id, "cancelled")  # a file an unfinished job needs cannot be deleted
     assert store.delete_file(upload.id) and store.get_file(upload.id) is None
     assert not store.delete_file(upload.id)
 
@@ -120,3 +135,179 @@ def test_list_files_by_purpose(tmp_path, purpose):
     store.add_file("b", "batch", b"y")
     files = store.list_files(purpose)
     assert len(files) == (2 if purpose is None else 1)
+
+
+# --- connections ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def write_lock(tmp_path):
+    """Another process holds the database's write lock (BEGIN IMMEDIATE) until released."""
+    procs = []
+
+    def hold(store: JobStore, seconds: float = 30.0) -> subprocess.Popen:
+        code = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN IMMEDIATE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(float(sys.argv[2]))\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(store.db_path), str(seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout.readline().strip() == "locked"
+        procs.append(proc)
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_short_busy_timeout_gives_up_quickly_and_reads_go_on(tmp_path, write_lock):
+    store = JobStore(tmp_path)
+    job = make_job(store)
+    write_lock(store)
+    quick = JobStore(tmp_path, busy_timeout_ms=5)  # opening a current database takes no lock
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        quick.add_event(job.id, "blocked")
+    assert time.monotonic() - started < 1.0
+    assert quick.get_job(job.id).status == "queued"  # WAL: reads do not wait for the writer
+    assert quick.claim_next(model="other") is None  # nothing to claim: no write attempted
+
+
+OLD_SCHEMA = """
+CREATE TABLE files (id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+    bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, path TEXT NOT NULL);
+CREATE TABLE jobs (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, created_at INTEGER NOT NULL,
+    model TEXT NOT NULL, training_file TEXT NOT NULL, validation_file TEXT, suffix TEXT,
+    adapter_name TEXT NOT NULL, seed INTEGER NOT NULL, hyperparameters TEXT NOT NULL,
+    status TEXT NOT NULL, started_at INTEGER, finished_at INTEGER, estimated_finish INTEGER,
+    fine_tuned_model TEXT, adapter_path TEXT, error TEXT, trained_tokens INTEGER,
+    step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL,
+    data TEXT);
+CREATE TABLE checkpoints (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL,
+    job_id TEXT NOT NULL, created_at INTEGER NOT NULL, step INTEGER NOT NULL, path TEXT NOT NULL,
+    metrics TEXT NOT NULL);
+INSERT INTO jobs VALUES ('ftjob-old', 1, 0, 'm', 'file-x', NULL, NULL, 'ftjob-old', 0, '{}',
+    'running', 0, NULL, NULL, NULL, NULL, NULL, NULL, 3, 9, 0);
+INSERT INTO jobs VALUES ('ftjob-done', 2, 0, 'm', 'file-x', NULL, NULL, 'done', 0, '{}',
+    'succeeded', 0, 1, NULL, 'm:done', '/elsewhere/adapter', NULL, NULL, 9, 9, 0);
+INSERT INTO events (job_id, created_at, level, message, type, data)
+    VALUES ('ftjob-old', 0, 'info', 'Step 3', 'metrics', '{"step": 3, "train_loss": NaN}');
+INSERT INTO checkpoints (id, job_id, created_at, step, path, metrics)
+    VALUES ('ftckpt-old', 'ftjob-old', 0, 3, '/abs/step-3', '{"train_loss": Infinity}');
+"""
+
+
+def test_an_older_database_opens_and_gains_the_new_columns(tmp_path):
+    with sqlite3.connect(tmp_path / "harli.db") as db:
+        db.executescript(OLD_SCHEMA)
+    store = JobStore(tmp_path)
+    job = store.get_job("ftjob-old")
+    assert job.owner is None and job.lease_expires is None and job.step == 3
+    # old absolute rows are read as they are
+    assert store.get_job("ftjob-done").adapter_path == "/elsewhere/adapter"
+    [event], _ = store.list_events(job.id)
+    assert event.data == {"step": 3, "train_loss": None}  # NaN written by the old store
+    [checkpoint], _ = store.list_checkpoints(job.id)
+    assert checkpoint.path == "/abs/step-3" and checkpoint.metrics == {"train_loss": None}
+    owner = Owner.this_process()
+    store.requeue_expired()  # running without a lease: an old server's job, re-queued
+    assert store.claim_next(owner=owner).owner == owner.id
+
+
+def test_non_finite_numbers_are_stored_as_null(tmp_path):
+    store = JobStore(tmp_path)
+    job = make_job(store)
+    data = {"step": 1, "train_loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-4}
+    store.add_event(job.id, "Step 1", data=data, type="metrics")
+    store.add_checkpoint(job.id, 1, str(tmp_path / "c"), {"train_loss": float("-inf")})
+    store.update_progress(job.id, estimated_finish=float("nan"))
+    event = store.list_events(job.id, limit=1)[0][0]
+    assert event.data == {"step": 1, "train_loss": None, "grad_norm": None, "lr": 1e-4}
+    assert store.list_checkpoints(job.id)[0][0].metrics == {"train_loss": None}
+    with sqlite3.connect(store.db_path) as db:
+        stored = [row[0] for row in db.execute("SELECT data FROM events WHERE data IS NOT NULL")]
+    for text in stored:
+        json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} stored"))
+
+
+# --- ownership ----------------------------------------------------------------------------------
+
+
+def test_claims_are_for_the_served_model_and_carry_a_lease(tmp_path):
+    store = JobStore(tmp_path)
+    upload = store.add_file("t.jsonl", "fine-tune", b"x")
+    other = store.create_job("other-model", upload.id, HP, seed=0, status="queued")
+    mine = store.create_job("m", upload.id, HP, seed=0, status="queued")
+    owner = Owner.this_process()
+    claimed = store.claim_next(model="m", owner=owner, lease_s=30)
+    assert claimed.id == mine.id and claimed.owner == owner.id
+    assert "pid" in claimed.owner_info and claimed.lease_expires > time.time() + 20
+    assert store.claim_next(model="m", owner=owner) is None
+    assert store.get_job(other.id).status == "queued"
+
+
+def test_only_expired_leases_are_requeued_and_an_owner_that_lost_one_writes_nothing(tmp_path):
+    store = JobStore(tmp_path)
+    job = make_job(store)
+    first, second = Owner.this_process(), Owner("owner-second", "elsewhere pid 2")
+    store.claim_next(owner=first, lease_s=30)
+    assert store.requeue_expired() == []  # a restarted server leaves a live lease alone
+    assert store.get_job(job.id).owner == first.id
+    assert store.renew_lease(job.id, first, lease_s=30)
+    assert store.apply(job.id, [NewEvent("step 1", type="metrics", data={"step": 1})], first)
+
+    assert store.requeue_expired(now=time.time() + 60) == [job.id]  # the lease ran out
+    assert store.claim_next(owner=second).owner == second.id
+    assert not store.renew_lease(job.id, first)
+    assert not store.apply(job.id, [NewEvent("late", data={"step": 2})], first)
+    assert store.apply(job.id, [Progress({"step": 1})], second)
+    messages = [e.message for e in store.list_events(job.id, limit=10)[0]]
+    assert "late" not in messages and any("stopped renewing its lease" in m for m in messages)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def test_checkpoint_paths_are_stored_relative_and_pruned_with_their_directories(tmp_path):
+    store = JobStore(tmp_path)
+    job = make_job(store)
+    for step in (2, 4, 6, 8):
+        path = store.job_dir(job.id) / "checkpoints" / f"step-{step}"
+        path.mkdir(parents=True)
+        store.add_checkpoint(job.id, step, str(path), {"step": step})
+    store.update_progress(job.id, adapter_path=str(store.job_dir(job.id) / "adapter"))
+    with sqlite3.connect(store.db_path) as db:
+        paths = [row[0] for row in db.execute("SELECT path FROM checkpoints")]
+        (adapter,) = db.execute("SELECT adapter_path FROM jobs").fetchone()
+    assert paths[0] == f"jobs/{job.id}/checkpoints/step-2" and adapter == f"jobs/{job.id}/adapter"
+    assert store.get_job(job.id).adapter_path == str(store.job_dir(job.id) / "adapter")
+
+    store.prune_checkpoints(job.id, keep=2)
+    assert [c.step for c in store.list_checkpoints(job.id)[0]] == [8, 6]
+    left = sorted(p.name for p in (store.job_dir(job.id) / "checkpoints").iterdir())
+    assert left == ["step-6", "step-8"]
+
+
+def test_rewind_forgets_what_a_lost_run_recorded_after_its_checkpoint(tmp_path):
+    store = JobStore(tmp_path)
+    job = make_job(store)
+    writes = [NewEvent(f"Step {s}", type="metrics", data={"step": s}) for s in range(1, 6)]
+    writes += [NewCheckpoint(s, str(tmp_path / f"c{s}"), {"step": s}) for s in (2, 4)]
+    store.apply(job.id, [*writes, NewEvent("a message")])
+    store.apply(job.id, [Rewind(2)])
+    events = store.list_events(job.id, limit=20)[0]
+    assert sorted(e.data["step"] for e in events if e.type == "metrics") == [1, 2]
+    assert "a message" in [e.message for e in events]
+    assert [c.step for c in store.list_checkpoints(job.id)[0]] == [2]
+    assert store.get_job(job.id).step == 2

@@ -1,0 +1,327 @@
+"""A job's runner and the agent thread that links it to the store, on the tiny model.
+
+What a user of a serving system observes: the scheduler's slices stay short whatever the store
+does (locked by another process, unwritable for long); a job trains from its tokenized dataset
+to an adapter with a bounded number of durable checkpoints; a diverged job fails with a reason
+and publishes nothing; a resumed job falls back past an unreadable checkpoint and lists each
+step once; two owners never train one job.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from starlette.responses import JSONResponse
+
+from sglang_harli.finetune.base_model import BaseModelView
+from sglang_harli.finetune.data import Example, save_examples
+from sglang_harli.finetune.peft_io import load_adapter
+from sglang_harli.jobs import hyperparameters as hp
+from sglang_harli.jobs.agent import AgentConfig, JobAgent
+from sglang_harli.jobs.runner import JobRunner, RunnerConfig
+from sglang_harli.jobs.store import JobStore, Owner
+from sglang_harli.tiny_model import TinyModelSpec, ensure_tiny_model
+
+SPEC = TinyModelSpec(
+    arch="llama", num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2
+)
+MODEL = "tiny"
+LIMITS = hp.ServingLimits(max_lora_rank=8, max_seq_length=64)
+
+
+@pytest.fixture(scope="module")
+def view():
+    import transformers
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        ensure_tiny_model(SPEC), dtype=torch.float32
+    )
+    yield BaseModelView.from_hf(model)
+    torch.set_num_threads(before)
+
+
+def examples(n: int, vocab: int, length: int = 12, seed: int = 0) -> list[Example]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(6, vocab, (length,), generator=gen).tolist()
+        out.append(Example(tuple(ids), (False,) * 4 + (True,) * (length - 4)))
+    return out
+
+
+def queue_job(store: JobStore, data: list[Example], validation=None, **hyper):
+    """A queued job whose tokenized datasets are on disk, as the API leaves it."""
+    upload = store.add_file("train.jsonl", "fine-tune", b"{}\n")
+    resolved = hp.resolve({"batch_size": len(data), **hyper}, len(data), LIMITS).to_dict()
+    job = store.create_job(
+        MODEL,
+        upload.id,
+        resolved,
+        seed=0,
+        validation_file=upload.id if validation else None,
+        status="queued",
+    )
+    store.job_dir(job.id).mkdir(parents=True, exist_ok=True)
+    save_examples(store.dataset_path(job.id, "train"), data)
+    if validation:
+        save_examples(store.dataset_path(job.id, "validation"), validation)
+    return job
+
+
+def make_agent(state_dir, view, owner=None, checkpoint_every=2, keep=2, **config) -> JobAgent:
+    # no tokenizer: a runner that tried to tokenize would fail the job
+    build = functools.partial(
+        JobRunner.build,
+        view=view,
+        tokenizer=None,
+        config=RunnerConfig(checkpoint_every=checkpoint_every, keep_checkpoints=keep),
+    )
+    config = {"model": MODEL, "poll_s": 0.0, "tick_s": 0.0, **config}
+    return JobAgent(state_dir, build, AgentConfig(**config), owner=owner)
+
+
+class MiniScheduler:
+    """The scheduler's side in miniature: takes the agent's runner, gives it slices, and
+    times each (what decode would wait for)."""
+
+    def __init__(self, agent: JobAgent, budget_s: float = 0.01):
+        self.agent, self.budget_s = agent, budget_s
+        self.runner: JobRunner | None = None
+        self.slices: list[float] = []
+
+    def slice(self) -> None:
+        started = time.perf_counter()
+        if self.runner is None:
+            self.runner = self.agent.take_runner()
+        if self.runner is not None and not self.runner.run_for(self.budget_s):
+            self.runner = None
+        self.slices.append(time.perf_counter() - started)
+
+
+def run_until(store, job_id, done, *pairs, timeout_s=120.0, pump=True):
+    """Pump agents and give slices until ``done(job)``; returns the job."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for agent, scheduler in pairs:
+            if pump:
+                agent.pump()
+            scheduler.slice()
+        job = store.get_job(job_id)
+        if done(job):
+            for agent, _ in pairs:
+                if pump:
+                    agent.pump()
+            return store.get_job(job_id)
+    raise TimeoutError(f"job {job_id}: {store.get_job(job_id)}")
+
+
+def finished(job) -> bool:
+    return job.adapter_path is not None or job.status in ("failed", "cancelled")
+
+
+def metric_steps(store, job_id) -> list[int]:
+    events, _ = store.list_events(job_id, limit=1000)
+    return sorted(e.data["step"] for e in events if e.type == "metrics")
+
+
+def test_a_job_trains_from_its_tokenized_dataset_to_an_adapter_with_bounded_checkpoints(
+    tmp_path, view
+):
+    store = JobStore(tmp_path)
+    vocab = view.config.vocab_size
+    job = queue_job(store, examples(8, vocab), examples(3, vocab, seed=1), n_epochs=7)
+    agent = make_agent(tmp_path, view, checkpoint_every=2, keep=2)
+    done = run_until(store, job.id, finished, (agent, MiniScheduler(agent)))
+
+    assert done.status == "running" and done.error is None  # the publisher takes it from here
+    adapter = store.job_dir(job.id) / "adapter"
+    assert done.adapter_path == str(adapter)
+    assert load_adapter(adapter, view.config).config.r == 8
+    checkpoints, _ = store.list_checkpoints(job.id)
+    assert [c.step for c in checkpoints] == [7, 6]  # keep 2 (of 2, 4, 6 and the final 7)
+    assert all(0 < c.metrics["valid_loss"] < 20 for c in checkpoints)
+    on_disk = sorted(p.name for p in (store.job_dir(job.id) / "checkpoints").iterdir())
+    assert on_disk == ["step-6", "step-7"]  # pruned directories are gone, no temporary left
+    assert not list(store.job_dir(job.id).rglob("trainer_state.pt"))  # no resume ahead
+    assert metric_steps(store, job.id) == list(range(1, 8))  # one event per step
+    with sqlite3.connect(store.db_path) as db:
+        stored = [r[0] for r in db.execute("SELECT path FROM checkpoints")]
+        stored += [
+            r[0] for r in db.execute("SELECT adapter_path FROM jobs WHERE id = ?", (job.id,))
+        ]
+    assert all(not p.startswith("/") and p.startswith(f"jobs/{job.id}/") for p in stored)
+
+
+@pytest.fixture
+def write_lock():
+    """Another process holds the database's write lock for ``seconds``."""
+    procs = []
+
+    def hold(store: JobStore, seconds: float) -> subprocess.Popen:
+        code = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN IMMEDIATE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(float(sys.argv[2]))\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(store.db_path), str(seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout.readline().strip() == "locked"
+        procs.append(proc)
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_locked_store_pauses_the_job_never_the_scheduler(tmp_path, view, write_lock):
+    store = JobStore(tmp_path)
+    job = queue_job(store, examples(8, view.config.vocab_size), n_epochs=40)
+    agent = make_agent(tmp_path, view, checkpoint_every=5, tick_s=0.01).start()
+    scheduler = MiniScheduler(agent)
+    try:
+        run_until(store, job.id, lambda j: j.step >= 3, (agent, scheduler), pump=False)
+        lock = write_lock(store, seconds=3.0)
+        scheduler.slices.clear()
+        paused = False
+        while lock.poll() is None:
+            scheduler.slice()
+            paused |= scheduler.runner is not None and scheduler.runner.paused
+            time.sleep(0.002)
+        assert paused  # the runner noticed and stopped training...
+        assert max(scheduler.slices) < 0.25  # ...and no slice waited for the lock (3 s)
+        done = run_until(store, job.id, finished, (agent, scheduler), pump=False)
+    finally:
+        agent.stop()
+    assert done.status == "running" and done.adapter_path, done.error
+    assert metric_steps(store, job.id) == list(range(1, 41))  # kept, written later, once each
+
+
+def test_a_store_unwritable_for_long_fails_the_job_once_it_can_be_written(
+    tmp_path, view, write_lock
+):
+    store = JobStore(tmp_path)
+    job = queue_job(store, examples(8, view.config.vocab_size), n_epochs=500)
+    agent = make_agent(tmp_path, view, give_up_s=1.0, busy_timeout_ms=20, retry_max_s=0.2)
+    scheduler = MiniScheduler(agent)
+    run_until(store, job.id, lambda j: j.step >= 2, (agent, scheduler))
+    lock = write_lock(store, seconds=2.0)
+    while lock.poll() is None:
+        agent.pump()
+        scheduler.slice()
+    assert scheduler.runner is None  # the runner let the job go: no training while it fails
+    done = run_until(store, job.id, finished, (agent, scheduler))
+    assert done.status == "failed" and done.error["code"] == "store_unavailable"
+    assert "could not be written" in done.error["message"] and "locked" in done.error["message"]
+    assert max(scheduler.slices) < 0.25
+
+
+def test_a_diverged_job_fails_with_a_reason_and_publishes_nothing(tmp_path, view):
+    store = JobStore(tmp_path)
+    job = queue_job(
+        store, examples(8, view.config.vocab_size), n_epochs=20, learning_rate_multiplier=1e30
+    )
+    agent = make_agent(tmp_path, view, checkpoint_every=1)
+    done = run_until(store, job.id, finished, (agent, MiniScheduler(agent)))
+    assert done.status == "failed" and done.adapter_path is None
+    assert done.error["code"] == "training_diverged"
+    assert (
+        "at step 2" in done.error["message"] and "learning_rate_multiplier" in done.error["message"]
+    )
+    assert not (store.job_dir(job.id) / "adapter").exists()
+    events, _ = store.list_events(job.id, limit=100)
+    [nan_step] = [e for e in events if e.type == "metrics" and e.data["step"] == 2]
+    assert nan_step.data["train_loss"] is None  # NaN is stored as null
+    from sglang_harli.srt.http_api import event_json
+
+    body = JSONResponse({"data": [event_json(e) for e in events]}).body  # the API's encoder
+    assert json.loads(body)["data"][0]["level"] == "error"
+
+
+def test_resume_skips_an_unreadable_checkpoint_and_lists_each_step_once(tmp_path, view):
+    store = JobStore(tmp_path)
+    job = queue_job(store, examples(8, view.config.vocab_size), n_epochs=9)
+    first = make_agent(tmp_path, view, checkpoint_every=2, keep=3)
+    one_unit_a_slice = MiniScheduler(first, budget_s=0.0)
+    run_until(store, job.id, lambda j: j.step >= 5, (first, one_unit_a_slice))
+    # the server dies here (after step 5, checkpoints at 2 and 4); the newest one is torn
+    checkpoints_dir = store.job_dir(job.id) / "checkpoints"
+    (checkpoints_dir / "step-4" / "trainer_state.pt").write_bytes(b"torn")
+    (checkpoints_dir / "step-6.tmp-1234abcd").mkdir()  # a write the crash cut short
+    (checkpoints_dir / "step-8").mkdir()  # written, never recorded
+    assert store.requeue_expired(now=time.time() + 3600) == [job.id]
+
+    second = make_agent(tmp_path, view, checkpoint_every=2, keep=3)
+    done = run_until(store, job.id, finished, (second, MiniScheduler(second)))
+    assert done.adapter_path and done.error is None
+    messages = [e.message for e in store.list_events(job.id, limit=100)[0]]
+    assert any("checkpoint at step 4 could not be read" in m for m in messages)
+    assert any(m.startswith("Resumed from the checkpoint at step 2") for m in messages)
+    assert metric_steps(store, job.id) == list(range(1, 10))  # steps 3-5 once, not twice
+    assert [c.step for c in store.list_checkpoints(job.id)[0]] == [9, 8, 6]
+    assert not list(checkpoints_dir.glob("*.tmp-*"))
+
+
+def test_two_owners_never_train_one_job(tmp_path, view):
+    store = JobStore(tmp_path)
+    job = queue_job(store, examples(8, view.config.vocab_size), n_epochs=30)
+    a = make_agent(tmp_path, view, owner=Owner("owner-a", "host-a pid 1"), lease_s=0.5, renew_s=0.1)
+    b = make_agent(tmp_path, view, owner=Owner("owner-b", "host-b pid 2"), lease_s=30)
+    sched_a, sched_b = MiniScheduler(a), MiniScheduler(b)
+    run_until(store, job.id, lambda j: j.step >= 3, (a, sched_a), (b, sched_b))
+    assert store.get_job(job.id).owner == "owner-a" and sched_b.runner is None
+
+    time.sleep(0.6)  # a stalls past its lease; b, looking for work, takes the job over
+    run_until(store, job.id, lambda j: j.owner == "owner-b", (b, sched_b))
+    for _ in range(5):  # a wakes up: its next writes fail the owner check and it stops
+        sched_a.slice()
+        a.pump()
+    assert sched_a.runner is None
+    done = run_until(store, job.id, finished, (a, sched_a), (b, sched_b))
+    assert done.adapter_path and done.owner == "owner-b"
+    assert metric_steps(store, job.id) == list(range(1, 31))
+    messages = [e.message for e in store.list_events(job.id, limit=100)[0]]
+    assert any(m.startswith("Fine-tuning started") and "host-a" in m for m in messages)
+    assert any(m.startswith("Resumed from the checkpoint") and "host-b" in m for m in messages)
+
+
+def test_starting_a_job_and_checkpointing_cost_the_scheduler_little(tmp_path, view):
+    """10,000 short examples: the agent reads them; the scheduler takes a built runner. Then a
+    checkpoint: the scheduler's slice copies the state; the agent writes it."""
+    store = JobStore(tmp_path)
+    job = queue_job(store, examples(10_000, view.config.vocab_size), n_epochs=1, batch_size=8)
+    agent = make_agent(tmp_path, view, checkpoint_every=1)
+    started = time.perf_counter()
+    agent.take_runner()  # the scheduler asks for work
+    agent.pump()  # claim and build, on the agent's thread
+    build_s = time.perf_counter() - started
+    started = time.perf_counter()
+    runner = agent.take_runner()
+    take_s = time.perf_counter() - started
+    assert runner is not None and runner.trainer.total_steps == 1250
+
+    slices = []
+    while store.get_job(job.id).step < 2 or not store.list_checkpoints(job.id)[0]:
+        started = time.perf_counter()
+        runner.run_for(0.0)  # one unit per slice: a checkpoint's snapshot is one of them
+        slices.append(time.perf_counter() - started)
+        agent.pump()
+    print(f"build {build_s * 1e3:.0f} ms (agent thread), take {take_s * 1e6:.0f} us, "
+          f"longest slice {max(slices) * 1e3:.1f} ms")  # fmt: skip
+    assert take_s < 0.005
+    assert max(slices) < 0.1
