@@ -88,7 +88,7 @@ class AdapterPublisher:
         """One pass: load adapters of succeeded jobs not yet loaded (after a restart), then of
         jobs that just finished training; each one only when its next try is due."""
         for job in self.store.jobs_with_status(JobStatus.SUCCEEDED):
-            if job.adapter_name not in self.loaded:
+            if job.adapter_name not in self.loaded and job.adapter_path:
                 self._publish(job)
         for job in self.store.jobs_with_status(JobStatus.RUNNING):
             if job.adapter_path is None:
