@@ -3,9 +3,11 @@
     create DATASET.jsonl [--wait] [--suffix S] [--n-epochs N] [--lora-rank R] ...
     list | get JOB | events JOB [--follow] | cancel JOB | checkpoints JOB
 
-It speaks the server's OpenAI-style fine-tuning API over HTTP. Exit codes: 0 success; 1 the job
-failed or was cancelled (``create --wait``, ``get``, ``events --follow``); 2 the request was
-refused (bad input, unknown job); 3 the server could not be reached.
+It speaks the server's OpenAI-style fine-tuning API over HTTP. Keys follow SGLang's rules: reads
+send ``--api-key``; writes (upload, create, cancel) send ``--admin-api-key`` if given, else
+``--api-key``. Exit codes: 0 success; 1 the job failed or was cancelled (``create --wait``,
+``get``, ``events --follow``); 2 the request was refused (bad input, unknown job, a missing or
+wrong key); 3 the server could not be reached.
 """
 
 from __future__ import annotations
@@ -33,16 +35,30 @@ class CliError(Exception):
         self.code = code
 
 
+def _bearer(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class Client:
-    def __init__(self, server: str, api_key: str | None, timeout: float = 60):
+    def __init__(
+        self,
+        server: str,
+        api_key: str | None,
+        timeout: float = 60,
+        admin_api_key: str | None = None,
+    ):
         self.base = server.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # SGLang's rules: ordinary routes (reads) take --api-key; with --admin-api-key on the
+        # server, the routes that write or reveal data take that key instead
+        self.headers = _bearer(api_key)
+        self.write_headers = _bearer(admin_api_key or api_key)
         self.timeout = timeout
 
-    def request(self, method: str, path: str, **kwargs) -> Any:
+    def request(self, method: str, path: str, write: bool = False, **kwargs) -> Any:
+        headers = self.write_headers if write else self.headers
         try:
             response = requests.request(
-                method, self.base + path, headers=self.headers, timeout=self.timeout, **kwargs
+                method, self.base + path, headers=headers, timeout=self.timeout, **kwargs
             )
         except requests.ConnectionError:
             raise CliError(f"cannot reach the server at {self.base}", EXIT_UNREACHABLE) from None
@@ -58,7 +74,11 @@ class Client:
     def upload(self, path: Path) -> dict:
         with open(path, "rb") as f:
             return self.request(
-                "POST", "/v1/files", files={"file": (path.name, f)}, data={"purpose": "fine-tune"}
+                "POST",
+                "/v1/files",
+                write=True,
+                files={"file": (path.name, f)},
+                data={"purpose": "fine-tune"},
             )
 
     def job(self, job_id: str) -> dict:
@@ -72,7 +92,7 @@ class Client:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    client = Client(args.server, args.api_key)
+    client = Client(args.server, args.api_key, admin_api_key=args.admin_api_key)
     try:
         return args.run(client, args)
     except CliError as exc:
@@ -112,7 +132,7 @@ def cmd_create(client: Client, args: argparse.Namespace) -> int:
         body["suffix"] = args.suffix
     if args.seed is not None:
         body["seed"] = args.seed
-    job = client.request("POST", "/v1/fine_tuning/jobs", json=body)
+    job = client.request("POST", "/v1/fine_tuning/jobs", write=True, json=body)
     print(f"created {job['id']} (training file {training['id']})")
     if not args.wait:
         return EXIT_OK
@@ -137,23 +157,27 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_events(client: Client, args: argparse.Namespace) -> int:
     seen: set[str] = set()
-    while True:
+
+    def show_new() -> None:
         for event in client.events(args.job):
             if event["id"] not in seen:
                 seen.add(event["id"])
                 print(f"{_clock(event['created_at'])}  {event['level']:<5}  {event['message']}")
+
+    show_new()
+    while True:
         job = client.job(args.job)
         if not args.follow or job["status"] in FINAL_STATES:
-            return (
-                EXIT_JOB_FAILED
-                if job["status"] in (JobStatus.FAILED, JobStatus.CANCELLED)
-                else EXIT_OK
-            )
+            break
         time.sleep(args.poll)
+        show_new()
+    if args.follow:
+        show_new()  # the events written as the job ended (read after its final status)
+    return EXIT_JOB_FAILED if job["status"] in (JobStatus.FAILED, JobStatus.CANCELLED) else EXIT_OK
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
-    job = client.request("POST", f"/v1/fine_tuning/jobs/{args.job}/cancel")
+    job = client.request("POST", f"/v1/fine_tuning/jobs/{args.job}/cancel", write=True)
     print(f"{job['id']}: {job['status']}")
     return EXIT_OK
 
@@ -223,7 +247,17 @@ def _parser() -> argparse.ArgumentParser:
         description="Fine-tuning jobs on a running sglang-harli server.",
     )
     parser.add_argument("--server", default=DEFAULT_SERVER, help=f"default: {DEFAULT_SERVER}")
-    parser.add_argument("--api-key", default=os.environ.get("HARLI_API_KEY"))
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("HARLI_API_KEY"),
+        help="the server's --api-key, for every request (default: $HARLI_API_KEY)",
+    )
+    parser.add_argument(
+        "--admin-api-key",
+        default=os.environ.get("HARLI_ADMIN_API_KEY"),
+        help="the server's --admin-api-key, for uploads, create and cancel "
+        "(default: $HARLI_ADMIN_API_KEY; without it they send --api-key)",
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     create = sub.add_parser("create", help="upload a JSONL dataset and start a job")

@@ -446,6 +446,28 @@ def test_the_server_still_serves(server, model):
     assert reply.status_code == 200, reply.text
 
 
+def run_cli(server, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sglang_harli.finetune", "--server", server.url, *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_the_cli_sends_each_key_where_sglang_wants_it(server, tmp_path):
+    data = tmp_path / "cli.jsonl"
+    data.write_bytes(jsonl())
+    refused = run_cli(server, "--api-key", API_KEY, "create", str(data))
+    assert refused.returncode == 2 and "401" in refused.stderr
+    keys = ("--api-key", API_KEY, "--admin-api-key", ADMIN_KEY)
+    created = run_cli(server, *keys, "create", str(data), "--n-epochs", "5000")
+    assert created.returncode == 0, created.stderr
+    job_id = created.stdout.split()[1]
+    cancelled = run_cli(server, *keys, "cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    followed = run_cli(server, *keys, "events", job_id, "--follow", "--poll", "0.2")
+    assert followed.returncode == 1 and "Created fine-tuning job" in followed.stdout
+
+
 # --- without a server ------------------------------------------------------------------------
 
 
