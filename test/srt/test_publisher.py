@@ -85,19 +85,24 @@ def server(tiny_model_dir, cert, tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server, cert):
+def https_client(server, cert, key: str) -> openai.OpenAI:
     http_client = httpx.Client(verify=ssl.create_default_context(cafile=cert[0]), timeout=120)
     return openai.OpenAI(
-        base_url=server.url + "/v1", api_key=API_KEY, http_client=http_client, max_retries=0
+        base_url=server.url + "/v1", api_key=key, http_client=http_client, max_retries=0
     )
 
 
 @pytest.fixture(scope="module")
-def trained(client, tiny_model_dir, tmp_path_factory):
+def client(server, cert):
+    return https_client(server, cert, API_KEY)
+
+
+@pytest.fixture(scope="module")
+def trained(client, server, cert, tiny_model_dir, tmp_path_factory):
+    admin = https_client(server, cert, ADMIN_KEY)  # uploads and job creation are admin routes
     dataset = write_dataset(tmp_path_factory.mktemp("data") / "train.jsonl")
-    upload = client.files.create(file=open(dataset, "rb"), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(
+    upload = admin.files.create(file=open(dataset, "rb"), purpose="fine-tune")
+    job = admin.fine_tuning.jobs.create(
         model=str(tiny_model_dir),
         training_file=upload.id,
         suffix="demo",

@@ -192,9 +192,9 @@ def store(tmp_path):
     return JobStore(tmp_path / "state")
 
 
-def finished_training(store: JobStore, suffix: str = "demo") -> str:
+def finished_training(store: JobStore, suffix: str = "demo", model: str = "base-model") -> str:
     """A job whose adapter is written: running, waiting for the publisher."""
-    job = store.create_job("base-model", "file-x", {}, 0, suffix=suffix, status=JobStatus.QUEUED)
+    job = store.create_job(model, "file-x", {}, 0, suffix=suffix, status=JobStatus.QUEUED)
     assert store.set_status(job.id, JobStatus.RUNNING)
     adapter = store.job_dir(job.id) / "adapter"
     adapter.mkdir(parents=True)
@@ -206,7 +206,7 @@ def publish_until_final(store, endpoint, job_ids, policy=FAST, timeout_s=15.0):
     """Publisher passes until none of ``job_ids`` is running any more; their final records."""
     if isinstance(endpoint, str):
         endpoint = ServerEndpoint(endpoint)
-    publisher = AdapterPublisher(store, endpoint, policy)
+    publisher = AdapterPublisher(store, endpoint, policy=policy)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         publisher.publish_pending()
@@ -302,7 +302,7 @@ def test_one_adapter_being_retried_does_not_hold_up_another(store, serve):
     server = serve({"slow": [(503, "busy", 0)], "fast": [LOADED]})
     slow, fast = finished_training(store, "slow"), finished_training(store, "fast")
     policy = RetryPolicy(attempts=3, first_delay_s=1.0, timeout_s=5)
-    publisher = AdapterPublisher(store, ServerEndpoint(server.url), policy)
+    publisher = AdapterPublisher(store, ServerEndpoint(server.url), policy=policy)
     publisher.publish_pending()  # slow fails once and waits 1 s; fast is loaded meanwhile
     assert store.get_job(fast).status == JobStatus.SUCCEEDED
     assert store.get_job(slow).status == JobStatus.RUNNING
@@ -312,7 +312,7 @@ def test_an_earlier_adapter_that_cannot_come_back_leaves_its_job_succeeded(store
     server = serve([(400, {"success": False, "error_message": "adapter files are gone"}, 0)])
     job_id = finished_training(store)
     store.set_status(job_id, JobStatus.SUCCEEDED, fine_tuned_model="base-model:demo")
-    publisher = AdapterPublisher(store, ServerEndpoint(server.url), FAST)
+    publisher = AdapterPublisher(store, ServerEndpoint(server.url), policy=FAST)
     for _ in range(3):
         publisher.publish_pending()
     assert store.get_job(job_id).status == JobStatus.SUCCEEDED
@@ -340,3 +340,13 @@ def test_tls_trusts_the_servers_own_certificate_and_no_other(store, serve, tmp_p
     # a CA file verifies the host name as well: the certificate names 127.0.0.1
     endpoint = ServerEndpoint(server.url, ca_file=str(cert))
     assert endpoint.post_json("/load_lora_adapter", {"lora_name": "x"}, 5).ok
+
+
+def test_only_adapters_of_the_served_model_are_published(store, serve):
+    server = serve([LOADED])
+    ours, theirs = finished_training(store, "ours"), finished_training(store, "theirs", "other")
+    publisher = AdapterPublisher(store, ServerEndpoint(server.url), "base-model", policy=FAST)
+    publisher.publish_pending()
+    assert store.get_job(ours).status == JobStatus.SUCCEEDED
+    assert store.get_job(theirs).status == JobStatus.RUNNING  # left to its own server
+    assert [r["body"]["lora_name"] for r in server.requests] == ["ours"]

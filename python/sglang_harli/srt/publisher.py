@@ -14,7 +14,8 @@ doubling delay, without holding up other jobs' adapters; a refusal (SGLang's 400
 ``error_message``, a 401/403, an untrusted certificate) is final at once. Then the job fails with
 ``error.code = "adapter_load_failed"`` and the reason. An earlier job's adapter that cannot be
 loaded again after a restart keeps its ``succeeded`` state (a finished job does not change) and
-gets an error event saying why it is not served.
+gets an error event saying why it is not served. Only jobs for the served model are published:
+servers of other base models may share the state directory.
 """
 
 from __future__ import annotations
@@ -59,10 +60,14 @@ class AdapterPublisher:
         self,
         store: JobStore,
         endpoint: ServerEndpoint,
+        model: str | None = None,
         policy: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, shared safely
         poll_s: float = POLL_S,
     ):
         self.store, self.endpoint, self.policy, self.poll_s = store, endpoint, policy, poll_s
+        # the served model: servers of other models may share the state dir, and an adapter
+        # only fits its own base model (None: every job's, for tests)
+        self.model = model
         self.loaded: set[str] = set()  # adapter names served (or given up on, for old jobs)
         self._tries: dict[str, _Tries] = {}  # job id -> loads so far, while not settled
         self._stop = threading.Event()
@@ -87,10 +92,10 @@ class AdapterPublisher:
     def publish_pending(self) -> None:
         """One pass: load adapters of succeeded jobs not yet loaded (after a restart), then of
         jobs that just finished training; each one only when its next try is due."""
-        for job in self.store.jobs_with_status(JobStatus.SUCCEEDED):
+        for job in self._ours(JobStatus.SUCCEEDED):
             if job.adapter_name not in self.loaded and job.adapter_path:
                 self._publish(job)
-        for job in self.store.jobs_with_status(JobStatus.RUNNING):
+        for job in self._ours(JobStatus.RUNNING):
             if job.adapter_path is None:
                 continue  # still training
             if job.cancel_requested:  # cancelled between the end of training and now
@@ -99,6 +104,10 @@ class AdapterPublisher:
                     self.store.add_event(job.id, "Job cancelled")
                 continue
             self._publish(job)
+
+    def _ours(self, status: JobStatus) -> list[Job]:
+        jobs = self.store.jobs_with_status(status)
+        return [j for j in jobs if self.model is None or j.model == self.model]
 
     def _publish(self, job: Job) -> None:
         tries = self._tries.setdefault(job.id, _Tries())
