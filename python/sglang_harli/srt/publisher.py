@@ -7,12 +7,14 @@ only then marks it ``succeeded``: a client that sees ``succeeded`` can use the a
 The load goes over HTTP from a thread of its own because SGLang executes it on the scheduler's
 loop: a scheduler-thread call would deadlock. After a restart it loads every earlier adapter.
 
-The call reaches SGLang as SGLang's own clients do (``srt/loopback.py``: https under
-``--ssl-certfile``, loopback for a wildcard bind, the admin key, else the api key). A load that
-gets no answer, a 5xx or a 429 is tried again, :attr:`RetryPolicy.attempts` times in all with a
-doubling delay, without holding up other jobs' adapters; a refusal (SGLang's 400 with its
+The call reaches SGLang at SGLang's own address (``srt/loopback.py``: https under
+``--ssl-certfile``, trusting the server's own certificate or ``--ssl-ca-certs``; loopback for a
+wildcard bind; the admin key, else the api key). A load that gets no answer, a 5xx or a 429 is
+tried again, :attr:`RetryPolicy.attempts` times in all with a doubling delay, and other jobs'
+adapters are loaded while one waits for its next try; a refusal (SGLang's 400 with its
 ``error_message``, a 401/403, an untrusted certificate) is final at once. Then the job fails with
-``error.code = "adapter_load_failed"`` and the reason. An earlier job's adapter that cannot be
+``error.code = "adapter_load_failed"`` and the reason. SGLang's "already loaded" after a try
+whose answer was lost (a timeout) counts as loaded. An earlier job's adapter that cannot be
 loaded again after a restart keeps its ``succeeded`` state (a finished job does not change) and
 gets an error event saying why it is not served. Only jobs for the served model are published:
 servers of other base models may share the state directory.
