@@ -67,7 +67,10 @@ class Client:
         except ValueError:
             body = {"error": {"message": response.text}}
         if response.status_code >= 400:
-            message = (body.get("error") or {}).get("message") or response.text
+            # ours and OpenAI's: {"error": {"message": ...}}; SGLang's 401: {"error": "..."}
+            error = body.get("error") if isinstance(body, dict) else None
+            message = error.get("message") if isinstance(error, dict) else error
+            message = message or response.text
             raise CliError(f"{response.status_code}: {message}", EXIT_REFUSED)
         return body
 
