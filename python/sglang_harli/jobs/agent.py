@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .lifecycle import JobStatus
+from .lifecycle import FINAL_STATES, JobStatus
 from .store import (
     LEASE_S,
     STORE_ERRORS,
@@ -249,7 +249,11 @@ class JobAgent:
 
     def _open(self) -> JobStore:
         if self._store is None:
-            self._store = JobStore(self.state_dir, busy_timeout_ms=self.config.busy_timeout_ms)
+            store = JobStore(self.state_dir, busy_timeout_ms=self.config.busy_timeout_ms)
+            for status in FINAL_STATES:  # what crashes left behind; active jobs: their owners
+                for job in store.jobs_with_status(status):
+                    store.clean_job_dir(job.id)
+            self._store = store
         return self._store
 
     def _flush(self, store: JobStore, link: JobLink) -> None:

@@ -27,14 +27,12 @@ import dataclasses
 import functools
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sglang_harli import durable
 from sglang_harli.finetune import graph
 from sglang_harli.finetune.base_model import BaseModelView
 from sglang_harli.finetune.data import Example, load_examples, load_jsonl, pack
@@ -52,6 +50,7 @@ from .agent import JobLink
 from .hyperparameters import Hyperparameters
 from .lifecycle import JobStatus
 from .store import (
+    CHECKPOINTS,
     STORE_ERRORS,
     Checkpoint,
     Job,
@@ -66,7 +65,6 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 DIVERGED = "training_diverged"
 SKIP_WINDOW = 10  # divergence: more than half of the last SKIP_WINDOW steps skipped...
@@ -136,7 +134,7 @@ class JobRunner:
         """Everything heavy about starting a job, off the scheduler thread: stale temporary
         files, the tokenized dataset, the adapters, the newest readable checkpoint."""
         job_dir = store.job_dir(job.id)
-        clean_job_dir(store, job.id)
+        store.clean_job_dir(job.id)  # what a crash of its last owner left
         hp = Hyperparameters.from_dict(job.hyperparameters)
         dataset = _examples(store, job, "train", job.training_file, tokenizer, hp)
         validation = []
@@ -387,24 +385,6 @@ class JobRunner:
         adapters (servable) and lose the 2/3 of their bytes that only resuming reads."""
         for state in (self.dir / CHECKPOINTS).glob(f"*/{STATE_FILE}"):
             state.unlink(missing_ok=True)
-
-
-def clean_job_dir(store: JobStore, job_id: str) -> None:
-    """What a crash left in a job's directory: temporary files and directories, and checkpoint
-    directories no row names (pruned, or written but never recorded). Only the job's owner
-    calls it (nobody else writes there meanwhile)."""
-    job_dir = store.job_dir(job_id)
-    durable.remove_leftovers(job_dir)
-    checkpoints_dir = job_dir / CHECKPOINTS
-    if not checkpoints_dir.is_dir():
-        return
-    durable.remove_leftovers(checkpoints_dir)
-    checkpoints, _ = store.list_checkpoints(job_id, limit=1_000_000)
-    named = {Path(c.path).resolve() for c in checkpoints}
-    for child in checkpoints_dir.iterdir():
-        if child.is_dir() and child.resolve() not in named:
-            logger.info("removing %s: no checkpoint row names it", child)
-            shutil.rmtree(child, ignore_errors=True)
 
 
 def _examples(

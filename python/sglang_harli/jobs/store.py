@@ -44,6 +44,7 @@ from sglang_harli import durable
 from .lifecycle import ACTIVE_STATES, ALLOWED_FROM, FINAL_STATES, JobStatus, adapter_name
 
 DB_NAME = "harli.db"
+CHECKPOINTS = "checkpoints"  # a job's checkpoint directories: jobs/<id>/checkpoints/step-<n>
 DEFAULT_BUSY_TIMEOUT_MS = 30_000  # the API's writes wait this long for another writer
 LEASE_S = 30.0  # a running job's owner renews its lease well within this (see jobs/agent.py)
 
@@ -511,6 +512,26 @@ class JobStore:
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
+
+    def clean_job_dir(self, job_id: str) -> None:
+        """Delete what a crash left in a job's directory: temporary files and directories
+        (``durable``'s), and checkpoint directories no row names (pruned, or written but never
+        recorded). Called by the job's owner when it claims the job, and at a server's start
+        for finished jobs: never while another process may be writing there."""
+        job_dir = self.job_dir(job_id)
+        if not job_dir.is_dir():
+            return
+        durable.remove_leftovers(job_dir)
+        checkpoints_dir = job_dir / CHECKPOINTS
+        if not checkpoints_dir.is_dir():
+            return
+        durable.remove_leftovers(checkpoints_dir)
+        with self._connect() as db:
+            rows = db.execute("SELECT path FROM checkpoints WHERE job_id = ?", (job_id,))
+            named = {self.resolve(r["path"]).resolve() for r in rows.fetchall()}
+        for child in checkpoints_dir.iterdir():
+            if child.is_dir() and child.resolve() not in named:
+                _remove_tree(child)
 
     def dataset_path(self, job_id: str, split: str) -> Path:
         """A job's tokenized dataset (``split``: "train" or "validation"), written by the API

@@ -325,3 +325,21 @@ def test_starting_a_job_and_checkpointing_cost_the_scheduler_little(tmp_path, vi
           f"longest slice {max(slices) * 1e3:.1f} ms")  # fmt: skip
     assert take_s < 0.005
     assert max(slices) < 0.1
+
+
+def test_a_starting_server_cleans_what_crashes_left_in_finished_jobs(tmp_path, view):
+    store = JobStore(tmp_path)
+    job = queue_job(store, examples(8, view.config.vocab_size), n_epochs=1)
+    kept = store.job_dir(job.id) / "checkpoints" / "step-1"
+    kept.mkdir(parents=True)
+    store.add_checkpoint(job.id, 1, str(kept), {"step": 1})
+    leftovers = [
+        store.job_dir(job.id) / "adapter.tmp-0badc0de",  # a write a crash cut short
+        store.job_dir(job.id) / "checkpoints" / "step-2.tmp-0badc0de",
+        store.job_dir(job.id) / "checkpoints" / "step-3",  # written, never recorded
+    ]
+    for path in leftovers:
+        path.mkdir()
+    store.request_cancel(job.id)
+    make_agent(tmp_path, view).pump()  # a server starts over this state dir
+    assert kept.is_dir() and not any(path.exists() for path in leftovers)
