@@ -35,7 +35,7 @@ import torch
 
 from sglang_harli.finetune import graph
 from sglang_harli.finetune.base_model import BaseModelView
-from sglang_harli.finetune.data import Example, load_examples, load_jsonl, pack
+from sglang_harli.finetune.data import Example, load_examples, pack
 from sglang_harli.finetune.lora import LoraAdapters, LoraConfig
 from sglang_harli.finetune.trainer import (
     STATE_FILE,
@@ -128,7 +128,6 @@ class JobRunner:
         link: JobLink,
         *,
         view: BaseModelView,
-        tokenizer: Any = None,
         config: RunnerConfig = RunnerConfig(),
     ) -> JobRunner:
         """Everything heavy about starting a job, off the scheduler thread: stale temporary
@@ -136,10 +135,8 @@ class JobRunner:
         job_dir = store.job_dir(job.id)
         store.clean_job_dir(job.id)  # what a crash of its last owner left
         hp = Hyperparameters.from_dict(job.hyperparameters)
-        dataset = _examples(store, job, "train", job.training_file, tokenizer, hp)
-        validation = []
-        if job.validation_file:
-            validation = _examples(store, job, "validation", job.validation_file, tokenizer, hp)
+        dataset = _examples(store, job, "train")
+        validation = _examples(store, job, "validation") if job.validation_file else []
         lora = LoraConfig(
             r=hp.lora_rank,
             alpha=hp.lora_alpha,
@@ -176,6 +173,10 @@ class JobRunner:
             resumed = checkpoint.step
             break
         trainer.reserve_snapshot_memory()
+        if view.device.type == "cuda":
+            # copies from pageable memory may still be in flight on this thread's stream: the
+            # scheduler's stream must see finished adapters
+            torch.cuda.current_stream(view.device).synchronize()
         where = f"on {link.owner.info}"
         if resumed is not None:
             events.append(NewEvent(f"Resumed from the checkpoint at step {resumed} ({where})"))
@@ -387,25 +388,18 @@ class JobRunner:
             state.unlink(missing_ok=True)
 
 
-def _examples(
-    store: JobStore, job: Job, split: str, file_id: str, tokenizer: Any, hp: Hyperparameters
-) -> list[Example]:
-    """The job's tokenized ``split``, written by the API before the job was queued."""
+def _examples(store: JobStore, job: Job, split: str) -> list[Example]:
+    """The job's tokenized ``split``, written by the API before the job was queued (nothing is
+    tokenized here: the API validated and tokenized every line already)."""
     path = store.dataset_path(job.id, split)
     try:
-        if path.exists():
-            return load_examples(path)
-        # Jobs queued before the API wrote tokenized datasets: tokenize here (off the
-        # scheduler thread, on the agent's).
-        record = store.get_file(file_id)
-        if record is None:
-            raise DatasetUnavailable(f"the {split} file {file_id} was deleted")
-        if tokenizer is None:
-            raise DatasetUnavailable(f"no tokenized {split} set at {path}")
-        return load_jsonl(record.path, tokenizer, hp.max_seq_length)
-    except DatasetUnavailable:
-        raise
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        return load_examples(path)
+    except FileNotFoundError as exc:
+        raise DatasetUnavailable(
+            f"the tokenized {split} set of this job is missing ({store.relative(path)}); a job "
+            "queued by an older version has none: create it again"
+        ) from exc
+    except (PermissionError, IsADirectoryError) as exc:
         raise DatasetUnavailable(f"the {split} set cannot be read: {exc}") from exc
     except STORE_ERRORS:
         raise  # the store or the disk may answer later: the agent builds again then

@@ -55,7 +55,6 @@ class HarliScheduler(Scheduler):
         build = functools.partial(
             JobRunner.build,
             view=base_model_view(self.tp_worker.model_runner.model),
-            tokenizer=self.tokenizer,
             config=RunnerConfig(
                 checkpoint_every=harli_config.checkpoint_every,
                 keep_checkpoints=harli_config.keep_checkpoints,

@@ -78,11 +78,9 @@ def queue_job(store: JobStore, data: list[Example], validation=None, **hyper):
 
 
 def make_agent(state_dir, view, owner=None, checkpoint_every=2, keep=2, **config) -> JobAgent:
-    # no tokenizer: a runner that tried to tokenize would fail the job
     build = functools.partial(
         JobRunner.build,
         view=view,
-        tokenizer=None,
         config=RunnerConfig(checkpoint_every=checkpoint_every, keep_checkpoints=keep),
     )
     config = {"model": MODEL, "poll_s": 0.0, "tick_s": 0.0, **config}
@@ -343,3 +341,13 @@ def test_a_starting_server_cleans_what_crashes_left_in_finished_jobs(tmp_path, v
     store.request_cancel(job.id)
     make_agent(tmp_path, view).pump()  # a server starts over this state dir
     assert kept.is_dir() and not any(path.exists() for path in leftovers)
+
+
+def test_a_job_without_its_tokenized_dataset_fails_with_the_reason(tmp_path, view):
+    store = JobStore(tmp_path)
+    job = queue_job(store, examples(8, view.config.vocab_size), n_epochs=1)
+    store.dataset_path(job.id, "train").unlink()
+    agent = make_agent(tmp_path, view)
+    done = run_until(store, job.id, finished, (agent, MiniScheduler(agent)))
+    assert done.status == "failed" and done.error["code"] == "training_failed"
+    assert "tokenized train set of this job is missing" in done.error["message"]
