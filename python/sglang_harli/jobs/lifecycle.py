@@ -10,8 +10,9 @@ after a cancel, a publisher racing a cancel) cannot resurrect or overwrite a fin
                          (lease expired: re-queued)
 
 ``running`` covers training and, once the adapter is written (``adapter_path`` set), the short
-wait for the publisher to load it into SGLang's LoRA serving. Imports nothing heavy: the CLI uses
-it.
+wait for the publisher to load it into SGLang's LoRA serving. A training job has one owner (a
+scheduler process) holding a lease it renews; a job whose lease expired goes back to ``queued``
+(``JobStore.requeue_expired``; see docs/jobs.md). Imports nothing heavy: the CLI uses it.
 """
 
 from __future__ import annotations

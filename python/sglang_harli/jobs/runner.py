@@ -79,6 +79,10 @@ class RunnerConfig:
     base_model_name: str = ""  # written into the adapters' PEFT config
 
 
+# a checkpoint directory or file that is not there: an older checkpoint is the answer
+_GONE = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
 class DatasetUnavailable(ValueError):
     """The job's training or validation data cannot be read: the job fails (no retry)."""
 
@@ -166,6 +170,8 @@ class JobRunner:
             try:
                 trainer.restore(read_checkpoint(checkpoint.path, view.device))
             except Exception as exc:  # noqa: BLE001 - a torn or corrupt checkpoint: an older one
+                if isinstance(exc, OSError) and not isinstance(exc, _GONE):
+                    raise  # the disk failed to read it (EIO...): build again later, delete nothing
                 logger.warning("job %s: checkpoint %s unreadable: %s", job.id, checkpoint.path, exc)
                 events.append(_unreadable(checkpoint, exc))
                 trainer = new_trainer()  # a restore that failed half way leaves nothing behind

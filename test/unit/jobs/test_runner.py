@@ -351,3 +351,23 @@ def test_a_job_without_its_tokenized_dataset_fails_with_the_reason(tmp_path, vie
     done = run_until(store, job.id, finished, (agent, MiniScheduler(agent)))
     assert done.status == "failed" and done.error["code"] == "training_failed"
     assert "tokenized train set of this job is missing" in done.error["message"]
+
+
+def test_a_checkpoint_the_disk_refuses_pauses_the_job_until_it_can_be_written(tmp_path, view):
+    store = JobStore(tmp_path)
+    job = queue_job(store, examples(8, view.config.vocab_size), n_epochs=6)
+    blocker = store.job_dir(job.id) / "checkpoints"
+    blocker.write_bytes(b"")  # a file where the checkpoints go: every write there fails (OSError)
+    agent = make_agent(tmp_path, view, checkpoint_every=2, retry_max_s=0.05)
+    scheduler = MiniScheduler(agent)
+    run_until(store, job.id, lambda j: agent.failing_since is not None, (agent, scheduler))
+    for _ in range(20):  # the job waits; the scheduler's slices return at once
+        agent.pump()
+        scheduler.slice()
+    assert scheduler.runner.paused and store.get_job(job.id).step == 2
+    assert "checkpoints" in agent.last_error
+    blocker.unlink()  # space again
+    done = run_until(store, job.id, finished, (agent, scheduler))
+    assert done.adapter_path and done.error is None
+    assert metric_steps(store, job.id) == list(range(1, 7))
+    assert max(scheduler.slices) < 0.25
