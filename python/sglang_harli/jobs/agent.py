@@ -265,6 +265,9 @@ class JobAgent:
                 if item.files is not None and not item.files_done:
                     if batch:
                         break  # commit what precedes these files first
+                    if not store.owns(link.job_id, self.owner):
+                        self._lost(link)  # another server's directory now: write nothing there
+                        return
                     try:
                         item.files()
                     except STORE_ERRORS:

@@ -481,6 +481,15 @@ class JobStore:
             )
         return cursor.rowcount == 1
 
+    def owns(self, job_id: str, owner: Owner) -> bool:
+        """Whether ``owner`` trains the job now (a read: no lock)."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT 1 FROM jobs WHERE id = ? AND owner = ? AND status = 'running'",
+                (job_id, owner.id),
+            ).fetchone()
+        return row is not None
+
     def apply(self, job_id: str, writes: list[JobWrite], owner: Owner | None = None) -> bool:
         """Apply ``writes`` in one transaction, in order; with ``owner``, only if it still owns
         the job (running under its id): False, nothing written, if not. Directories that the
