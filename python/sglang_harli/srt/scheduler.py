@@ -32,6 +32,7 @@ from sglang.srt.managers.scheduler import Scheduler
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+from sglang.srt.runtime_context import get_serving
 
 from sglang_harli.config import HarliConfig, Mode
 from sglang_harli.corun.stats import DecodeStats, HookStats
@@ -155,14 +156,9 @@ class HarliScheduler(Scheduler):
 
 
 def served_model_name(server_args) -> str:
-    """The name the API creates jobs for (SGLang's ``--served-model-name``, default the path)."""
-    try:
-        from sglang.srt.runtime_context import get_serving
-
-        name = get_serving().served_model_name
-    except Exception:  # noqa: BLE001 - older layouts keep it on ServerArgs
-        name = getattr(server_args, "served_model_name", None)
-    return name or server_args.model_path
+    """The name the API creates jobs for (SGLang's ``--served-model-name``, default the path,
+    resolved in SGLang's serving config, which its own scheduler reads the same way)."""
+    return get_serving().served_model_name or server_args.model_path
 
 
 def decode_stats(batch) -> DecodeStats:
