@@ -122,7 +122,8 @@ def test_trained_adapter_answers_with_the_trained_answers(client, trained, tiny_
         assert answer(client, trained.fine_tuned_model, question).startswith(expected[:-1])
         assert not answer(client, str(tiny_model_dir), question).startswith(expected[:8])
     served = {m.id: m for m in client.models.list().data}
-    assert served["demo"].parent == str(tiny_model_dir)
+    # listed under the id a client uses (<base>:<adapter>), with its base as parent
+    assert served[trained.fine_tuned_model].parent == str(tiny_model_dir)
 
 
 def test_progress_events_and_checkpoints(client, trained):
@@ -135,7 +136,8 @@ def test_progress_events_and_checkpoints(client, trained):
     assert {"tokens_per_second", "eta_seconds"} <= set(metrics[0].data)
     assert events[0].message.startswith("The job has successfully completed")
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(trained.id))
-    assert [c.step_number for c in checkpoints] == [30, 27, 24, 21, 18, 15, 12, 9, 6, 3]
+    # every 3 steps, pruned to the newest --harli-keep-checkpoints (default 3)
+    assert [c.step_number for c in checkpoints] == [30, 27, 24]
 
 
 def generate(server, prompt: str) -> dict:
@@ -185,7 +187,7 @@ def test_requests_during_training_match_an_idle_server(client, server, dataset, 
     # cancel: the job stops within one scheduler iteration
     step_before = client.fine_tuning.jobs.retrieve(job.id).step
     cancelled = client.fine_tuning.jobs.cancel(job.id)
-    assert cancelled.status in ("running", "cancelled")
+    assert cancelled.status in ("cancelling", "cancelled")
     final = wait_for(client, job.id, timeout_s=10)
     assert final.status == "cancelled"
     assert final.step <= step_before + 1
@@ -315,6 +317,7 @@ def test_restart_resumes_running_job_and_serves_earlier_adapters(
         assert steps[-1] == 14
         question, expected = PAIRS[0]
         assert answer(client2, trained.fine_tuned_model, question).startswith(expected[:-1])
-        assert {"demo", "resumed", "cli"} <= {m.id for m in client2.models.list().data}
+        served = {m.id for m in client2.models.list().data}
+        assert {f"{tiny_model_dir}:{n}" for n in ("demo", "resumed", "cli")} <= served
     finally:
         again.stop()
