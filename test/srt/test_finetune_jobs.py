@@ -28,7 +28,17 @@ PAIRS = [
     ("Say hello.", "Hello from Harli!"),
 ]
 # 4 examples in one batch: one optimizer step per epoch
-LEARN = {"n_epochs": 30, "batch_size": 4, "learning_rate_multiplier": 50, "lora_rank": 8}
+# The random model's small lm_head caps its logits, so the loss floors near 2.7 and a greedy answer
+# is only as safe as the argmax margin: a large LoRA scaling (alpha/r = 16) at a moderate learning
+# rate reaches that floor in 30 steps (final loss 2.84, against 3.56 for multiplier 50 with alpha
+# 16, which left "Say hello." one token off on some machines).
+LEARN = {
+    "n_epochs": 30,
+    "batch_size": 4,
+    "learning_rate_multiplier": 10,
+    "lora_rank": 8,
+    "lora_alpha": 128,
+}
 
 
 def ft_server(log_path, model_dir, state_dir):
