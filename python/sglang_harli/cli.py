@@ -189,9 +189,8 @@ def cmd_checkpoints(client: Client, args: argparse.Namespace) -> int:
     page = client.request("GET", f"/v1/fine_tuning/jobs/{args.job}/checkpoints")
     for ckpt in page["data"]:
         loss = ckpt["metrics"].get("train_loss")
-        print(
-            f"step {ckpt['step_number']:>6}  loss {loss:.4f}  {ckpt['fine_tuned_model_checkpoint']}"
-        )
+        shown = "   n/a" if loss is None else f"{loss:.4f}"  # non-finite losses are stored as null
+        print(f"step {ckpt['step_number']:>6}  loss {shown}  {ckpt['fine_tuned_model_checkpoint']}")
     return EXIT_OK
 
 

@@ -28,3 +28,31 @@ def test_engine_names_still_import_from_the_package():
     from sglang_harli.finetune import Trainer, graph
 
     assert callable(graph.loss_sum) and Trainer.__name__ == "Trainer"
+
+
+def test_checkpoints_with_a_null_loss_are_listed(capsys):
+    """A diverged job's metrics hold null (non-finite numbers are stored so): still listed."""
+    import argparse
+
+    from sglang_harli import cli
+
+    class Answers:
+        def request(self, method, path, **kwargs):
+            return {
+                "data": [
+                    {
+                        "step_number": 3,
+                        "metrics": {"train_loss": None},
+                        "fine_tuned_model_checkpoint": "m:a:ckpt-step-3",
+                    },
+                    {
+                        "step_number": 2,
+                        "metrics": {"train_loss": 1.5},
+                        "fine_tuned_model_checkpoint": "m:a:ckpt-step-2",
+                    },
+                ]
+            }
+
+    assert cli.cmd_checkpoints(Answers(), argparse.Namespace(job="ftjob-x")) == cli.EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    assert "n/a" in out[0] and "1.5000" in out[1]
