@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 
 import pytest
@@ -157,34 +155,6 @@ def test_a_job_trains_from_its_tokenized_dataset_to_an_adapter_with_bounded_chec
             r[0] for r in db.execute("SELECT adapter_path FROM jobs WHERE id = ?", (job.id,))
         ]
     assert all(not p.startswith("/") and p.startswith(f"jobs/{job.id}/") for p in stored)
-
-
-@pytest.fixture
-def write_lock():
-    """Another process holds the database's write lock for ``seconds``."""
-    procs = []
-
-    def hold(store: JobStore, seconds: float) -> subprocess.Popen:
-        code = (
-            "import sqlite3, sys, time\n"
-            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-            "db.execute('BEGIN IMMEDIATE')\n"
-            "print('locked', flush=True)\n"
-            "time.sleep(float(sys.argv[2]))\n"
-        )
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(store.db_path), str(seconds)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout.readline().strip() == "locked"
-        procs.append(proc)
-        return proc
-
-    yield hold
-    for proc in procs:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_locked_store_pauses_the_job_never_the_scheduler(tmp_path, view, write_lock):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import sqlite3
-import subprocess
-import sys
 import time
 
 import pytest
@@ -138,34 +136,6 @@ def test_list_files_by_purpose(tmp_path, purpose):
 
 
 # --- connections ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def write_lock(tmp_path):
-    """Another process holds the database's write lock (BEGIN IMMEDIATE) until released."""
-    procs = []
-
-    def hold(store: JobStore, seconds: float = 30.0) -> subprocess.Popen:
-        code = (
-            "import sqlite3, sys, time\n"
-            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-            "db.execute('BEGIN IMMEDIATE')\n"
-            "print('locked', flush=True)\n"
-            "time.sleep(float(sys.argv[2]))\n"
-        )
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(store.db_path), str(seconds)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout.readline().strip() == "locked"
-        procs.append(proc)
-        return proc
-
-    yield hold
-    for proc in procs:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_short_busy_timeout_gives_up_quickly_and_reads_go_on(tmp_path, write_lock):
