@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import secrets
 import shutil
-import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -42,6 +40,38 @@ from typing import Any
 from sglang_harli import durable
 
 from .lifecycle import ACTIVE_STATES, ALLOWED_FROM, FINAL_STATES, JobStatus, adapter_name
+from .records import Checkpoint, Event, FileInUseError, FileRecord, Job, Owner, new_id
+from .writes import (
+    JobWrite,
+    NewCheckpoint,
+    NewEvent,
+    Outcome,
+    Progress,
+    Prune,
+    Rewind,
+    from_db,
+    insert_event,
+    to_db,
+    update_job,
+)
+
+__all__ = [  # the records and writes are imported from here by the service's users
+    "Checkpoint",
+    "Event",
+    "FileInUseError",
+    "FileRecord",
+    "Job",
+    "JobStore",
+    "JobWrite",
+    "NewCheckpoint",
+    "NewEvent",
+    "Outcome",
+    "Owner",
+    "Progress",
+    "Prune",
+    "Rewind",
+    "new_id",
+]
 
 DB_NAME = "harli.db"
 CHECKPOINTS = "checkpoints"  # a job's checkpoint directories: jobs/<id>/checkpoints/step-<n>
@@ -86,89 +116,6 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("jobs", "owner_info", "TEXT"),  # host and pid of that process, for humans
     ("jobs", "lease_expires", "REAL"),  # unix time; past it, any server may re-queue the job
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class FileRecord:
-    id: str
-    filename: str
-    purpose: str
-    bytes: int
-    created_at: int
-    path: str  # absolute; the database stores it relative to the state dir
-
-
-class FileInUseError(Exception):
-    """A file that an active job (validating, queued or running) still needs."""
-
-    def __init__(self, file_id: str, job_ids: list[str]):
-        super().__init__(f"file {file_id} is used by {', '.join(job_ids)}")
-        self.file_id, self.job_ids = file_id, job_ids
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    id: str
-    created_at: int
-    model: str
-    training_file: str
-    validation_file: str | None
-    suffix: str | None
-    adapter_name: str
-    seed: int
-    hyperparameters: dict[str, Any]
-    status: str
-    started_at: int | None
-    finished_at: int | None
-    estimated_finish: int | None
-    fine_tuned_model: str | None
-    adapter_path: str | None
-    error: dict[str, Any] | None
-    trained_tokens: int | None
-    step: int
-    total_steps: int | None
-    cancel_requested: bool
-    owner: str | None = None
-    owner_info: str | None = None
-    lease_expires: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    id: str
-    job_id: str
-    created_at: int
-    level: str
-    message: str
-    type: str
-    data: dict[str, Any] | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    id: str
-    job_id: str
-    created_at: int
-    step: int
-    path: str
-    metrics: dict[str, Any]
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Owner:
-    """Who trains a running job: one scheduler process (a random id, so a restarted process
-    on the same host and pid is a different owner), with its host and pid for humans."""
-
-    id: str
-    info: str
-
-    @classmethod
-    def this_process(cls) -> Owner:
-        return cls(new_id("owner"), f"{socket.gethostname()} pid {os.getpid()}")
 
 
 class JobStore:
@@ -377,11 +324,11 @@ class JobStore:
 
     def update_progress(self, job_id: str, **fields: Any) -> None:
         with self._connect() as db:
-            _update_job(db, job_id, self._columns(fields))
+            update_job(db, job_id, self._columns(fields))
 
     def _columns(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Column values as stored: dicts as JSON (non-finite numbers null), paths relative."""
-        columns = {k: _to_db(v) for k, v in fields.items()}
+        columns = {k: to_db(v) for k, v in fields.items()}
         if columns.get("adapter_path") is not None:
             columns["adapter_path"] = self.relative(columns["adapter_path"])
         return columns
@@ -460,7 +407,7 @@ class JobStore:
             )
             for row in rows:
                 who = f" ({row['owner_info']})" if row["owner_info"] else ""
-                _insert_event(
+                insert_event(
                     db,
                     row["id"],
                     NewEvent(
@@ -568,7 +515,7 @@ class JobStore:
         values = dict(row)
         values.pop("seq")
         values["hyperparameters"] = json.loads(values["hyperparameters"])
-        values["error"] = _from_db(values["error"])
+        values["error"] = from_db(values["error"])
         values["cancel_requested"] = bool(values["cancel_requested"])
         if values["adapter_path"] is not None:
             values["adapter_path"] = str(self.resolve(values["adapter_path"]))
@@ -586,7 +533,7 @@ class JobStore:
         type: str = "message",
     ) -> None:
         with self._connect() as db:
-            _insert_event(db, job_id, NewEvent(message, level, type, data))
+            insert_event(db, job_id, NewEvent(message, level, type, data))
 
     def list_events(
         self, job_id: str, after: str | None = None, limit: int = 20
@@ -602,7 +549,7 @@ class JobStore:
                 level=r["level"],
                 message=r["message"],
                 type=r["type"],
-                data=_from_db(r["data"]),
+                data=from_db(r["data"]),
             )
             for r in rows
         ]
@@ -629,7 +576,7 @@ class JobStore:
                 created_at=r["created_at"],
                 step=r["step"],
                 path=str(self.resolve(r["path"])),
-                metrics=_from_db(r["metrics"]) or {},
+                metrics=from_db(r["metrics"]) or {},
             )
             for r in rows
         ]
@@ -655,161 +602,6 @@ class JobStore:
                 (*args, before, before, limit + 1),
             ).fetchall()
         return rows[:limit], len(rows) > limit
-
-
-# --- what a job's runner writes, applied together by JobStore.apply ----------------------------
-
-
-class JobWrite:
-    """One change to a job's records; ``apply`` returns stored paths of directories it took
-    out of the database, for the store to delete once the transaction commits."""
-
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
-        raise NotImplementedError
-
-
-@dataclasses.dataclass(frozen=True)
-class NewEvent(JobWrite):
-    message: str
-    level: str = "info"
-    type: str = "message"
-    data: dict[str, Any] | None = None
-    created_at: int = dataclasses.field(default_factory=lambda: int(time.time()))
-
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
-        _insert_event(db, job_id, self)
-        return []
-
-
-@dataclasses.dataclass(frozen=True)
-class Progress(JobWrite):
-    """Columns of the job's row (step, trained_tokens, total_steps, adapter_path...)."""
-
-    fields: dict[str, Any]
-
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
-        _update_job(db, job_id, store._columns(self.fields))
-        return []
-
-
-@dataclasses.dataclass(frozen=True)
-class NewCheckpoint(JobWrite):
-    step: int
-    path: str  # a directory (absolute, or relative to the state dir)
-    metrics: dict[str, Any]
-    created_at: int = dataclasses.field(default_factory=lambda: int(time.time()))
-
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
-        db.execute(
-            "INSERT INTO checkpoints (id, job_id, created_at, step, path, metrics)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                new_id("ftckpt"),
-                job_id,
-                self.created_at,
-                self.step,
-                store.relative(self.path),
-                _json(self.metrics),
-            ),
-        )
-        return []
-
-
-@dataclasses.dataclass(frozen=True)
-class Prune(JobWrite):
-    """Keep the newest ``keep`` checkpoints (by step); the others go, rows and directories."""
-
-    keep: int
-
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
-        rows = db.execute(
-            "SELECT seq, path FROM checkpoints WHERE job_id = ? ORDER BY step DESC, seq DESC"
-            " LIMIT -1 OFFSET ?",
-            (job_id, self.keep),
-        ).fetchall()
-        db.executemany("DELETE FROM checkpoints WHERE seq = ?", [(r["seq"],) for r in rows])
-        return [r["path"] for r in rows]
-
-
-@dataclasses.dataclass(frozen=True)
-class Rewind(JobWrite):
-    """A job resumes from its checkpoint at ``step``: what the lost run recorded after it (its
-    metric events, later checkpoints) goes, so no step is listed twice."""
-
-    step: int
-
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
-        db.execute(
-            "DELETE FROM events WHERE job_id = ? AND type = 'metrics'"
-            " AND json_extract(data, '$.step') > ?",
-            (job_id, self.step),
-        )
-        rows = db.execute(
-            "SELECT seq, path FROM checkpoints WHERE job_id = ? AND step > ?", (job_id, self.step)
-        ).fetchall()
-        db.executemany("DELETE FROM checkpoints WHERE seq = ?", [(r["seq"],) for r in rows])
-        db.execute("UPDATE jobs SET step = ? WHERE id = ?", (self.step, job_id))
-        return [r["path"] for r in rows]
-
-
-@dataclasses.dataclass(frozen=True)
-class Outcome(JobWrite):
-    """The job ends (failed or cancelled), if the lifecycle allows it from where it is."""
-
-    status: JobStatus
-    error: dict[str, Any] | None = None
-
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
-        sources = sorted(str(s) for s in ALLOWED_FROM[JobStatus(self.status)])
-        db.execute(
-            f"UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_expires = NULL"
-            f" WHERE id = ? AND status IN ({', '.join('?' * len(sources))})",
-            (str(self.status), _to_db(self.error), int(time.time()), job_id, *sources),
-        )
-        return []
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def _insert_event(db: sqlite3.Connection, job_id: str, event: NewEvent) -> None:
-    db.execute(
-        "INSERT INTO events (job_id, created_at, level, message, type, data)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (job_id, event.created_at, event.level, event.message, event.type, _to_db(event.data)),
-    )
-
-
-def _update_job(db: sqlite3.Connection, job_id: str, columns: dict[str, Any]) -> None:
-    if columns:
-        assignments = ", ".join(f"{name} = ?" for name in columns)
-        db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*columns.values(), job_id))
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, +-inf) replaced by None, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _json(value: Any) -> str:
-    return json.dumps(_finite(value), allow_nan=False)
-
-
-def _to_db(value: Any) -> Any:
-    if isinstance(value, dict):
-        return _json(value)
-    return _finite(value)
-
-
-def _from_db(text: str | None) -> Any:
-    """Stored JSON; NaN and Infinity written before they were nulled read as None too."""
-    return json.loads(text, parse_constant=lambda _: None) if text else None
 
 
 _SCHEMA_NAMES = re.compile(r"CREATE (TABLE|INDEX) IF NOT EXISTS (\w+)")
