@@ -494,7 +494,7 @@ def test_job_errors_and_events_show_no_server_paths(tmp_path):
 def test_a_running_job_with_a_cancel_requested_is_cancelling(tmp_path):
     from sglang_harli.jobs.lifecycle import JobStatus
     from sglang_harli.jobs.store import JobStore
-    from sglang_harli.srt.http_api import job_json
+    from sglang_harli.srt.openai_shapes import job_json
 
     store = JobStore(tmp_path)
     upload_id = store.add_file("t.jsonl", "fine-tune", jsonl()).id

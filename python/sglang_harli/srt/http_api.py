@@ -49,9 +49,8 @@ from sglang_harli.finetune.data import (
     save_examples,
 )
 from sglang_harli.jobs import hyperparameters as hp
-from sglang_harli.jobs.lifecycle import FINAL_STATES, JobStatus, checkpoint_model_name
+from sglang_harli.jobs.lifecycle import FINAL_STATES, JobStatus
 from sglang_harli.jobs.store import (
-    Checkpoint,
     Event,
     FileInUseError,
     FileRecord,
@@ -59,6 +58,13 @@ from sglang_harli.jobs.store import (
     JobStore,
 )
 from sglang_harli.srt import uploads
+from sglang_harli.srt.openai_shapes import (
+    checkpoint_json,
+    event_json,
+    file_json,
+    job_json,
+    list_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +181,7 @@ class FineTuningApi:
                 raise ApiError(400, f"purpose must be one of {list(FILE_PURPOSES)}", "purpose")
             after, limit = _after(request), _limit(request, 20)
             files = await run_in_threadpool(self.store.list_files, purpose, after, limit + 1)
-            return _list([file_json(f) for f in files[:limit]], len(files) > limit)
+            return list_json([file_json(f) for f in files[:limit]], len(files) > limit)
 
         @app.get("/v1/files/{file_id}")
         @_route
@@ -207,7 +213,7 @@ class FineTuningApi:
         async def list_jobs(request: Request):
             after, limit = _after(request), _limit(request, 20)
             jobs, has_more = await run_in_threadpool(self.store.list_jobs, after, limit)
-            return _list([self.job_json(j) for j in jobs], has_more)
+            return list_json([self.job_json(j) for j in jobs], has_more)
 
         @app.get("/v1/fine_tuning/jobs/{job_id}")
         @_route
@@ -224,7 +230,7 @@ class FineTuningApi:
                 return self.store.list_events(job_id, after, limit)
 
             events, has_more = await run_in_threadpool(page)
-            return _list([self.event_json(e) for e in events], has_more)
+            return list_json([self.event_json(e) for e in events], has_more)
 
         @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
         @_route
@@ -235,7 +241,7 @@ class FineTuningApi:
                 return self.job(job_id), *self.store.list_checkpoints(job_id, after, limit)
 
             job, checkpoints, has_more = await run_in_threadpool(page)
-            return _list([checkpoint_json(c, job) for c in checkpoints], has_more)
+            return list_json([checkpoint_json(c, job) for c in checkpoints], has_more)
 
         @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
         @writes
@@ -599,81 +605,3 @@ def _limit(request: Request, default: int) -> int:
 
 def _after(request: Request) -> str | None:
     return request.query_params.get("after") or None
-
-
-# --- OpenAI's JSON shapes ----------------------------------------------------------------------
-
-
-def file_json(f: FileRecord) -> dict:
-    return {
-        "id": f.id,
-        "object": "file",
-        "bytes": f.bytes,
-        "created_at": f.created_at,
-        "filename": f.filename,
-        "purpose": f.purpose,
-        "status": "processed",
-        "status_details": None,
-    }
-
-
-def job_status(job: Job) -> str:
-    """``cancelling``: a running job whose cancel is requested, until its trainer stops it."""
-    if job.status == JobStatus.RUNNING and job.cancel_requested:
-        return "cancelling"
-    return job.status
-
-
-def job_json(job: Job) -> dict:
-    h = dict(job.hyperparameters)
-    return {
-        "id": job.id,
-        "object": "fine_tuning.job",
-        "created_at": job.created_at,
-        "finished_at": job.finished_at,
-        "model": job.model,
-        "fine_tuned_model": job.fine_tuned_model,
-        "organization_id": "org-local",
-        "result_files": [],
-        "status": job_status(job),
-        "training_file": job.training_file,
-        "validation_file": job.validation_file,
-        "hyperparameters": h,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": h}},
-        "trained_tokens": job.trained_tokens,
-        "error": job.error,
-        "seed": job.seed,
-        "estimated_finish": job.estimated_finish if job.status == "running" else None,
-        "integrations": [],
-        "user_provided_suffix": job.suffix,
-        "step": job.step,
-        "total_steps": job.total_steps,
-    }
-
-
-def event_json(e: Event) -> dict:
-    return {
-        "id": e.id,
-        "object": "fine_tuning.job.event",
-        "created_at": e.created_at,
-        "level": e.level,
-        "message": e.message,
-        "type": e.type,
-        "data": e.data,
-    }
-
-
-def checkpoint_json(c: Checkpoint, job: Job) -> dict:
-    return {
-        "id": c.id,
-        "object": "fine_tuning.job.checkpoint",
-        "created_at": c.created_at,
-        "fine_tuned_model_checkpoint": checkpoint_model_name(job.model, job.adapter_name, c.step),
-        "fine_tuning_job_id": c.job_id,
-        "step_number": c.step,
-        "metrics": c.metrics,
-    }
-
-
-def _list(data: list, has_more: bool) -> dict:
-    return {"object": "list", "data": data, "has_more": has_more}

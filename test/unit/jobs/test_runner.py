@@ -215,7 +215,7 @@ def test_a_diverged_job_fails_with_a_reason_and_publishes_nothing(tmp_path, view
     events, _ = store.list_events(job.id, limit=100)
     [nan_step] = [e for e in events if e.type == "metrics" and e.data["step"] == 2]
     assert nan_step.data["train_loss"] is None  # NaN is stored as null
-    from sglang_harli.srt.http_api import event_json
+    from sglang_harli.srt.openai_shapes import event_json
 
     body = JSONResponse({"data": [event_json(e) for e in events]}).body  # the API's encoder
     assert json.loads(body)["data"][0]["level"] == "error"
