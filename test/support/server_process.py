@@ -60,8 +60,9 @@ class Server:
             except requests.RequestException:
                 pass
             time.sleep(2)
+        tail = self.log_tail()  # before stop() closes the log
         self.stop()
-        raise TimeoutError(f"server not ready after {timeout_s}s:\n{self.log_tail()}")
+        raise TimeoutError(f"server not ready after {timeout_s}s:\n{tail}")
 
     def post(self, path: str, body: dict, timeout: float = 120) -> dict:
         response = requests.post(self.url + path, json=body, timeout=timeout)

@@ -323,6 +323,7 @@ class JobAgent:
                 return
             self._next_poll = now + self.config.poll_s
             store.requeue_expired()
+            store.fail_abandoned_validations()
             job = store.claim_next(self.config.model, self.owner, self.config.lease_s)
             if job is None:
                 return

@@ -77,6 +77,9 @@ DB_NAME = "harli.db"
 CHECKPOINTS = "checkpoints"  # a job's checkpoint directories: jobs/<id>/checkpoints/step-<n>
 DEFAULT_BUSY_TIMEOUT_MS = 30_000  # the API's writes wait this long for another writer
 LEASE_S = 30.0  # a running job's owner renews its lease well within this (see jobs/agent.py)
+# A job is `validating_files` only while its create request runs (seconds, minutes for a huge
+# file); one older than this was left by a server that stopped mid-request.
+ABANDONED_VALIDATION_S = 3600.0
 
 # What "the store cannot answer now" looks like: a lock held too long, a full disk, a read-only
 # or vanished file system. Callers on the serving path catch these and try again later.
@@ -417,6 +420,33 @@ class JobStore:
                     ),
                 )
         return [row["id"] for row in rows]
+
+    def fail_abandoned_validations(
+        self, now: float | None = None, max_age_s: float = ABANDONED_VALIDATION_S
+    ) -> list[str]:
+        """Jobs left in ``validating_files`` by a server that stopped during their create
+        request fail, saying so (their files can then be deleted); their ids. Cheap when there
+        is none, like :meth:`requeue_expired`, and safe when servers share the state dir: no
+        live request is that old."""
+        cutoff = (time.time() if now is None else now) - max_age_s
+        stale = "status = 'validating_files' AND created_at < ?"
+        with self._connect() as db:
+            if (
+                db.execute(f"SELECT 1 FROM jobs WHERE {stale} LIMIT 1", (cutoff,)).fetchone()
+                is None
+            ):
+                return []
+        failed = []
+        error = {
+            "code": "validation_interrupted",
+            "message": "The server stopped while it was validating this job's files; "
+            "create the job again",
+        }
+        for row in self.jobs_with_status(JobStatus.VALIDATING_FILES):
+            if row.created_at < cutoff and self.set_status(row.id, JobStatus.FAILED, error=error):
+                self.add_event(row.id, f"Job failed: {error['message']}", level="error")
+                failed.append(row.id)
+        return failed
 
     def renew_lease(self, job_id: str, owner: Owner, lease_s: float = LEASE_S) -> bool:
         """Extend ``owner``'s lease on a running job; False if it no longer owns it."""

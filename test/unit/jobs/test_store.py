@@ -281,3 +281,21 @@ def test_rewind_forgets_what_a_lost_run_recorded_after_its_checkpoint(tmp_path):
     assert "a message" in [e.message for e in events]
     assert [c.step for c in store.list_checkpoints(job.id)[0]] == [2]
     assert store.get_job(job.id).step == 2
+
+
+def test_a_job_a_stopped_server_left_validating_fails_and_frees_its_file(tmp_path):
+    from sglang_harli.jobs.store import ABANDONED_VALIDATION_S, FileInUseError
+
+    store = JobStore(tmp_path)
+    stuck = make_job(store, status="validating_files")
+    with pytest.raises(FileInUseError):
+        store.delete_file(stuck.training_file)
+    later = stuck.created_at + ABANDONED_VALIDATION_S + 1
+    assert store.fail_abandoned_validations(now=later) == [stuck.id]
+    failed = store.get_job(stuck.id)
+    assert failed.status == "failed" and failed.error["code"] == "validation_interrupted"
+    assert store.delete_file(stuck.training_file)  # its file is no longer held
+    # a job whose create request may still be running is left alone
+    young = make_job(store, status="validating_files")
+    assert store.fail_abandoned_validations(now=young.created_at + 5) == []
+    assert store.get_job(young.id).status == "validating_files"
