@@ -46,8 +46,11 @@ class Client:
         api_key: str | None,
         timeout: float = 60,
         admin_api_key: str | None = None,
+        ca_cert: str | None = None,
     ):
         self.base = server.rstrip("/")
+        # an https server with a self-signed certificate: trust that certificate (a file)
+        self.verify: str | bool = ca_cert or True
         # SGLang's rules: ordinary routes (reads) take --api-key; with --admin-api-key on the
         # server, the routes that write or reveal data take that key instead
         self.headers = _bearer(api_key)
@@ -58,8 +61,19 @@ class Client:
         headers = self.write_headers if write else self.headers
         try:
             response = requests.request(
-                method, self.base + path, headers=headers, timeout=self.timeout, **kwargs
+                method,
+                self.base + path,
+                headers=headers,
+                timeout=self.timeout,
+                verify=self.verify,
+                **kwargs,
             )
+        except requests.exceptions.SSLError as exc:
+            raise CliError(
+                f"cannot verify the server's certificate at {self.base} ({exc.__class__.__name__});"
+                " for a self-signed server pass --ca-cert CERT.pem",
+                EXIT_UNREACHABLE,
+            ) from None
         except requests.ConnectionError:
             raise CliError(f"cannot reach the server at {self.base}", EXIT_UNREACHABLE) from None
         try:
@@ -95,7 +109,9 @@ class Client:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    client = Client(args.server, args.api_key, admin_api_key=args.admin_api_key)
+    client = Client(
+        args.server, args.api_key, admin_api_key=args.admin_api_key, ca_cert=args.ca_cert
+    )
     try:
         return args.run(client, args)
     except CliError as exc:
@@ -249,6 +265,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Fine-tuning jobs on a running sglang-harli server.",
     )
     parser.add_argument("--server", default=DEFAULT_SERVER, help=f"default: {DEFAULT_SERVER}")
+    parser.add_argument(
+        "--ca-cert",
+        default=os.environ.get("HARLI_CA_CERT"),
+        help="an https server's certificate (or its CA) to trust, e.g. the server's own "
+        "--ssl-certfile when it is self-signed (default: $HARLI_CA_CERT)",
+    )
     parser.add_argument(
         "--api-key",
         default=os.environ.get("HARLI_API_KEY"),

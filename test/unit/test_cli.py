@@ -56,3 +56,41 @@ def test_checkpoints_with_a_null_loss_are_listed(capsys):
     assert cli.cmd_checkpoints(Answers(), argparse.Namespace(job="ftjob-x")) == cli.EXIT_OK
     out = capsys.readouterr().out.splitlines()
     assert "n/a" in out[0] and "1.5000" in out[1]
+
+
+def test_an_https_server_with_a_self_signed_certificate(tmp_path, capsys):
+    """--ca-cert trusts the server's own certificate; without it the CLI says what to pass."""
+    import http.server
+    import json
+    import ssl
+    import threading
+
+    from sglang_harli import cli
+    from test.unit.test_publisher import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path)
+
+    class Jobs(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            raw = json.dumps({"object": "list", "data": [], "has_more": False}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Jobs)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"https://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        assert cli.main(["--server", url, "list"]) == cli.EXIT_UNREACHABLE
+        assert "--ca-cert" in capsys.readouterr().err
+        assert cli.main(["--server", url, "--ca-cert", str(cert), "list"]) == cli.EXIT_OK
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
