@@ -19,19 +19,17 @@ does (a CPU one here).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 from sglang_harli.srt.server import lora_serving_flags
 from sglang_harli.tiny_model import ensure_tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: test/support
+from test.support.finetuning import start_training  # noqa: E402
 from test.support.server_process import harli_server  # noqa: E402
 
 PROMPTS = ["def hello(world):", "import os, sys", "class Foo:", "x = [i for i in"]
@@ -52,24 +50,6 @@ def tpot_ms(server, prompt: str, long: int, short: int) -> float:
     t_long = timed_generate(server, prompt, long)
     t_short = timed_generate(server, prompt, short)
     return (t_long - t_short) / (long - short) * 1e3
-
-
-def start_training(server, model: str, workdir: Path) -> str:
-    data = workdir / "train.jsonl"
-    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    record = {"messages": turns}
-    data.write_text("\n".join(json.dumps(record) for _ in range(8)) + "\n")
-    with open(data, "rb") as f:
-        upload = requests.post(
-            server.url + "/v1/files", files={"file": f}, data={"purpose": "fine-tune"}, timeout=60
-        ).json()
-    job = server.post(
-        "/v1/fine_tuning/jobs",
-        {"model": model, "training_file": upload["id"], "hyperparameters": {"n_epochs": 100000}},
-    )
-    while server.get(f"/v1/fine_tuning/jobs/{job['id']}")["step"] < 1:
-        time.sleep(0.2)
-    return job["id"]
 
 
 def main() -> None:

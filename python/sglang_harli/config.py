@@ -24,12 +24,23 @@ AUTO = "auto"
 
 
 class Mode(enum.StrEnum):
-    """How finetune work shares the device with decode (``--harli-mode``)."""
+    """How finetune work shares the device with decode (``--harli-mode``).
 
-    AUTO = AUTO  # resolved at start-up to what this machine runs by default
-    TIME_SLICED = "time-sliced"  # finetune slices between decode iterations, quanta when idle
-    IDLE_ONLY = "idle-only"  # finetune only when no decode runs
+    Every mode but ``off`` is one :class:`~sglang_harli.corun.policy.CoRunPolicy`, so the
+    benchmarks compare like with like (``corun/policy.py``).
+    """
+
+    AUTO = AUTO  # resolved at start-up: harli
+    HARLI = "harli"  # the QoS policy: the most finetune the TPOT objective allows, per iteration
+    TIME_SLICED = "time-sliced"  # a fixed finetune slice after each decode iteration (baseline)
+    IDLE_ONLY = "idle-only"  # finetune only when no decode runs (baseline)
+    NAIVE = "naive"  # GPU: finetune on its own stream with every SM, no prediction (baseline)
+    STATIC = "static"  # GPU: finetune on a fixed SM share (baseline)
     OFF = "off"  # plain SGLang: no Harli scheduler, no fine-tuning
+
+
+# Modes that share the SMs of a GPU spatially: nothing to share on a CPU.
+GPU_ONLY_MODES = frozenset({Mode.NAIVE, Mode.STATIC})
 
 
 class Kernels(enum.StrEnum):
@@ -61,6 +72,24 @@ def _number(kind: type, minimum: float, inclusive: bool) -> Callable[[str], Any]
     return parse
 
 
+def _fraction(maximum_inclusive: bool) -> Callable[[str], float]:
+    """An argparse ``type`` for a fraction in (0, 1] (or [0, 1) when 1 is excluded)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        ok = 0 < value <= 1 if maximum_inclusive else 0 <= value < 1
+        if not ok:
+            bound = "in (0, 1]" if maximum_inclusive else "in [0, 1)"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = "fraction"
+    return parse
+
+
 def _flag(default: Any, help: str, parse: Callable[[str], Any] | None = None, **extra: Any):
     """A config field that is also a ``--harli-*`` flag; ``help`` may name ``%(default)s``."""
     return dataclasses.field(default=default, metadata={"help": help, "parse": parse, **extra})
@@ -70,10 +99,14 @@ def _flag(default: Any, help: str, parse: Callable[[str], Any] | None = None, **
 class HarliConfig:
     mode: Mode = _flag(
         Mode.AUTO,
-        "co-run mode: how finetune work shares the device with decode. 'time-sliced': finetune "
-        "units between decode iterations, within --harli-finetune-budget-ms each, and in quanta "
-        "when idle; 'idle-only': only when no decode runs; 'off': plain SGLang (no Harli "
-        "scheduler, no fine-tuning). 'auto' (default): time-sliced.",
+        "co-run mode: how finetune work shares the device with decode. 'harli': before every "
+        "decode iteration, the most finetune work the TPOT objective (--harli-tpot-slo-ms) "
+        "allows, none when nothing fits; 'time-sliced': a fixed --harli-finetune-budget-ms "
+        "after each decode iteration; 'idle-only': only when no decode runs; 'naive' and "
+        "'static' (GPU only): finetune on its own stream with every SM, or with "
+        "--harli-static-share of them; 'off': plain SGLang (no Harli scheduler, no "
+        "fine-tuning). Every mode but off trains in quanta when idle. 'auto' (default): harli "
+        "on a CPU, time-sliced on a GPU (harli's GPU execution is not built yet).",
         Mode,
     )
     kernels: Kernels = _flag(
@@ -87,6 +120,34 @@ class HarliConfig:
         "where fine-tuning files, jobs, checkpoints and adapters live (SQLite job store); "
         "default: ~/.cache/sglang_harli/state",
         metavar="DIR",
+    )
+    tpot_slo_ms: float = _flag(
+        50.0,
+        "the decode objective: the time per output token (ms) every decode iteration must stay "
+        "within while finetune runs beside it (default %(default)s: 20 tokens/s per stream, "
+        "faster than people read)",
+        _number(float, 0, inclusive=False),
+        metavar="MS",
+    )
+    slo_margin: float = _flag(
+        0.1,
+        "the fraction of the objective harli mode keeps free as a safety margin against "
+        "prediction error (default %(default)s: plan to 90%% of it)",
+        _fraction(maximum_inclusive=False),
+        metavar="F",
+    )
+    profile: str | None = _flag(
+        None,
+        "a latency profile (JSON, from python -m sglang_harli.profile) for the predictor; one "
+        "for another model, device, dtype or TP size is ignored with a warning. Without one the "
+        "predictor starts conservatively and learns from the server's own iterations",
+        metavar="FILE",
+    )
+    static_share: float = _flag(
+        0.5,
+        "static mode: the fraction of the GPU's SMs finetune kernels may use (default %(default)s)",
+        _fraction(maximum_inclusive=True),
+        metavar="F",
     )
     finetune_budget_ms: float = _flag(
         20.0,
@@ -127,11 +188,24 @@ class HarliConfig:
         return self.mode != Mode.OFF
 
     def resolved(self, has_cuda: bool) -> HarliConfig:
-        """``auto`` replaced by what this machine runs by default (the mode is time-sliced until
-        the GPU-only "harli" mode exists), and the state directory made absolute."""
+        """``auto`` replaced by what this machine runs (harli on a CPU; time-sliced on a GPU
+        until the GPU execution of harli exists), the state directory made absolute; a mode
+        this machine cannot run is refused with the reason."""
         from sglang_harli.tiny_model import user_cache_dir
 
-        mode = Mode.TIME_SLICED if self.mode == Mode.AUTO else self.mode
+        mode = self.mode
+        if mode == Mode.AUTO:
+            mode = Mode.TIME_SLICED if has_cuda else Mode.HARLI
+        if mode in GPU_ONLY_MODES and not has_cuda:
+            raise HarliConfigError(
+                f"--harli-mode {mode} shares a GPU's SMs with decode and needs a CUDA GPU; on a "
+                "CPU use harli (the default), time-sliced or idle-only"
+            )
+        if mode in GPU_ONLY_MODES or (mode == Mode.HARLI and has_cuda):
+            raise HarliConfigError(
+                f"--harli-mode {mode} on a GPU (a finetune CUDA stream on an SM share) is not "
+                "built yet; on a GPU use time-sliced or idle-only"
+            )
         state_dir = os.path.abspath(
             os.path.expanduser(self.state_dir or user_cache_dir() / "state")
         )

@@ -19,6 +19,7 @@ import openai
 import pytest
 import requests
 
+from test.support.finetuning import chat_jsonl
 from test.support.server_process import REPO, harli_server
 
 pytestmark = pytest.mark.server
@@ -36,13 +37,7 @@ USER, ADMIN = auth(API_KEY), auth(ADMIN_KEY)
 
 
 def jsonl(pairs=PAIRS) -> bytes:
-    return b"".join(
-        json.dumps(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        ).encode()
-        + b"\n"
-        for q, a in pairs
-    )
+    return chat_jsonl(pairs).encode()
 
 
 @pytest.fixture(scope="module")

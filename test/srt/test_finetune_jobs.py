@@ -17,28 +17,10 @@ import openai
 import pytest
 import requests
 
+from test.support.finetuning import LEARN, PAIRS, answer, wait_for, write_dataset
 from test.support.server_process import REPO, harli_server
 
 pytestmark = pytest.mark.server
-
-PAIRS = [
-    ("What color is the sky?", "Blue, always blue."),
-    ("Name a fruit.", "A ripe mango."),
-    ("What is two plus two?", "Four, exactly."),
-    ("Say hello.", "Hello from Harli!"),
-]
-# 4 examples in one batch: one optimizer step per epoch
-# The random model's small lm_head caps its logits, so the loss floors near 2.7 and a greedy answer
-# is only as safe as the argmax margin: a large LoRA scaling (alpha/r = 16) at a moderate learning
-# rate reaches that floor in 30 steps (final loss 2.84, against 3.56 for multiplier 50 with alpha
-# 16, which left "Say hello." one token off on some machines).
-LEARN = {
-    "n_epochs": 30,
-    "batch_size": 4,
-    "learning_rate_multiplier": 10,
-    "lora_rank": 8,
-    "lora_alpha": 128,
-}
 
 
 def ft_server(log_path, model_dir, state_dir):
@@ -52,37 +34,6 @@ def ft_server(log_path, model_dir, state_dir):
         "--harli-checkpoint-every",
         "3",
     )
-
-
-def write_dataset(path, pairs=PAIRS) -> str:
-    lines = [
-        json.dumps(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        )
-        for q, a in pairs
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-def wait_for(client, job_id, states=("succeeded", "failed", "cancelled"), timeout_s=300):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in states:
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} still {job.status}")
-
-
-def answer(client, model: str, question: str) -> str:
-    reply = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": question}],
-        max_tokens=12,
-        temperature=0,
-    )
-    return reply.choices[0].message.content
 
 
 @pytest.fixture(scope="module")

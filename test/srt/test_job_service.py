@@ -9,7 +9,6 @@ success.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,16 +19,11 @@ import openai
 import pytest
 import requests
 
+from test.support.finetuning import write_dataset
 from test.support.server_process import harli_server
 
 pytestmark = pytest.mark.server
 
-PAIRS = [
-    ("What color is the sky?", "Blue, always blue."),
-    ("Name a fruit.", "A ripe mango."),
-    ("What is two plus two?", "Four, exactly."),
-    ("Say hello.", "Hello from Harli!"),
-]
 HYPER = {"batch_size": 4, "learning_rate_multiplier": 20, "lora_rank": 8}
 LOCK_S = 6.0
 
@@ -81,13 +75,7 @@ def client_of(server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def upload(servers, tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    lines = [
-        json.dumps(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        )
-        for q, a in PAIRS
-    ]
-    path.write_text("\n".join(lines) + "\n")
+    write_dataset(path)
     return client_of(servers["first"]).files.create(file=open(path, "rb"), purpose="fine-tune")
 
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 import requests
 
-from test.srt.test_finetune_jobs import LEARN, PAIRS, wait_for, write_dataset
+from test.support.finetuning import LEARN, PAIRS, answer, wait_for, write_dataset
 from test.support.server_process import COMMON_FLAGS, REPO, START_TIMEOUT_S, Server
 from test.unit.test_publisher import self_signed_cert
 
@@ -112,16 +112,6 @@ def trained(client, server, cert, tiny_model_dir, tmp_path_factory):
     return wait_for(client, job.id, timeout_s=240)
 
 
-def chat(client, model: str, question: str) -> str:
-    reply = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": question}],
-        max_tokens=12,
-        temperature=0,
-    )
-    return reply.choices[0].message.content
-
-
 def complete(client, model: str, prompt: str) -> str:
     reply = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
     return reply.choices[0].text
@@ -154,12 +144,12 @@ def test_models_lists_the_base_then_the_fine_tuned_id(client, trained, tiny_mode
 def test_every_listed_id_answers_as_what_it_names(client, server, trained, tiny_model_dir):
     base = str(tiny_model_dir)
     for model in (m.id for m in client.models.list().data):
-        assert chat(client, model, PAIRS[0][0])
+        assert answer(client, model, PAIRS[0][0])
         assert complete(client, model, PAIRS[0][0])
     # where the adapter was trained the fine-tuned id answers otherwise than the base model,
     # with what it was taught
-    tuned = {q: chat(client, trained.fine_tuned_model, q) for q, _ in PAIRS}
-    assert all(tuned[q] != chat(client, base, q) for q, _ in PAIRS)
+    tuned = {q: answer(client, trained.fine_tuned_model, q) for q, _ in PAIRS}
+    assert all(tuned[q] != answer(client, base, q) for q, _ in PAIRS)
     assert any(tuned[q].startswith(a[:-1]) for q, a in PAIRS), tuned
     prompt = chat_prompt(tiny_model_dir, PAIRS[0][0])
     assert complete(client, trained.fine_tuned_model, prompt) != complete(client, base, prompt)
@@ -169,7 +159,9 @@ def test_a_bare_adapter_name_never_gets_the_base_model(client, server, trained, 
     base = str(tiny_model_dir)
     prompt = chat_prompt(tiny_model_dir, PAIRS[0][0])
     for question, _ in PAIRS:
-        assert chat(client, "demo", question) == chat(client, trained.fine_tuned_model, question)
+        assert answer(client, "demo", question) == answer(
+            client, trained.fine_tuned_model, question
+        )
     assert complete(client, "demo", prompt) == complete(client, trained.fine_tuned_model, prompt)
     assert complete(client, "demo", prompt) != complete(client, base, prompt)
     # an adapter that does not exist is refused, not answered by the base model

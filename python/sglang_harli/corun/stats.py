@@ -6,6 +6,7 @@ turns SGLang's batches into :class:`DecodeStats` and reports through :class:`Hoo
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -76,4 +77,88 @@ class HookStats:
             "hook_overhead_us": sum(t.total_ns for t in self.hooks.values()) / 1e3,
             "hooks": {name: t.to_dict() for name, t in sorted(self.hooks.items())},
             "finetune": {name: t.to_dict() for name, t in sorted(self.work.items())},
+        }
+
+
+@dataclasses.dataclass
+class Window:
+    """The last ``size`` samples of one number, for medians and tails."""
+
+    size: int = 2048
+    values: collections.deque = dataclasses.field(default_factory=collections.deque)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+        if len(self.values) > self.size:
+            self.values.popleft()
+
+    def quantile(self, q: float) -> float | None:
+        if not self.values:
+            return None
+        ordered = sorted(self.values)
+        return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+@dataclasses.dataclass
+class CoRunStats:
+    """Per measured decode iteration: the objective kept or missed, the prediction against the
+    measurement, the slack and what finetune used of it, and the policy's own cost.
+
+    Totals are counters (a client takes differences between two reads); the windows give the
+    recent median and P99.
+    """
+
+    objective_s: float
+    iterations: int = 0
+    within_slo: int = 0
+    finetune_s: float = 0.0  # finetune time inside measured iterations
+    slack_s: float = 0.0  # sum over iterations of max(0, S - decode without finetune)
+    finetune_tokens: int = 0  # target tokens of finished optimizer steps
+    planned_finetune: int = 0  # iterations whose plan gave finetune time
+    last_plan: dict | None = None
+    last_iteration_ms: float | None = None
+    measured_ms: Window = dataclasses.field(default_factory=Window)
+    prediction_error: Window = dataclasses.field(default_factory=Window)  # |pred - meas| / meas
+    policy_us: Window = dataclasses.field(default_factory=Window)
+
+    def record(
+        self, total_s: float, decode_s: float, finetune_s: float, predicted_s: float | None
+    ) -> None:
+        self.iterations += 1
+        self.within_slo += total_s <= self.objective_s
+        self.finetune_s += finetune_s
+        self.slack_s += max(self.objective_s - decode_s, 0.0)
+        self.last_iteration_ms = total_s * 1e3
+        self.measured_ms.add(total_s * 1e3)
+        if predicted_s is not None and total_s > 0:
+            self.prediction_error.add(abs(predicted_s - total_s) / total_s)
+
+    def to_dict(self) -> dict:
+        def ms(window: Window, q: float) -> float | None:
+            value = window.quantile(q)
+            return None if value is None else round(value, 4)
+
+        return {
+            "objective_ms": self.objective_s * 1e3,
+            "iterations": self.iterations,
+            "within_slo": self.within_slo,
+            "slo_attainment": self.within_slo / self.iterations if self.iterations else None,
+            "finetune_s": self.finetune_s,
+            "slack_s": self.slack_s,
+            "slack_used": self.finetune_s / self.slack_s if self.slack_s else None,
+            "finetune_tokens": self.finetune_tokens,
+            "planned_finetune": self.planned_finetune,
+            "last_plan": self.last_plan,
+            "iteration_ms": {
+                "last": self.last_iteration_ms,
+                "p50": ms(self.measured_ms, 0.5),
+                "p99": ms(self.measured_ms, 0.99),
+            },
+            "prediction_error": {
+                "p50": ms(self.prediction_error, 0.5),
+                "mean": (sum(self.prediction_error.values) / len(self.prediction_error.values))
+                if self.prediction_error.values
+                else None,
+            },
+            "policy_us": {"p50": ms(self.policy_us, 0.5), "p99": ms(self.policy_us, 0.99)},
         }

@@ -42,10 +42,6 @@ ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
-def can_move(current: str, target: str) -> bool:
-    return JobStatus(current) in ALLOWED_FROM.get(JobStatus(target), frozenset())
-
-
 def adapter_name(suffix: str | None, job_id: str) -> str:
     """The name SGLang serves the adapter under: the job's suffix, or else the job's id."""
     return suffix or job_id

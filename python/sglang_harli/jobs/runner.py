@@ -28,6 +28,7 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from sglang_harli.finetune.trainer import (
     StepResult,
     TrainConfig,
     Trainer,
+    WorkUnit,
     read_checkpoint,
     write_checkpoint,
 )
@@ -78,6 +80,10 @@ class RunnerConfig:
     kernels: str = "torch"  # the ops backend (see ops.py): "torch", or "triton" on a GPU
     base_model_name: str = ""  # written into the adapters' PEFT config
 
+
+# admit(spent_s, kind, cost): may the next unit start? observe(kind, cost, seconds): it ran
+Admit = Callable[[float, str, float], bool]
+Observe = Callable[[str, float, float], None]
 
 # a checkpoint directory or file that is not there: an older checkpoint is the answer
 _GONE = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
@@ -121,6 +127,9 @@ class JobRunner:
         self._skips: collections.deque[bool] = collections.deque(maxlen=SKIP_WINDOW)
         self._step_times: list[float] = []
         self._last_step_end = time.monotonic()
+        self.tokens_trained = 0  # target tokens of the optimizer steps this runner finished
+        # a snapshot copies every adapter and optimizer element: its cost, for the predictor
+        self._snapshot_elements = float(3 * sum(p.numel() for p in trainer.adapters.parameters()))
 
     # --- start: on the agent's thread --------------------------------------------------------
 
@@ -213,8 +222,16 @@ class JobRunner:
 
     def run_for(self, budget_s: float) -> bool:
         """Run work units for about ``budget_s`` seconds (at least one); False when done."""
+        return self.run_planned(lambda spent_s, kind, cost: spent_s == 0 or spent_s < budget_s)
+
+    def run_planned(self, admit: Admit, observe: Observe | None = None) -> bool:
+        """Run work units while ``admit(spent_s, kind, cost)`` lets the next one start; tell
+        ``observe(kind, cost, seconds)`` what each took. False once the runner is done.
+
+        ``spent_s`` is exactly 0 before the first unit of the call, then the time since it began.
+        """
         try:
-            deadline = time.monotonic() + budget_s
+            start, ran = time.perf_counter(), False
             while True:
                 if self._done:
                     return False
@@ -228,10 +245,16 @@ class JobRunner:
                     return False
                 if self.link.store_failing:
                     return True  # paused: decode goes on, the writes wait for the store
-                if not self._work_unit():
+                unit = self._next_unit()
+                if unit is None:
                     return not self._done  # nothing to do before the next slice, or done
-                if time.monotonic() >= deadline:
+                kind, cost, run = unit
+                if not admit(time.perf_counter() - start if ran else 0.0, kind, cost):
                     return True
+                began, ran = time.perf_counter(), True
+                run()
+                if observe is not None:
+                    observe(kind, cost, time.perf_counter() - began)
         except Exception as exc:  # noqa: BLE001 - a job's failure must not stop serving
             logger.exception("fine-tuning job %s failed", self.job.id)
             self._end(
@@ -241,29 +264,46 @@ class JobRunner:
             )
             return False
 
-    def _work_unit(self) -> bool:
-        """Run one unit of work; False if there is none now (done, or waiting to snapshot)."""
+    def _next_unit(self) -> tuple[str, float, Callable[[], None]] | None:
+        """The next unit of work as (kind, cost, run), or None if there is none now (done, or
+        waiting for the previous checkpoint's write). Kinds: the trainer's units, plus
+        ``validation`` (one example) and ``checkpoint`` (the host copy of a snapshot)."""
         making = self._making
         if making is not None:
             if making.validation_left:
-                self._validate_one(making)
-                return True
+                tokens = len(making.validation_left[-1].input_ids)
+                cost = self._validation_flops(tokens)
+                return "validation", cost, functools.partial(self._validate_one, making)
             if not self.trainer.can_snapshot:
-                return False  # the previous checkpoint is still being written: wait for it
-            self._making = None
-            self._write(making)
-            return not self._done
+                return None  # the previous checkpoint is still being written: wait for it
+            return (
+                "checkpoint",
+                self._snapshot_elements,
+                functools.partial(self._checkpoint, making),
+            )
         unit = self.trainer.next_unit()
-        if unit is None:  # trained: the final checkpoint and the adapter
+        if unit is None:  # trained: the final checkpoint (and validation) are what is left
             state = self.trainer.state
             self._making = _Checkpoint(
                 state.step, state.last_loss, final=True, validation_left=list(self.validation)
             )
-            return True
+            return self._next_unit()
+        return unit.kind, unit.cost, functools.partial(self._trainer_unit, unit)
+
+    def _trainer_unit(self, unit: WorkUnit) -> None:
         result = unit.run()
         if result is not None:
+            self.tokens_trained += result.num_targets
             self._on_step(result)
-        return True
+
+    def _checkpoint(self, making: _Checkpoint) -> None:
+        self._making = None
+        self._write(making)
+
+    def _validation_flops(self, tokens: int) -> float:
+        c, lora = self.view.config, self.trainer.adapters.config
+        layer = graph.layer_forward_flops(c, lora, [tokens])
+        return c.num_layers * layer + graph.head_forward_flops(c, tokens)
 
     def _on_step(self, result: StepResult) -> None:
         now = time.monotonic()

@@ -589,10 +589,6 @@ class JobStore:
         self.apply(job_id, [NewCheckpoint(step, str(path), metrics)])
         return self.list_checkpoints(job_id, limit=1)[0][0]
 
-    def prune_checkpoints(self, job_id: str, keep: int) -> None:
-        """Keep the newest ``keep`` checkpoints of a job; delete the others, rows and files."""
-        self.apply(job_id, [Prune(keep)])
-
     def list_checkpoints(
         self, job_id: str, after: str | None = None, limit: int = 10
     ) -> tuple[list[Checkpoint], bool]:

@@ -24,6 +24,7 @@ job, never decode; the scheduler only takes a built runner and gives it its slic
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -34,7 +35,10 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.runtime_context import get_serving
 
-from sglang_harli.config import HarliConfig, Mode
+from sglang_harli.config import HarliConfig
+from sglang_harli.corun.controller import CoRun
+from sglang_harli.corun.policy import make_policy
+from sglang_harli.corun.predictor import MIN_SAMPLES, Predictor, ProfileKey, load_profile
 from sglang_harli.corun.stats import DecodeStats, HookStats
 from sglang_harli.jobs.agent import AgentConfig, JobAgent
 from sglang_harli.jobs.runner import JobRunner, RunnerConfig
@@ -53,6 +57,7 @@ class HarliScheduler(Scheduler):
         self.harli_stats = HookStats()
         self._check_kv_pools()
         self._harli_runner: JobRunner | None = None
+        self.harli_corun = CoRun(self._harli_policy(harli_config))
         build = functools.partial(
             JobRunner.build,
             view=base_model_view(self.tp_worker.model_runner.model),
@@ -71,6 +76,42 @@ class HarliScheduler(Scheduler):
             harli_config.mode,
             harli_config.state_dir,
             self.harli_agent.owner.info,
+        )
+
+    def _harli_policy(self, config: HarliConfig):
+        """The mode's policy, over a predictor from a matching profile or learning online."""
+        predictor = Predictor()
+        if config.profile is not None:
+            profile, message = load_profile(config.profile, self.harli_profile_key())
+            if profile is not None:
+                predictor = Predictor.from_profile(profile)
+                logger.info("Harli predictor: %s", message)
+            else:
+                logger.warning("Harli predictor: %s", message)
+                predictor.source = message
+        if not predictor.stage1.ready:
+            logger.info(
+                "Harli predictor: no profile; no finetune beside decode until it has measured "
+                "%d decode iterations, then learning from every iteration",
+                MIN_SAMPLES,
+            )
+        return make_policy(
+            config.mode,
+            objective_s=config.tpot_slo_ms / 1e3,
+            margin=config.slo_margin,
+            budget_s=config.finetune_budget_ms / 1e3,
+            idle_quantum_s=config.idle_quantum_ms / 1e3,
+            predictor=predictor,
+        )
+
+    def harli_profile_key(self) -> ProfileKey:
+        """What this server's latency depends on: a profile of another kind is not used."""
+        model_config = self.tp_worker.model_runner.model_config
+        return ProfileKey(
+            model=served_model_name(self.server_args),
+            device=profile_device(self.server_args.device),
+            dtype=str(model_config.dtype).removeprefix("torch."),
+            tp_size=self.server_args.tp_size,
         )
 
     def _check_kv_pools(self) -> None:
@@ -98,21 +139,33 @@ class HarliScheduler(Scheduler):
 
     def run_batch(self, batch, pp_proxy_tensors=None):
         if not batch.forward_mode.is_decode():
+            self.harli_corun.interrupt()
             return super().run_batch(batch, pp_proxy_tensors)
         with self.harli_stats.timed("before_decode"):
-            self.harli_stats.record_decode(decode_stats(batch))
+            stats = decode_stats(batch)
+            self.harli_stats.record_decode(stats)
+            plan = self.harli_corun.before_decode(stats)
         result = super().run_batch(batch, pp_proxy_tensors)
-        if self.harli_config.mode == Mode.TIME_SLICED:
-            with self.harli_stats.timed("finetune_slice", overhead=False):
-                self._harli_finetune(self.harli_config.finetune_budget_ms / 1e3)
+        if not plan.runs_finetune:
+            self.harli_corun.after_decode(None)  # the decode's end, measured
+            return result
+        with self.harli_stats.timed("finetune_slice", overhead=False):
+            runner = self._harli_take_runner()
+            with torch.inference_mode(False), torch.enable_grad():
+                still_running = self.harli_corun.after_decode(runner)
+            self._harli_keep(runner, still_running)
         return result
 
     def on_idle(self):
         with self.harli_stats.timed("idle"):
-            pass
+            self.harli_corun.interrupt()
         if self.is_fully_idle():
             with self.harli_stats.timed("finetune_quantum", overhead=False):
-                self._harli_finetune(self.harli_config.idle_quantum_ms / 1e3)
+                runner = self._harli_take_runner()
+                if runner is not None:
+                    with torch.inference_mode(False), torch.enable_grad():
+                        still_running = self.harli_corun.idle(runner)
+                    self._harli_keep(runner, still_running)
         return super().on_idle()
 
     def maybe_sleep_on_idle(self):
@@ -122,18 +175,17 @@ class HarliScheduler(Scheduler):
         if runner is None or runner.paused:
             super().maybe_sleep_on_idle()
 
-    def _harli_finetune(self, budget_s: float) -> None:
-        runner = self._harli_runner
-        if runner is None:
-            # a runner the agent built (a list swap: the job store is the agent's business)
-            runner = self._harli_runner = self.harli_agent.take_runner()
-            if runner is None:
-                return
-            logger.info("fine-tuning job %s starts", runner.job.id)
-        # SGLang's loops run under no_grad (or inference mode); training needs autograd.
-        with torch.inference_mode(False), torch.enable_grad():
-            still_running = runner.run_for(budget_s)
-        if not still_running:
+    def _harli_take_runner(self) -> JobRunner | None:
+        """The job being trained, or one the agent built (a list swap: the job store is the
+        agent's business)."""
+        if self._harli_runner is None:
+            self._harli_runner = self.harli_agent.take_runner()
+            if self._harli_runner is not None:
+                logger.info("fine-tuning job %s starts", self._harli_runner.job.id)
+        return self._harli_runner
+
+    def _harli_keep(self, runner: JobRunner | None, still_running: bool) -> None:
+        if runner is not None and not still_running:
             self._harli_runner = None
 
     def _harli_reclaim_kv(self) -> None:
@@ -150,6 +202,9 @@ class HarliScheduler(Scheduler):
             "running_job": runner.job.id if runner is not None else None,
             "job_paused": runner.paused if runner is not None else None,
             "jobs": self.harli_agent.status(),
+            "profile_key": dataclasses.asdict(self.harli_profile_key()),
+            "corun": self.harli_corun.to_dict(),
+            "samples": self.harli_corun.samples(),
             **self.harli_stats.to_dict(),
         }
         return output
@@ -171,3 +226,11 @@ def decode_stats(batch) -> DecodeStats:
         seq_lens_sum=int(sum(seq_lens)),
         seq_len_max=int(max(seq_lens, default=0)),
     )
+
+
+def profile_device(device: str) -> str:
+    """The device a profile is keyed by: the GPU's name (an H100's latencies are not an
+    H200's), or ``cpu``."""
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return device

@@ -17,6 +17,7 @@ from sglang_harli.jobs.store import (
     NewEvent,
     Owner,
     Progress,
+    Prune,
     Rewind,
 )
 
@@ -263,7 +264,7 @@ def test_checkpoint_paths_are_stored_relative_and_pruned_with_their_directories(
     assert paths[0] == f"jobs/{job.id}/checkpoints/step-2" and adapter == f"jobs/{job.id}/adapter"
     assert store.get_job(job.id).adapter_path == str(store.job_dir(job.id) / "adapter")
 
-    store.prune_checkpoints(job.id, keep=2)
+    store.apply(job.id, [Prune(keep=2)])  # what a runner writes after each checkpoint
     assert [c.step for c in store.list_checkpoints(job.id)[0]] == [8, 6]
     left = sorted(p.name for p in (store.job_dir(job.id) / "checkpoints").iterdir())
     assert left == ["step-6", "step-8"]

@@ -1,0 +1,179 @@
+"""The co-run loop's bookkeeping: plan before each decode iteration, run the planned finetune
+after it, measure the iteration, feed the measurement back. No SGLang here: the scheduler calls
+:meth:`CoRun.before_decode` from ``run_batch``, :meth:`CoRun.after_decode` once the decode is
+launched, :meth:`CoRun.interrupt` for any other batch, :meth:`CoRun.idle` on idle passes.
+
+A decode iteration is measured from its ``run_batch`` to the next decode ``run_batch``: that
+interval is the time per output token its requests see (SGLang's loop around the forward
+included). An interval with a prefill or an idle pass in it is not a decode iteration's latency
+and is not measured (the prefill is SGLang's scheduling choice, not finetune's).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .policy import CoRunPolicy, Iteration, Plan
+from .stats import CoRunStats, DecodeStats, Window
+
+SAMPLE_KEYS = 256  # distinct decode shapes kept for profiles (the most recent)
+
+
+class Runner(Protocol):
+    """What the loop drives: ``jobs.runner.JobRunner``."""
+
+    tokens_trained: int
+
+    def run_planned(self, admit: Callable, observe: Callable | None = None) -> bool: ...
+
+
+@dataclasses.dataclass
+class _Open:
+    start: float
+    stats: DecodeStats
+    plan: Plan
+    finetune_s: float = 0.0
+    units: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    # stage 2 as planned: the decode prediction plus each admitted unit's predicted duration
+    predicted_s: float | None = None
+    forward_s: float | None = None  # from run_batch to the decode's return (then the slice)
+
+
+class CoRun:
+    def __init__(self, policy: CoRunPolicy, clock: Callable[[], float] = time.perf_counter):
+        self.policy, self.clock = policy, clock
+        self.stats = CoRunStats(policy.objective_s)
+        self._open: _Open | None = None
+        # measured samples for `python -m sglang_harli.profile`: solo decode per batch shape,
+        # unit durations per (kind, cost), and whole co-run iterations
+        self.decode_samples: collections.OrderedDict[tuple[int, int, int], Window] = (
+            collections.OrderedDict()
+        )
+        self.unit_samples: dict[tuple[str, float], Window] = {}
+        self.corun_samples: collections.deque = collections.deque(maxlen=SAMPLE_KEYS)
+
+    # --- the scheduler's calls ---------------------------------------------------------------
+
+    def before_decode(self, stats: DecodeStats) -> Plan:
+        """Close the previous iteration (measured now), then plan this one."""
+        began = self.clock()
+        if self._open is not None:
+            self._close(began)
+        plan = self.policy.plan(stats)
+        self._open = _Open(began, stats, plan, predicted_s=plan.predicted_decode_s)
+        self.stats.last_plan = {
+            "budget_ms": round(plan.budget_s * 1e3, 4),
+            "predicted_decode_ms": None
+            if plan.predicted_decode_s is None
+            else round(plan.predicted_decode_s * 1e3, 4),
+            "reason": plan.reason,
+        }
+        self.stats.planned_finetune += plan.runs_finetune
+        self.stats.policy_us.add((self.clock() - began) * 1e6)
+        return plan
+
+    def after_decode(self, runner: Runner | None) -> bool:
+        """The decode has run: run the open iteration's planned finetune (when it plans any and
+        a job trains); False once the runner is done."""
+        it = self._open
+        if it is None:
+            return runner is not None
+        began = self.clock()
+        it.forward_s = began - it.start
+        if runner is None or not it.plan.runs_finetune:
+            return runner is not None
+
+        def admit(spent_s: float, kind: str, cost: float) -> bool:
+            elapsed = self.clock() - it.start
+            if not self.policy.admit(it.plan, spent_s, kind, cost, elapsed):
+                return False
+            unit_s = self.policy.predictor.unit(kind, cost)
+            if it.predicted_s is not None:
+                it.predicted_s = None if unit_s is None else it.predicted_s + unit_s
+            return True
+
+        def observe(kind: str, cost: float, seconds: float) -> None:
+            it.units.append((kind, cost))
+            self._observe_unit(kind, cost, seconds)
+
+        still_running = self._train(runner, admit, observe)
+        it.finetune_s += self.clock() - began
+        return still_running
+
+    def interrupt(self) -> None:
+        """A prefill or an idle pass: the open iteration is not a decode-to-decode interval."""
+        self._open = None
+
+    def idle(self, runner: Runner) -> bool:
+        """No decode: a quantum of finetune on the whole device (unit durations still learned)."""
+        self._open = None
+        quantum = self.policy.idle_quantum_s
+        return self._train(
+            runner, lambda spent_s, kind, cost: spent_s < quantum, self._observe_unit
+        )
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.stats.to_dict(),
+            "policy": self.policy.to_dict(),
+            "predictor": self.policy.predictor.to_dict(),
+        }
+
+    def samples(self) -> dict[str, Any]:
+        """What a profile is made of (medians of what was measured), for the profile tool."""
+        return {
+            "decode": [
+                {
+                    "batch_size": b,
+                    "seq_lens_sum": s,
+                    "seq_len_max": m,
+                    "seconds": w.quantile(0.5),
+                    "n": len(w.values),
+                }
+                for (b, s, m), w in self.decode_samples.items()
+            ],
+            "units": [
+                {"kind": kind, "cost": cost, "seconds": w.quantile(0.5), "n": len(w.values)}
+                for (kind, cost), w in self.unit_samples.items()
+            ],
+            "corun": list(self.corun_samples),
+        }
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _train(self, runner: Runner, admit: Callable, observe: Callable) -> bool:
+        before = runner.tokens_trained
+        still_running = runner.run_planned(admit, observe)
+        self.stats.finetune_tokens += runner.tokens_trained - before
+        return still_running
+
+    def _observe_unit(self, kind: str, cost: float, seconds: float) -> None:
+        self.policy.predictor.observe_unit(kind, cost, seconds)
+        self.unit_samples.setdefault((kind, cost), Window(64)).add(seconds)
+
+    def _close(self, now: float) -> None:
+        it, self._open = self._open, None
+        total = now - it.start
+        iteration = Iteration(it.stats, it.plan, total, it.finetune_s, tuple(it.units))
+        if it.forward_s is not None:
+            iteration = dataclasses.replace(
+                iteration, tail_s=max(total - it.finetune_s - it.forward_s, 0.0)
+            )
+        self.policy.feedback(iteration)
+        self.stats.record(total, iteration.decode_s, it.finetune_s, it.predicted_s)
+        key = (it.stats.batch_size, it.stats.seq_lens_sum, it.stats.seq_len_max)
+        window = self.decode_samples.pop(key, None) or Window(64)
+        window.add(iteration.decode_s)
+        self.decode_samples[key] = window  # most recent last
+        if len(self.decode_samples) > SAMPLE_KEYS:
+            self.decode_samples.popitem(last=False)
+        if it.units:
+            self.corun_samples.append(
+                {**dataclasses.asdict(it.stats), "units": it.units, "seconds": total}
+            )

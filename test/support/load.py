@@ -1,0 +1,69 @@
+"""Streaming decode load, as clients see it: the gaps between streamed tokens.
+
+``stream_load`` keeps ``streams`` concurrent greedy ``/generate`` streams going for
+``duration_s`` (each request ``max_new_tokens`` long, EOS ignored, so every request decodes the
+same number of tokens), and returns every gap between two consecutive streamed chunks of one
+request, in seconds (the first token of each request, which includes its prefill, is not a gap).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+
+import requests
+
+PROMPTS = ["def hello(world):", "import os, sys", "class Foo:", "x = [i for i in", "while True:"]
+
+
+def stream_one(url: str, prompt: str, max_new_tokens: int) -> list[float]:
+    body = {
+        "text": prompt,
+        "stream": True,
+        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
+    }
+    gaps, last = [], None
+    with requests.post(url + "/generate", json=body, stream=True, timeout=120) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line or not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            json.loads(line[5:])  # a real chunk
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+    return gaps
+
+
+def stream_load(url: str, duration_s: float, streams: int = 3, max_new_tokens: int = 48):
+    """Client-side inter-token gaps (seconds) of ``streams`` concurrent streams."""
+    gaps: list[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + duration_s
+
+    def client(i: int) -> None:
+        n = 0
+        while time.monotonic() < deadline:
+            got = stream_one(url, PROMPTS[(i + n) % len(PROMPTS)], max_new_tokens)
+            n += 1
+            with lock:
+                gaps.extend(got)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return gaps
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

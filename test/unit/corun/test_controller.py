@@ -1,0 +1,329 @@
+"""The co-run loop (CoRun) driven like the scheduler drives it, on a fake clock and runner."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+
+import pytest
+
+from sglang_harli.corun.controller import CoRun
+from sglang_harli.corun.policy import HarliPolicy, IdleOnlyPolicy, TimeSlicedPolicy
+from sglang_harli.corun.predictor import Predictor
+from sglang_harli.corun.stats import DecodeStats
+
+from .helpers import TRUE_UNITS, fitted_predictor, linear, random_shapes, unit_seconds
+
+S = 0.010
+A, B, C, D, E = (DecodeStats(b, 100 * b, 100) for b in (1, 2, 3, 4, 5))
+
+
+class Clock:
+    """Fake time: stands still until the test (or the fake runner) advances it."""
+
+    def __init__(self, start: float = 0.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class ListClock:
+    """Fake time read from a list, one value per call (the last one repeats)."""
+
+    def __init__(self, ticks: Iterable[float]):
+        self.ticks = list(ticks)
+
+    def __call__(self) -> float:
+        return self.ticks.pop(0) if len(self.ticks) > 1 else self.ticks[0]
+
+
+class FakeRunner:
+    """JobRunner.run_planned's contract: ask ``admit(spent_s, kind, cost)`` before each unit
+    (spent_s exactly 0.0 before the first), run it (the clock advances by its duration), tell
+    ``observe``; stop when admit says no (True: more to do) or the units run out (False)."""
+
+    def __init__(self, clock: Clock, units: Iterable[tuple[str, float, float]], tokens=10):
+        self.clock = clock
+        self.units: Iterator[tuple[str, float, float]] = iter(units)
+        self.next = next(self.units, None)
+        self.tokens_per_unit = tokens
+        self.tokens_trained = 0
+        self.asked: list[tuple[float, str, float]] = []
+
+    def run_planned(self, admit, observe=None) -> bool:
+        start, ran = self.clock(), False
+        while self.next is not None:
+            kind, cost, seconds = self.next
+            spent = self.clock() - start if ran else 0.0
+            self.asked.append((spent, kind, cost))
+            if not admit(spent, kind, cost):
+                return True
+            began, ran = self.clock(), True
+            self.clock.advance(seconds)
+            self.tokens_trained += self.tokens_per_unit
+            if observe is not None:
+                observe(kind, cost, self.clock() - began)
+            self.next = next(self.units, None)
+        return False
+
+
+def forever(kind: str = "forward", cost: float = 1e6, seconds: float = 0.003):
+    while True:
+        yield kind, cost, seconds
+
+
+def sliced(clock: Clock, budget_s: float = 0.004) -> CoRun:
+    return CoRun(TimeSlicedPolicy(S, 0.005, Predictor(), budget_s), clock=clock)
+
+
+# --- what an iteration is ----------------------------------------------------------------------
+
+
+def test_an_iteration_runs_from_one_before_decode_to_the_next():
+    """Decode (5 ms) plus the finetune run after it (two 3 ms units in a 4 ms slice) = 11 ms."""
+    clock = Clock()
+    corun, runner = sliced(clock), FakeRunner(clock, forever())
+
+    corun.before_decode(A)
+    clock.advance(0.005)
+    assert corun.after_decode(runner) is True
+    assert corun.stats.iterations == 0  # not measured until the next decode starts
+    clock.advance(0.0005)  # SGLang's loop before the next run_batch
+    corun.before_decode(B)
+
+    assert corun.stats.iterations == 1
+    assert corun.stats.last_iteration_ms == pytest.approx(11.5)
+    assert corun.stats.finetune_s == pytest.approx(0.006)
+    assert [(round(spent, 6), kind) for spent, kind, _ in runner.asked] == [
+        (0.0, "forward"),
+        (0.003, "forward"),
+        (0.006, "forward"),  # refused: the slice is spent
+    ]
+    assert corun.samples()["decode"][0]["seconds"] == pytest.approx(0.0055)  # without finetune
+
+
+@pytest.mark.parametrize("between", ["interrupt", "idle"])
+def test_a_prefill_or_idle_pass_drops_the_open_iteration(between):
+    """An interval with a prefill (interrupt) or an idle pass in it is not measured."""
+    clock = Clock()
+    corun, runner = sliced(clock), FakeRunner(clock, forever())
+
+    corun.before_decode(A)
+    clock.advance(0.005)
+    corun.after_decode(runner)
+    if between == "interrupt":
+        corun.interrupt()
+    else:
+        assert corun.idle(runner) is True
+    clock.advance(0.050)  # the prefill / idle work
+    corun.before_decode(B)
+    clock.advance(0.002)
+    corun.before_decode(C)
+
+    assert corun.stats.iterations == 1  # only B -> C
+    assert corun.stats.last_iteration_ms == pytest.approx(2.0)
+    assert list(corun.stats.measured_ms.values) == [pytest.approx(2.0)]
+
+
+def test_idle_trains_a_quantum_and_learns_unit_durations():
+    """No decode: units run while less than idle_quantum_s is spent; their durations are learned
+    (the predictor knows the kind afterwards) and their tokens counted."""
+    clock = Clock()
+    corun, runner = sliced(clock), FakeRunner(clock, forever(seconds=0.002))
+    assert corun.policy.predictor.unit("forward", 1e6) is None
+
+    assert corun.idle(runner) is True
+    assert clock() == pytest.approx(0.006)  # 0, 2, 4 ms < 5 ms quantum: three units
+    assert corun.policy.predictor.unit("forward", 1e6) == pytest.approx(0.002)
+    assert corun.stats.finetune_tokens == 30
+    assert corun.stats.iterations == 0
+
+
+def test_after_decode_reports_when_the_runner_is_done():
+    clock = Clock()
+    corun = sliced(clock, budget_s=1.0)
+    corun.before_decode(A)
+    assert corun.after_decode(FakeRunner(clock, [("forward", 1e6, 0.001)])) is False
+    assert corun.after_decode(None) is False  # no runner: nothing to run
+
+
+def test_no_finetune_runs_when_the_plan_gives_none():
+    clock = Clock()
+    corun = CoRun(IdleOnlyPolicy(S, 0.005, fitted_predictor()), clock=clock)
+    runner = FakeRunner(clock, forever())
+
+    corun.before_decode(A)
+    assert corun.after_decode(runner) is True
+    assert runner.asked == []
+    assert corun.stats.planned_finetune == 0
+
+
+# --- the counters ----------------------------------------------------------------------------
+
+
+def scripted() -> tuple[CoRun, FakeRunner]:
+    """Five decodes with a 10 ms objective and a 4 ms slice of 3 ms units:
+    A: 5 ms decode + 6 ms finetune (a miss), B: 4 ms (no runner), C: interrupted by a prefill,
+    D: 3 ms, E: still open."""
+    clock = Clock()
+    corun, runner = sliced(clock), FakeRunner(clock, forever())
+    corun.before_decode(A)
+    clock.advance(0.005)
+    corun.after_decode(runner)
+    corun.before_decode(B)
+    clock.advance(0.004)
+    corun.after_decode(None)
+    corun.before_decode(C)
+    corun.interrupt()
+    clock.advance(0.020)
+    corun.before_decode(D)
+    clock.advance(0.003)
+    corun.before_decode(E)
+    return corun, runner
+
+
+def test_stats_counters_on_a_scripted_sequence():
+    corun, _ = scripted()
+    report = corun.to_dict()
+
+    assert report["iterations"] == 3  # A, B, D
+    assert report["within_slo"] == 2  # B, D
+    assert report["slo_attainment"] == pytest.approx(2 / 3)
+    assert report["finetune_s"] == pytest.approx(0.006)
+    assert report["slack_s"] == pytest.approx(0.005 + 0.006 + 0.007)  # S - decode, each
+    assert report["slack_used"] == pytest.approx(0.006 / 0.018)
+    assert report["finetune_tokens"] == 20
+    assert report["planned_finetune"] == 5  # every before_decode of the time-sliced mode
+    assert report["iteration_ms"]["last"] == pytest.approx(3.0)
+    assert list(corun.stats.measured_ms.values) == pytest.approx([11.0, 4.0, 3.0])
+    assert report["last_plan"] == {
+        "budget_ms": 4.0,
+        "predicted_decode_ms": None,
+        "reason": "fixed slice",
+    }
+
+
+def test_samples_give_decode_shapes_and_unit_medians():
+    corun, _ = scripted()
+    samples = corun.samples()
+
+    assert [(r["batch_size"], r["seq_lens_sum"], r["seq_len_max"]) for r in samples["decode"]] == [
+        (1, 100, 100),
+        (2, 200, 100),
+        (4, 400, 100),
+    ]
+    assert [r["seconds"] for r in samples["decode"]] == pytest.approx([0.005, 0.004, 0.003])
+    assert samples["units"] == [
+        {"kind": "forward", "cost": 1e6, "seconds": pytest.approx(0.003), "n": 2}
+    ]
+    assert len(samples["corun"]) == 1
+    assert samples["corun"][0]["batch_size"] == 1
+    assert samples["corun"][0]["units"] == [("forward", 1e6), ("forward", 1e6)]
+    assert samples["corun"][0]["seconds"] == pytest.approx(0.011)
+
+
+def test_decode_sample_medians_per_shape():
+    clock = Clock()
+    corun = CoRun(IdleOnlyPolicy(S, 0.005, Predictor()), clock=clock)
+    for seconds in (0.004, 0.009, 0.005, 0.005, 0.001):
+        corun.before_decode(A)
+        clock.advance(seconds)
+    corun.before_decode(B)
+
+    (row,) = [r for r in corun.samples()["decode"] if r["batch_size"] == 1]
+    assert (row["seconds"], row["n"]) == (pytest.approx(0.005), 5)
+
+
+def test_policy_overhead_gets_one_sample_per_before_decode():
+    """Each before_decode adds the time spent planning to policy_us (here 2 us, then 3 us);
+    the iteration itself is measured from where each before_decode began."""
+    clock = ListClock([1.0, 1.000002, 1.010, 1.010003])
+    corun = CoRun(IdleOnlyPolicy(S, 0.005, Predictor()), clock=clock)
+
+    corun.before_decode(A)
+    assert list(corun.stats.policy_us.values) == [pytest.approx(2.0)]
+    corun.before_decode(B)
+
+    assert list(corun.stats.policy_us.values) == [pytest.approx(2.0), pytest.approx(3.0)]
+    assert corun.stats.last_iteration_ms == pytest.approx(10.0)
+    assert corun.to_dict()["policy_us"]["p99"] == pytest.approx(3.0)
+
+
+# --- the QoS policy in the loop --------------------------------------------------------------
+
+
+def harli_loop(iterations: int, seed: int = 0, slower: float = 1.0):
+    """The scheduler's loop with a pre-fitted predictor: decode (at most 4.4 ms) takes what stage
+    1 predicts, every unit (0.05-3.3 ms as profiled) ``slower`` times what its rate predicts.
+    Returns the loop and, per measured iteration, the finetune milliseconds in it."""
+    rng = random.Random(seed)
+    kinds = sorted(TRUE_UNITS)
+
+    def units():
+        while True:
+            kind, cost = rng.choice(kinds), rng.uniform(1e5, 1.5e6)
+            yield kind, cost, slower * unit_seconds(kind, cost)
+
+    clock = Clock()
+    corun = CoRun(HarliPolicy(S, 0.005, fitted_predictor(), margin=0.1), clock=clock)
+    runner = FakeRunner(clock, units())
+    shapes = random_shapes(seed + 1, iterations, max_batch=4, max_len=512)
+    for stats in shapes:
+        corun.before_decode(stats)
+        clock.advance(linear(stats))
+        corun.after_decode(runner)
+    measured = list(corun.stats.measured_ms.values)
+    finetune_ms = [t - linear(s) * 1e3 for t, s in zip(measured, shapes, strict=False)]
+    return corun, finetune_ms
+
+
+def test_harli_never_pushes_an_iteration_over_the_objective_when_units_take_as_predicted():
+    corun, finetune_ms = harli_loop(300)
+    report = corun.to_dict()
+
+    assert report["iterations"] == 299
+    assert report["within_slo"] == 299
+    assert max(corun.stats.measured_ms.values) <= S * 1e3 * (1 - 0.1) + 1e-9
+    assert report["finetune_s"] > 0.5 * report["slack_s"]  # and it did use the slack
+    assert sum(ms > 0 for ms in finetune_ms) > 250  # in nearly every iteration
+    assert report["planned_finetune"] == 300
+    assert report["prediction_error"]["mean"] < 1e-6  # stage 2 as planned = as measured
+    assert report["policy"]["misses"] == 0
+
+
+def test_harli_backs_off_and_recovers_when_units_take_longer_than_predicted():
+    """Units 2x slower than the profile: early slices overrun and the policy backs off; the
+    unit rates are corrected online, so the last 100 iterations keep the objective while
+    finetune still runs in most of them."""
+    corun, finetune_ms = harli_loop(400, seed=2, slower=2.0)
+    report = corun.to_dict()
+
+    assert report["policy"]["misses"] > 0
+    assert report["within_slo"] < report["iterations"]
+    assert max(list(corun.stats.measured_ms.values)[-100:]) <= S * 1e3
+    assert sum(ms > 0 for ms in finetune_ms[-100:]) > 80
+
+
+def test_a_probe_unit_leaves_the_iteration_without_a_stage2_prediction():
+    """A kind the predictor never saw runs as a probe; that iteration has no prediction (its
+    error is not recorded), the next one does once the kind is learned."""
+    clock = Clock()
+    predictor = fitted_predictor()
+    corun = CoRun(HarliPolicy(0.050, 0.005, predictor, margin=0.0), clock=clock)
+    runner = FakeRunner(clock, [("validation", 1e6, 0.004)] + [("forward", 1e6, 0.0012)] * 3)
+
+    corun.before_decode(A)
+    clock.advance(linear(A))
+    corun.after_decode(runner)
+    corun.before_decode(A)
+    assert len(corun.stats.prediction_error.values) == 0
+    assert predictor.unit("validation", 1e6) == pytest.approx(0.004)
+
+    clock.advance(linear(A))
+    corun.after_decode(runner)
+    corun.before_decode(A)
+    assert len(corun.stats.prediction_error.values) == 1
