@@ -55,6 +55,7 @@ class CoRun:
         )
         self.unit_samples: dict[tuple[str, float], Window] = {}
         self.corun_samples: collections.deque = collections.deque(maxlen=SAMPLE_KEYS)
+        self.misses: collections.deque = collections.deque(maxlen=16)  # the latest, for status
 
     # --- the scheduler's calls ---------------------------------------------------------------
 
@@ -123,6 +124,7 @@ class CoRun:
             **self.stats.to_dict(),
             "policy": self.policy.to_dict(),
             "predictor": self.policy.predictor.to_dict(),
+            "recent_misses": list(self.misses),
         }
 
     def samples(self) -> dict[str, Any]:
@@ -160,12 +162,22 @@ class CoRun:
     def _close(self, now: float) -> None:
         it, self._open = self._open, None
         total = now - it.start
-        iteration = Iteration(it.stats, it.plan, total, it.finetune_s, tuple(it.units))
-        if it.forward_s is not None:
-            iteration = dataclasses.replace(
-                iteration, tail_s=max(total - it.finetune_s - it.forward_s, 0.0)
-            )
+        tail = None if it.forward_s is None else max(total - it.finetune_s - it.forward_s, 0.0)
+        iteration = Iteration(it.stats, it.plan, total, it.finetune_s, tuple(it.units), tail)
         self.policy.feedback(iteration)
+        if not self.policy.within(total):
+            self.misses.append(
+                {
+                    "ms": round(total * 1e3, 3),
+                    "forward_ms": None if it.forward_s is None else round(it.forward_s * 1e3, 3),
+                    "finetune_ms": round(it.finetune_s * 1e3, 3),
+                    "tail_ms": None if tail is None else round(tail * 1e3, 3),
+                    "planned_ms": None
+                    if it.predicted_s is None
+                    else round(it.predicted_s * 1e3, 3),
+                    "units": [kind for kind, _ in it.units],
+                }
+            )
         self.stats.record(total, iteration.decode_s, it.finetune_s, it.predicted_s)
         key = (it.stats.batch_size, it.stats.seq_lens_sum, it.stats.seq_len_max)
         window = self.decode_samples.pop(key, None) or Window(64)
@@ -174,6 +186,13 @@ class CoRun:
         if len(self.decode_samples) > SAMPLE_KEYS:
             self.decode_samples.popitem(last=False)
         if it.units:
+            stats = it.stats
             self.corun_samples.append(
-                {**dataclasses.asdict(it.stats), "units": it.units, "seconds": total}
+                {
+                    "batch_size": stats.batch_size,
+                    "seq_lens_sum": stats.seq_lens_sum,
+                    "seq_len_max": stats.seq_len_max,
+                    "units": it.units,
+                    "seconds": total,
+                }
             )

@@ -145,17 +145,23 @@ class HarliPolicy(CoRunPolicy):
         # On a CPU the decode has run when units are admitted: they are checked against the
         # time actually elapsed, so a slow decode leaves less room and a fast one more; only
         # SGLang's work after the slice (the tail) is still predicted.
-        deadline = decode_s - self.predictor.tail_s + slack
+        deadline = decode_s - self.predictor.tail_bound_s + slack
         reason = "backing off" if self.backoff < 1 else "slack"
         return Plan(slack, decode_s, deadline_s=deadline, reason=reason)
 
     def admit(self, plan, spent_s, kind, cost, elapsed_s=None) -> bool:
-        seconds = self.predictor.unit(kind, cost)
+        seconds = self.predictor.unit_bound(kind, cost)
         if seconds is None:  # never measured: only as a probe, first in a large slice
             return spent_s == 0.0 and plan.budget_s >= PROBE_FRACTION * self.objective_s
-        if elapsed_s is not None and plan.deadline_s is not None:
-            return elapsed_s + seconds <= plan.deadline_s
-        return spent_s + seconds <= plan.budget_s
+        if elapsed_s is None or plan.deadline_s is None:
+            return spent_s + seconds <= plan.budget_s
+        # A decode that ran slower than predicted says the machine is slow right now (another
+        # process, the GIL, a cold cache): the units after it will be as slow.
+        forward_s = elapsed_s - spent_s
+        predicted_forward = (plan.predicted_decode_s or 0.0) - self.predictor.tail_s
+        if predicted_forward > 0 and forward_s > predicted_forward:
+            seconds *= forward_s / predicted_forward
+        return elapsed_s + seconds <= plan.deadline_s
 
     def feedback(self, iteration: Iteration) -> None:
         super().feedback(iteration)

@@ -56,6 +56,9 @@ MIN_SAMPLES = 16  # solo iterations before a predictor with no profile predicts 
 REFIT_EVERY = 32  # without a profile: refit stage 1 this often (a 4x4 solve)
 FORGET = 0.995  # per sample: the learned fit weighs about the last 200 iterations
 WINDOW = 512  # recent samples kept per unit kind for refits
+# Admission bounds: the mean plus this many smoothed absolute deviations (as TCP's RTO is), so
+# a unit or SGLang's tail that varies from one run to the next is budgeted near its worst case
+SPREAD_K = 1.0
 
 
 def features(stats: DecodeStats) -> list[float]:
@@ -213,10 +216,16 @@ class UnitRate:
     overhead_s: float = 0.0
     seconds_per_cost: float | None = None
     residual: Residual = dataclasses.field(default_factory=Residual)
+    spread: float = 0.0  # smoothed |measured - predicted| / predicted
     _recent: collections.deque = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=WINDOW)
     )
     _since_fit: int = 0
+
+    def bound(self, cost: float) -> float | None:
+        """A duration this unit rarely exceeds: the prediction plus ``SPREAD_K`` deviations."""
+        predicted = self.predict(cost)
+        return None if predicted is None else predicted * (1.0 + SPREAD_K * self.spread)
 
     def fit(self, samples: Iterable[tuple[float, float]]) -> None:
         samples = [(c, t) for c, t in samples if t > 0]
@@ -244,6 +253,7 @@ class UnitRate:
         if predicted is None:
             self.fit(self._recent)
             return
+        self.spread += self.alpha * (abs(seconds - predicted) / predicted - self.spread)
         self.residual.update(seconds, predicted)
         self._since_fit += 1
         if self._since_fit >= REFIT_EVERY:
@@ -313,6 +323,7 @@ class Predictor:
     # CPU: SGLang's work between a decode's forward and the next run_batch (sending results,
     # taking requests, scheduling), smoothed; part of stage 1's latency, after the slice
     tail_s: float = 0.0
+    tail_spread_s: float = 0.0  # its smoothed absolute deviation
 
     # --- stage 1 -----------------------------------------------------------------------------
 
@@ -325,7 +336,14 @@ class Predictor:
         """A measured solo iteration (``seconds``), of which ``tail_s`` came after the forward."""
         self.stage1.observe(stats, seconds)
         if tail_s is not None:
-            self.tail_s += DEFAULT_ALPHA * (tail_s - self.tail_s)
+            error = tail_s - self.tail_s
+            self.tail_s += DEFAULT_ALPHA * error
+            self.tail_spread_s += DEFAULT_ALPHA * (abs(error) - self.tail_spread_s)
+
+    @property
+    def tail_bound_s(self) -> float:
+        """SGLang's work after a slice, budgeted near its worst case (``SPREAD_K`` deviations)."""
+        return self.tail_s + SPREAD_K * self.tail_spread_s
 
     # --- stage 2 -----------------------------------------------------------------------------
 
@@ -333,6 +351,11 @@ class Predictor:
         """A finetune unit's seconds on a CPU (None: this kind never ran here yet)."""
         rate = self.units.get(kind)
         return rate.predict(cost) if rate is not None else None
+
+    def unit_bound(self, kind: str, cost: float) -> float | None:
+        """What admission budgets for a unit: its prediction plus its usual deviation."""
+        rate = self.units.get(kind)
+        return rate.bound(cost) if rate is not None else None
 
     def observe_unit(self, kind: str, cost: float, seconds: float) -> None:
         self.units.setdefault(kind, UnitRate()).observe(cost, seconds)

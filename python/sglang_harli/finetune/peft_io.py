@@ -16,10 +16,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .base_model import ATTENTION_PROJECTIONS, PROJECTIONS, ModelConfig
 from .lora import LoraAdapters, LoraConfig
+from .tensor_io import save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -84,7 +85,7 @@ def save_adapter_tensors(
             raise ValueError(f"unexpected adapter tensor name {name!r}")
         key = peft_key(int(match[1]), match[2], match[3])
         tensors[key] = t.detach().to("cpu", dtype).contiguous()
-    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_safetensors(path / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

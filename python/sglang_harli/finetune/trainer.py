@@ -4,11 +4,12 @@ A step takes the next ``global_batch_size`` sequences, packs them into micro-bat
 becomes this list of units (L layers)::
 
     for each micro-batch: forward 0 .. forward L-1, head (loss and its gradient),
-                          backward L-1 .. backward 0
+                          [recompute L-1,] backward L-1 .. [recompute 0,] backward 0
     optimizer (clip, AdamW, learning-rate schedule)
 
 Between units only what the next units need is kept: with activation checkpointing, each
-layer's input; without, each layer's autograd graph. The loss is summed over micro-batches
+layer's input (and, between a recompute unit and its backward, that one layer's graph);
+without, each layer's autograd graph. The loss is summed over micro-batches
 and divided by the number of target tokens of the whole global batch, so the maths of a
 step does not depend on how it is sliced into micro-batches (only on float summation order).
 Until the optimizer unit runs, a step can be abandoned and is then redone from scratch, on
@@ -44,11 +45,13 @@ from .base_model import BaseModelView
 from .data import Example, PackedBatch, pack
 from .lora import LoraAdapters, LoraConfig, sequence_seed
 from .peft_io import save_adapter_tensors
+from .tensor_io import load_tree, save_tree
 
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "linear", "cosine")
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = "trainer_state.pt"  # the structure and counters (torch.save)
+STATE_TENSORS = "trainer_state.safetensors"  # fp32 masters and AdamW tensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,13 +193,13 @@ def write_checkpoint(
             base_model_name_or_path=base_model_name_or_path,
         )
         if not adapter_only:
-            torch.save(snapshot.to_dict(), tmp / STATE_FILE)
+            save_tree(tmp / STATE_FILE, tmp / STATE_TENSORS, snapshot.to_dict())
 
 
 def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """What :func:`write_checkpoint` wrote, for :meth:`Trainer.restore`; raises if the files
     are missing, truncated or not a trainer state."""
-    saved = torch.load(Path(path) / STATE_FILE, map_location=device, weights_only=True)
+    saved = load_tree(Path(path) / STATE_FILE, Path(path) / STATE_TENSORS, device)
     if not isinstance(saved, dict) or not {"adapters", "optimizer", "state"} <= set(saved):
         raise ValueError(f"{path}: not a trainer checkpoint")
     return saved
@@ -273,9 +276,9 @@ class Trainer:
     def set_num_sms(self, num_sms: int | None) -> None:
         """SM budget of every kernel the next units launch (``None``: the whole device).
 
-        Takes effect at once, also inside an open step: a backward unit recomputes its layer
-        under the new budget (checkpointing) or replays its forward unit's graph with the
-        budget updated (``Ops.prepare_backward``). The torch backend accepts and ignores it.
+        Takes effect at once, also inside an open step: a backward unit replays the graph of its
+        recompute unit (checkpointing) or of its forward unit with the budget updated
+        (``Ops.prepare_backward``). The torch backend accepts and ignores it.
         """
         self.ops.num_sms = ops_mod.check_num_sms(num_sms)
 
@@ -286,6 +289,11 @@ class Trainer:
     @property
     def done(self) -> bool:
         return self.state.step >= self.total_steps
+
+    @property
+    def step_planned(self) -> bool:
+        """Whether the next step's micro-batches are packed (``pending_work`` packs them)."""
+        return self._step is not None or self.done
 
     def pending_work(self) -> list[WorkUnit]:
         """The units left in the current step (planning the next step if none is open)."""
@@ -474,8 +482,9 @@ class Trainer:
 
     def _units(self, step: _Step) -> list[WorkUnit]:
         c, lora = self.view.config, self.adapters.config
-        # Backward is about twice a forward; with checkpointing the forward is recomputed.
-        back = 3.0 if self.config.checkpointing else 2.0
+        # Backward is about twice a forward. With checkpointing the layer's forward is first
+        # recomputed, in a unit of its own: smaller units pack into a decode iteration's slack
+        # more tightly than one unit three forwards long.
         units = []
 
         def unit(kind, m, layer, tokens, cost, fn):
@@ -489,7 +498,9 @@ class Trainer:
             head = graph.head_forward_flops(c, mb.batch.num_targets) * 3.0
             unit("head", m, None, t, head, lambda mb=mb: self._head(mb, step))
             for i in reversed(range(c.num_layers)):
-                unit("backward", m, i, t, fwd * back, lambda mb=mb, i=i: self._backward(mb, i))
+                if self.config.checkpointing:
+                    unit("recompute", m, i, t, fwd, lambda mb=mb, i=i: self._recompute(mb, i))
+                unit("backward", m, i, t, fwd * 2.0, lambda mb=mb, i=i: self._backward(mb, i))
         params = sum(p.numel() for p in self.adapters.parameters())
         tokens = sum(mb.batch.num_tokens for mb in step.micro)
         unit("optimizer", None, None, tokens, 12.0 * params, lambda: self._optimizer(step))
@@ -533,14 +544,17 @@ class Trainer:
         step.loss_sum = loss.detach() if step.loss_sum is None else step.loss_sum + loss.detach()
         mb.carry = h.grad
 
+    def _recompute(self, mb: _MicroBatch, i: int) -> None:
+        """Checkpointing: the layer's forward again, from its saved input, keeping its graph
+        for the backward unit that follows."""
+        x = mb.saved[i].detach().requires_grad_(i > 0)
+        with torch.enable_grad():
+            out = graph.layer_forward(self.view, self.adapters, i, x, mb.ctx)
+        mb.saved[i] = (x, out)
+
     def _backward(self, mb: _MicroBatch, i: int) -> None:
-        if self.config.checkpointing:
-            x = mb.saved[i].detach().requires_grad_(i > 0)
-            with torch.enable_grad():
-                out = graph.layer_forward(self.view, self.adapters, i, x, mb.ctx)
-        else:
-            x, out = mb.saved[i]
-            self.ops.prepare_backward(out)  # an earlier unit's graph: the current num_sms
+        x, out = mb.saved[i]
+        self.ops.prepare_backward(out)  # an earlier unit's graph: the current num_sms
         mb.saved[i] = None
         out.backward(mb.carry)
         mb.carry = x.grad if i > 0 else None

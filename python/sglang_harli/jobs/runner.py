@@ -40,6 +40,7 @@ from sglang_harli.finetune.data import Example, load_examples, pack
 from sglang_harli.finetune.lora import LoraAdapters, LoraConfig
 from sglang_harli.finetune.trainer import (
     STATE_FILE,
+    STATE_TENSORS,
     StepResult,
     TrainConfig,
     Trainer,
@@ -266,8 +267,9 @@ class JobRunner:
 
     def _next_unit(self) -> tuple[str, float, Callable[[], None]] | None:
         """The next unit of work as (kind, cost, run), or None if there is none now (done, or
-        waiting for the previous checkpoint's write). Kinds: the trainer's units, plus
-        ``validation`` (one example) and ``checkpoint`` (the host copy of a snapshot)."""
+        waiting for the previous checkpoint's write). Kinds: the trainer's units, plus ``plan``
+        (packing a step's micro-batches), ``validation`` (one example) and ``checkpoint`` (the
+        host copy of a snapshot)."""
         making = self._making
         if making is not None:
             if making.validation_left:
@@ -281,6 +283,8 @@ class JobRunner:
                 self._snapshot_elements,
                 functools.partial(self._checkpoint, making),
             )
+        if not self.trainer.step_planned:  # packing a step's micro-batches is work too
+            return "plan", float(self.trainer.config.global_batch_size), self.trainer.pending_work
         unit = self.trainer.next_unit()
         if unit is None:  # trained: the final checkpoint (and validation) are what is left
             state = self.trainer.state
@@ -430,8 +434,9 @@ class JobRunner:
     def _drop_trainer_states(self) -> None:
         """A job that will not resume needs no optimizer state: its checkpoints keep their
         adapters (servable) and lose the 2/3 of their bytes that only resuming reads."""
-        for state in (self.dir / CHECKPOINTS).glob(f"*/{STATE_FILE}"):
-            state.unlink(missing_ok=True)
+        for name in (STATE_FILE, STATE_TENSORS):
+            for state in (self.dir / CHECKPOINTS).glob(f"*/{name}"):
+                state.unlink(missing_ok=True)
 
 
 def _examples(store: JobStore, job: Job, split: str) -> list[Example]:

@@ -11,7 +11,13 @@ SGLang's CPU engine exists, but the PyPI install is a CUDA-only stack. Four thin
    repacked behind our back.
 3. No pinned host memory: ``pin_memory=True`` needs a CUDA driver (SGLang's LoRA layers ask for
    it). Tensor factories drop the flag and ``Tensor.pin_memory()`` returns the tensor.
-4. Flags: ``--device cpu``, the ``torch_native`` attention and LoRA backends, a KV pool that
+4. Intra-op threads: one core fewer than the machine has (``OMP_NUM_THREADS``, unless set).
+   The scheduler's OpenMP threads spin at their barriers; when SGLang's HTTP process, its
+   detokenizer or the clients take a core they need, a decode iteration waits for a descheduled
+   thread: on a 2-core machine with two threads, 1.3% of the tiny model's iterations took over
+   twice the median (up to 28 ms against 4.8 ms); with one thread none did in the same load,
+   and the median fell to 4.4 ms (``docs/benchmarks.md``).
+5. Flags: ``--device cpu``, the ``torch_native`` attention and LoRA backends, a KV pool that
    fits in RAM, and the ``cpu_tensor`` retraction backup in PD-decode mode, each only when the
    user did not give that flag.
 
@@ -58,9 +64,16 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env["SGLANG_USE_CPU_ENGINE"] = "1"
     env[GUARD_ENV] = "1"
+    env.setdefault("OMP_NUM_THREADS", str(intra_op_threads()))
     parts = [str(BOOT_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))  # first, once
     return env
+
+
+def intra_op_threads() -> int:
+    """Torch threads per process on CPU: every core this process may use but one, which is left
+    to SGLang's HTTP and detokenizer processes (see the module docstring)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def has_flag(argv: Sequence[str], flag: str) -> bool:
@@ -136,7 +149,13 @@ def describe(extra_flags: Sequence[str]) -> str:
     """One line for the log: what running on CPU changed."""
     flags = [f"{extra_flags[i]} {extra_flags[i + 1]}" for i in range(0, len(extra_flags), 2)]
     return ", ".join(
-        ["SGLANG_USE_CPU_ENGINE=1", "sgl_kernel import guard", "no pinned memory", *flags]
+        [
+            "SGLANG_USE_CPU_ENGINE=1",
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', intra_op_threads())}",
+            "sgl_kernel import guard",
+            "no pinned memory",
+            *flags,
+        ]
     )
 
 

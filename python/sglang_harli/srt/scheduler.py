@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import sys
 
 import torch
 from sglang.srt.managers.scheduler import Scheduler
@@ -47,6 +48,7 @@ from sglang_harli.srt.weights import base_model_view
 
 logger = logging.getLogger(__name__)
 
+GIL_SWITCH_INTERVAL_S = 0.0001
 SUPPORTED_ALLOCATORS = (TokenToKVPoolAllocator, PagedTokenToKVPoolAllocator)
 
 
@@ -55,6 +57,10 @@ class HarliScheduler(Scheduler):
         super().__init__(server_args, port_args)
         self.harli_config = harli_config
         self.harli_stats = HookStats()
+        # The job agent's thread shares this process's GIL: when it runs Python while a decode
+        # waits to re-take the GIL between torch ops, the decode waits up to the switch
+        # interval (5 ms by default, a whole decode iteration of a small model).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._check_kv_pools()
         self._harli_runner: JobRunner | None = None
         self.harli_corun = CoRun(self._harli_policy(harli_config))

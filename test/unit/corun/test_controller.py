@@ -296,14 +296,13 @@ def test_harli_never_pushes_an_iteration_over_the_objective_when_units_take_as_p
 
 
 def test_harli_backs_off_and_recovers_when_units_take_longer_than_predicted():
-    """Units 2x slower than the profile: early slices overrun and the policy backs off; the
-    unit rates are corrected online, so the last 100 iterations keep the objective while
-    finetune still runs in most of them."""
+    """Units 2x slower than the profile: the first slow units correct the rates (and their
+    spread) online, so at most a few early iterations overrun; the last 100 iterations keep
+    the objective while finetune still runs in most of them."""
     corun, finetune_ms = harli_loop(400, seed=2, slower=2.0)
     report = corun.to_dict()
 
-    assert report["policy"]["misses"] > 0
-    assert report["within_slo"] < report["iterations"]
+    assert report["policy"]["misses"] <= 3
     assert max(list(corun.stats.measured_ms.values)[-100:]) <= S * 1e3
     assert sum(ms > 0 for ms in finetune_ms[-100:]) > 80
 

@@ -36,12 +36,13 @@ def test_step_is_a_list_of_costed_units(llama):
     data = random_examples(8, llama.config.vocab_size)
     trainer = Trainer(llama, adapters, data, TrainConfig(global_batch_size=4, micro_batch_size=2))
     units = trainer.pending_work()
-    per_micro = ["forward", "forward", "head", "backward", "backward"]
+    per_micro = ["forward", "forward", "head", "recompute", "backward", "recompute", "backward"]
     assert [u.kind for u in units] == per_micro * 2 + ["optimizer"]
-    assert [u.layer for u in units[:5]] == [0, 1, None, 1, 0]
-    assert [u.micro_batch for u in units] == [0] * 5 + [1] * 5 + [None]
+    assert [u.layer for u in units[:7]] == [0, 1, None, 1, 1, 0, 0]
+    assert [u.micro_batch for u in units] == [0] * 7 + [1] * 7 + [None]
     assert all(u.cost > 0 and u.step == 0 for u in units)
-    assert units[3].cost == 3 * units[0].cost  # backward = 2 x forward + recomputed forward
+    # checkpointing: the forward recomputed in a unit of its own, then backward = 2 x forward
+    assert units[3].cost == units[0].cost and units[4].cost == 2 * units[0].cost
     assert trainer.next_unit() is units[0]
 
     with pytest.raises(RuntimeError, match="out of order"):
@@ -52,7 +53,7 @@ def test_step_is_a_list_of_costed_units(llama):
     result = units[-1].run()
     assert result.step == 0 and result.num_sequences == 4
     assert result.num_targets == trainer.state.tokens > 0
-    assert trainer.state.step == 1 and trainer.state.units_run == 11
+    assert trainer.state.step == 1 and trainer.state.units_run == 15
     assert trainer.next_unit().step == 1
 
 

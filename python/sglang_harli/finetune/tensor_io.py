@@ -1,0 +1,109 @@
+"""Tensor files written without holding the GIL for long.
+
+Checkpoints are written on the job agent's thread, in the scheduler's process. ``torch.save``
+and ``safetensors.torch.save_file`` serialize in C while holding the GIL, so every decode op that
+gives the GIL up between torch calls waits for them: on the 2-core dev machine a tiny model's
+decode iterations took up to 2.4x their median while a job checkpointed
+(``docs/benchmarks.md``). The writers here do the same work in Python-sized pieces: the header is
+built in Python, and each tensor's bytes go to the file through ``write(memoryview)``, which
+releases the GIL for the copy into the kernel; between two tensors the GIL changes hands.
+
+- :func:`save_safetensors` writes the standard safetensors format (what ``load_file``, PEFT and
+  SGLang read).
+- :func:`save_tree` / :func:`load_tree` store a nested structure (dicts, lists, numbers,
+  strings, tensors) as a safetensors file of its tensors plus a small ``torch.save`` of the
+  structure, where each tensor is a ``{"__tensor__": key}`` placeholder.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_PLACEHOLDER = "__tensor__"
+
+
+def save_safetensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file(tensors, path, metadata)``, a tensor at a time."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    views, offset = [], 0
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: cannot store {t.dtype} in safetensors")
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        header[name] = {
+            "dtype": _DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + data.nbytes],
+        }
+        views.append(data)
+        offset += data.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for data in views:
+            f.write(memoryview(data))
+
+
+def save_tree(structure_path: str | Path, tensors_path: str | Path, tree: Any) -> None:
+    """Write ``tree``: its tensors to ``tensors_path`` (safetensors), the rest to
+    ``structure_path`` (``torch.save``, tensors replaced by placeholders)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def strip(value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+            return {_PLACEHOLDER: key}
+        if isinstance(value, dict):
+            return {k: strip(v, f"{key}.{k}") for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(strip(v, f"{key}.{i}") for i, v in enumerate(value))
+        return value
+
+    structure = strip(tree, "t")
+    save_safetensors(tensors_path, tensors)
+    torch.save(structure, structure_path)
+
+
+def load_tree(
+    structure_path: str | Path, tensors_path: str | Path, device: torch.device | str = "cpu"
+) -> Any:
+    """What :func:`save_tree` wrote. A structure saved with its tensors inline (no tensors
+    file: an older checkpoint) is returned as it is."""
+    structure = torch.load(structure_path, map_location=device, weights_only=True)
+    if not Path(tensors_path).exists():
+        return structure
+    tensors = load_file(str(tensors_path), device=str(device))
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, dict):
+            if set(value) == {_PLACEHOLDER}:
+                return tensors[value[_PLACEHOLDER]]
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(fill(v) for v in value)
+        return value
+
+    return fill(structure)
