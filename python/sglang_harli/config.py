@@ -130,9 +130,10 @@ class HarliConfig:
         metavar="MS",
     )
     slo_margin: float = _flag(
-        0.1,
-        "the fraction of the objective harli mode keeps free as a safety margin against "
-        "prediction error (default %(default)s: plan to 90%% of it)",
+        0.05,
+        "the fraction of the objective harli mode keeps free against the decode's own noise "
+        "(default %(default)s: plan to 95%% of it; each unit and SGLang's work after it are "
+        "also budgeted at their mean plus their usual deviation)",
         _fraction(maximum_inclusive=False),
         metavar="F",
     )

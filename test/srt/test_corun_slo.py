@@ -17,8 +17,8 @@ import time
 
 import pytest
 
+from sglang_harli.loadgen import median, quantile, stream_load
 from test.support.finetuning import start_training
-from test.support.load import median, quantile, stream_load
 from test.support.server_process import harli_server
 
 pytestmark = pytest.mark.server

@@ -21,6 +21,23 @@ from .policy import CoRunPolicy, Iteration, Plan
 from .stats import CoRunStats, DecodeStats, Window
 
 SAMPLE_KEYS = 256  # distinct decode shapes kept for profiles (the most recent)
+SHAPE_TOKENS = 32  # decode shapes are told apart by batch size and context in 32-token steps
+
+
+@dataclasses.dataclass
+class _Shape:
+    """The iterations of one decode shape: their mean context, their latencies."""
+
+    n: int = 0
+    seq_lens_sum: int = 0
+    seq_len_max: int = 0
+    seconds: Window = dataclasses.field(default_factory=lambda: Window(64))
+
+    def add(self, stats: DecodeStats, seconds: float) -> None:
+        self.n += 1
+        self.seq_lens_sum += stats.seq_lens_sum
+        self.seq_len_max += stats.seq_len_max
+        self.seconds.add(seconds)
 
 
 class Runner(Protocol):
@@ -50,7 +67,7 @@ class CoRun:
         self._open: _Open | None = None
         # measured samples for `python -m sglang_harli.profile`: solo decode per batch shape,
         # unit durations per (kind, cost), and whole co-run iterations
-        self.decode_samples: collections.OrderedDict[tuple[int, int, int], Window] = (
+        self.decode_samples: collections.OrderedDict[tuple[int, int, int], _Shape] = (
             collections.OrderedDict()
         )
         self.unit_samples: dict[tuple[str, float], Window] = {}
@@ -132,13 +149,13 @@ class CoRun:
         return {
             "decode": [
                 {
-                    "batch_size": b,
-                    "seq_lens_sum": s,
-                    "seq_len_max": m,
-                    "seconds": w.quantile(0.5),
-                    "n": len(w.values),
+                    "batch_size": batch_size,
+                    "seq_lens_sum": round(shape.seq_lens_sum / shape.n),
+                    "seq_len_max": round(shape.seq_len_max / shape.n),
+                    "seconds": shape.seconds.quantile(0.5),
+                    "n": shape.n,
                 }
-                for (b, s, m), w in self.decode_samples.items()
+                for (batch_size, _, _), shape in self.decode_samples.items()
             ],
             "units": [
                 {"kind": kind, "cost": cost, "seconds": w.quantile(0.5), "n": len(w.values)}
@@ -179,14 +196,18 @@ class CoRun:
                 }
             )
         self.stats.record(total, iteration.decode_s, it.finetune_s, it.predicted_s)
-        key = (it.stats.batch_size, it.stats.seq_lens_sum, it.stats.seq_len_max)
-        window = self.decode_samples.pop(key, None) or Window(64)
-        window.add(iteration.decode_s)
-        self.decode_samples[key] = window  # most recent last
+        stats = it.stats
+        key = (
+            stats.batch_size,
+            stats.seq_lens_sum // SHAPE_TOKENS,
+            stats.seq_len_max // SHAPE_TOKENS,
+        )
+        shape = self.decode_samples.pop(key, None) or _Shape()
+        shape.add(stats, iteration.decode_s)
+        self.decode_samples[key] = shape  # most recent last
         if len(self.decode_samples) > SAMPLE_KEYS:
             self.decode_samples.popitem(last=False)
         if it.units:
-            stats = it.stats
             self.corun_samples.append(
                 {
                     "batch_size": stats.batch_size,

@@ -30,6 +30,9 @@ from .stats import DecodeStats
 # whose budget is at least this fraction of the objective (else it waits for an idle quantum,
 # where its duration is learned at no risk).
 PROBE_FRACTION = 0.5
+# a decode this much slower than predicted marks the machine as slow right now (below it, the
+# difference is ordinary noise that the margin absorbs)
+SLOW_DECODE = 1.25
 MIN_BACKOFF = 1 / 64
 RECOVERY_STEP = 0.05  # back to the full slack 20 on-time iterations after a miss
 
@@ -159,7 +162,7 @@ class HarliPolicy(CoRunPolicy):
         # process, the GIL, a cold cache): the units after it will be as slow.
         forward_s = elapsed_s - spent_s
         predicted_forward = (plan.predicted_decode_s or 0.0) - self.predictor.tail_s
-        if predicted_forward > 0 and forward_s > predicted_forward:
+        if predicted_forward > 0 and forward_s > SLOW_DECODE * predicted_forward:
             seconds *= forward_s / predicted_forward
         return elapsed_s + seconds <= plan.deadline_s
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from .base_model import ATTENTION_PROJECTIONS, PROJECTIONS, ModelConfig
 from .lora import LoraAdapters, LoraConfig
-from .tensor_io import save_safetensors
+from .tensor_io import Encoded, drain, encoding_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -76,8 +76,18 @@ def save_adapter_tensors(
 ) -> None:
     """:func:`save_adapter` from ``(name, tensor)`` pairs named as
     ``LoraAdapters.named_parameters()`` names them (e.g. a host copy taken for a checkpoint)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    write_adapter(path, cfg, encode_adapter(named, dtype), base_model_name_or_path)
+
+
+def encode_adapter(named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> Encoded:
+    """The adapter weights file, encoded (PEFT's names, ``dtype``): the torch work of saving."""
+    return drain(encoding_adapter(named, dtype))
+
+
+def encoding_adapter(
+    named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype
+) -> Generator[None, None, Encoded]:
+    """:func:`encode_adapter` a tensor per step."""
     tensors = {}
     for name, t in named:
         match = _NAME.fullmatch(name)
@@ -85,7 +95,17 @@ def save_adapter_tensors(
             raise ValueError(f"unexpected adapter tensor name {name!r}")
         key = peft_key(int(match[1]), match[2], match[3])
         tensors[key] = t.detach().to("cpu", dtype).contiguous()
-    save_safetensors(path / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
+        yield
+    return (yield from encoding_safetensors(tensors, metadata={"format": "pt"}))
+
+
+def write_adapter(
+    path: str | Path, cfg: LoraConfig, weights: Encoded, base_model_name_or_path: str = ""
+) -> None:
+    """A PEFT LoRA directory: ``weights`` (from :func:`encode_adapter`) and its config."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights.save(path / ADAPTER_WEIGHTS)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -10,6 +10,8 @@ releases the GIL for the copy into the kernel; between two tensors the GIL chang
 
 - :func:`save_safetensors` writes the standard safetensors format (what ``load_file``, PEFT and
   SGLang read).
+- ``encode_*`` do the torch and Python part ahead (a checkpoint's unit on the scheduler thread,
+  inside its budget), so the agent's thread is left with I/O, which releases the GIL.
 - :func:`save_tree` / :func:`load_tree` store a nested structure (dicts, lists, numbers,
   strings, tensors) as a safetensors file of its tensors plus a small ``torch.save`` of the
   structure, where each tensor is a ``{"__tensor__": key}`` placeholder.
@@ -17,11 +19,13 @@ releases the GIL for the copy into the kernel; between two tensors the GIL chang
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -39,12 +43,45 @@ _DTYPES = {
     torch.bool: "BOOL",
 }
 _PLACEHOLDER = "__tensor__"
+T = TypeVar("T")
 
 
-def save_safetensors(
-    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
-    """``safetensors.torch.save_file(tensors, path, metadata)``, a tensor at a time."""
+@dataclasses.dataclass
+class Encoded:
+    """A safetensors file as bytes ready to write: the header, then each tensor's data."""
+
+    chunks: list[Any]  # bytes and uint8 numpy views
+
+    def write(self, f: BinaryIO) -> None:
+        for chunk in self.chunks:
+            f.write(memoryview(chunk))
+
+    def save(self, path: str | Path) -> None:
+        with open(path, "wb") as f:
+            self.write(f)
+
+
+def drain(steps: Generator[None, None, T]) -> T:
+    """Run an ``encoding_*`` generator to its end; its result."""
+    try:
+        while True:
+            next(steps)
+    except StopIteration as stop:
+        return stop.value
+
+
+def encode_safetensors(
+    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Encoded:
+    """The torch and Python work of writing a safetensors file (CPU tensors are viewed, not
+    copied), so that writing it is I/O alone."""
+    return drain(encoding_safetensors(tensors, metadata))
+
+
+def encoding_safetensors(
+    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Generator[None, None, Encoded]:
+    """:func:`encode_safetensors` a tensor per step (a server spreads them over work units)."""
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     views, offset = [], 0
     for name, t in tensors.items():
@@ -58,18 +95,38 @@ def save_safetensors(
         }
         views.append(data)
         offset += data.nbytes
+        yield
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for data in views:
-            f.write(memoryview(data))
+    return Encoded([struct.pack("<Q", len(encoded)) + encoded, *views])
 
 
-def save_tree(structure_path: str | Path, tensors_path: str | Path, tree: Any) -> None:
-    """Write ``tree``: its tensors to ``tensors_path`` (safetensors), the rest to
-    ``structure_path`` (``torch.save``, tensors replaced by placeholders)."""
+def save_safetensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file(tensors, path, metadata)``, a tensor at a time."""
+    encode_safetensors(tensors, metadata).save(path)
+
+
+@dataclasses.dataclass
+class EncodedTree:
+    """:func:`encode_tree`'s result: the structure's pickle and the tensors' file."""
+
+    structure: bytes
+    tensors: Encoded
+
+    def save(self, structure_path: str | Path, tensors_path: str | Path) -> None:
+        self.tensors.save(tensors_path)
+        Path(structure_path).write_bytes(self.structure)
+
+
+def encode_tree(tree: Any) -> EncodedTree:
+    """The torch and Python work of :func:`save_tree`."""
+    return drain(encoding_tree(tree))
+
+
+def encoding_tree(tree: Any) -> Generator[None, None, EncodedTree]:
+    """:func:`encode_tree` a tensor per step."""
     tensors: dict[str, torch.Tensor] = {}
 
     def strip(value: Any, key: str) -> Any:
@@ -83,8 +140,16 @@ def save_tree(structure_path: str | Path, tensors_path: str | Path, tree: Any) -
         return value
 
     structure = strip(tree, "t")
-    save_safetensors(tensors_path, tensors)
-    torch.save(structure, structure_path)
+    pickled = io.BytesIO()
+    torch.save(structure, pickled)
+    encoded = yield from encoding_safetensors(tensors)
+    return EncodedTree(pickled.getvalue(), encoded)
+
+
+def save_tree(structure_path: str | Path, tensors_path: str | Path, tree: Any) -> None:
+    """Write ``tree``: its tensors to ``tensors_path`` (safetensors), the rest to
+    ``structure_path`` (``torch.save``, tensors replaced by placeholders)."""
+    encode_tree(tree).save(structure_path, tensors_path)
 
 
 def load_tree(

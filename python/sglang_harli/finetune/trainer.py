@@ -31,7 +31,7 @@ import copy
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,8 @@ from . import ops as ops_mod
 from .base_model import BaseModelView
 from .data import Example, PackedBatch, pack
 from .lora import LoraAdapters, LoraConfig, sequence_seed
-from .peft_io import save_adapter_tensors
-from .tensor_io import load_tree, save_tree
+from .peft_io import encoding_adapter, write_adapter
+from .tensor_io import Encoded, EncodedTree, drain, encoding_tree, load_tree
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,8 @@ class CheckpointSnapshot:
     state: dict[str, Any]
     copied: Any = None  # a torch.cuda.Event recorded after the copies, or None (synchronous)
     _release: Callable[[], None] | None = dataclasses.field(default=None, repr=False)
+    # the files' bytes, once encoded (encode()): writing them is then I/O alone
+    encoded: tuple[Encoded, EncodedTree] | None = dataclasses.field(default=None, repr=False)
 
     def wait(self) -> None:
         if self.copied is not None:
@@ -162,13 +164,26 @@ class CheckpointSnapshot:
             self._release()
             self._release = None
 
-    def check_finite(self) -> None:
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapters": self.adapters, "optimizer": self.optimizer, "state": self.state}
+
+    def encode(self, dtype: torch.dtype) -> None:
+        """Check and encode the files (adapter in ``dtype``, trainer state): the torch and
+        Python work of a checkpoint, done where the caller chooses (a server does it in work
+        units, :meth:`encoding`, so the writer thread holds the GIL only briefly)."""
+        drain(self.encoding(dtype))
+
+    def encoding(self, dtype: torch.dtype) -> Generator[None, None, None]:
+        """:meth:`encode`, a tensor per step; raises :class:`NonFiniteError` first if a weight
+        is not finite."""
+        self.wait()
         for name, t in self.adapters.items():
             if not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(f"adapter weight {name} is not finite at step {self.step}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"adapters": self.adapters, "optimizer": self.optimizer, "state": self.state}
+            yield
+        adapter = yield from encoding_adapter(self.adapters.items(), dtype)
+        state = yield from encoding_tree(self.to_dict())
+        self.encoded = (adapter, state)
 
 
 def write_checkpoint(
@@ -182,18 +197,13 @@ def write_checkpoint(
     """Write ``snapshot`` as a PEFT adapter directory plus ``trainer_state.pt`` (fp32 masters,
     AdamW state, counters), or the adapter alone; durably: a crash leaves the old directory or
     the whole new one. Raises :class:`NonFiniteError` (writing nothing) on non-finite weights."""
-    snapshot.wait()
-    snapshot.check_finite()
+    if snapshot.encoded is None:
+        snapshot.encode(dtype)
+    adapter, state = snapshot.encoded
     with durable.new_directory(path) as tmp:
-        save_adapter_tensors(
-            tmp,
-            snapshot.lora,
-            snapshot.adapters.items(),
-            dtype=dtype,
-            base_model_name_or_path=base_model_name_or_path,
-        )
+        write_adapter(tmp, snapshot.lora, adapter, base_model_name_or_path)
         if not adapter_only:
-            save_tree(tmp / STATE_FILE, tmp / STATE_TENSORS, snapshot.to_dict())
+            state.save(tmp / STATE_FILE, tmp / STATE_TENSORS)
 
 
 def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -28,7 +28,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ from sglang_harli.finetune.lora import LoraAdapters, LoraConfig
 from sglang_harli.finetune.trainer import (
     STATE_FILE,
     STATE_TENSORS,
+    CheckpointSnapshot,
+    NonFiniteError,
     StepResult,
     TrainConfig,
     Trainer,
@@ -70,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER = "adapter"
 DIVERGED = "training_diverged"
+ENCODE_TENSORS = 16  # tensors of a checkpoint encoded per work unit
 SKIP_WINDOW = 10  # divergence: more than half of the last SKIP_WINDOW steps skipped...
 MIN_SKIPPED = 3  # ...and at least this many
 
@@ -124,6 +127,8 @@ class JobRunner:
         self.validation, self.config = validation, config
         self.view = trainer.view
         self._making: _Checkpoint | None = None
+        # a checkpoint being encoded: (what it is, its snapshot, the encoding's steps)
+        self._encoding: tuple[_Checkpoint, CheckpointSnapshot, Iterator[None]] | None = None
         self._done = False  # the job ended here, or its adapter is handed over
         self._skips: collections.deque[bool] = collections.deque(maxlen=SKIP_WINDOW)
         self._step_times: list[float] = []
@@ -238,6 +243,7 @@ class JobRunner:
                     return False
                 if self.link.stopped:  # lost to another server, or failed by the agent
                     self.trainer.abandon_step()
+                    self._drop_encoding()
                     self._done = True
                     self.link.close()
                     return False
@@ -270,6 +276,8 @@ class JobRunner:
         waiting for the previous checkpoint's write). Kinds: the trainer's units, plus ``plan``
         (packing a step's micro-batches), ``validation`` (one example) and ``checkpoint`` (the
         host copy of a snapshot)."""
+        if self._encoding is not None:
+            return "encode", float(ENCODE_TENSORS), self._encode_some
         making = self._making
         if making is not None:
             if making.validation_left:
@@ -379,10 +387,38 @@ class JobRunner:
         making.valid_targets += batch.num_targets
 
     def _write(self, making: _Checkpoint) -> None:
-        """Hand the checkpoint (and at the end the adapter) to the agent: the copy is taken
-        now, the files are written on the agent's thread."""
-        step = making.step
+        """Take the checkpoint's host copy. On a CPU its files are then encoded in ``encode``
+        units here, in budgeted slices (on the agent's thread that torch and Python work would
+        contend with decode for the GIL); on a GPU the copy is still landing, and the agent's
+        thread encodes it."""
         snapshot = self.trainer.snapshot()
+        if self.view.device.type != "cpu":
+            self._hand_over(making, snapshot)
+            return
+        self._encoding = (making, snapshot, snapshot.encoding(self.view.dtype))
+
+    def _encode_some(self) -> None:
+        making, snapshot, steps = self._encoding
+        try:
+            for _ in range(ENCODE_TENSORS):
+                next(steps)
+            return
+        except StopIteration:
+            pass
+        except NonFiniteError:  # the agent's writer raises it again: the job fails as diverged
+            snapshot.encoded = None
+        self._encoding = None
+        self._hand_over(making, snapshot)
+
+    def _drop_encoding(self) -> None:
+        if self._encoding is not None:
+            self._encoding[1].release()  # its buffers go back to the trainer
+            self._encoding = None
+
+    def _hand_over(self, making: _Checkpoint, snapshot: CheckpointSnapshot) -> None:
+        """Hand the checkpoint (and at the end the adapter) to the agent, which writes the
+        files on its thread."""
+        step = making.step
         path = self.dir / CHECKPOINTS / f"step-{step}"
         metrics: dict[str, Any] = {"step": step, "train_loss": making.train_loss}
         if self.validation:
@@ -419,6 +455,7 @@ class JobRunner:
     def _end(self, status: JobStatus, message: str, error: dict | None = None) -> None:
         """The job ends here (cancelled, failed): nothing is published."""
         self.trainer.abandon_step()
+        self._drop_encoding()
         self._making = None
         self._done = True
         level = "error" if status == JobStatus.FAILED else "info"

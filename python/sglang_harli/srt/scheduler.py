@@ -114,7 +114,8 @@ class HarliScheduler(Scheduler):
         """What this server's latency depends on: a profile of another kind is not used."""
         model_config = self.tp_worker.model_runner.model_config
         return ProfileKey(
-            model=served_model_name(self.server_args),
+            # the model's own name, not where this machine keeps it
+            model=served_model_name(self.server_args).rstrip("/").rsplit("/", 1)[-1],
             device=profile_device(self.server_args.device),
             dtype=str(model_config.dtype).removeprefix("torch."),
             tp_size=self.server_args.tp_size,

@@ -1,4 +1,5 @@
-"""Streaming decode load, as clients see it: the gaps between streamed tokens.
+"""Streaming decode load, as clients see it: the gaps between streamed tokens (used by the
+profile tool, the benchmarks and the tests; it speaks HTTP only and imports no torch).
 
 ``stream_load`` keeps ``streams`` concurrent greedy ``/generate`` streams going for
 ``duration_s`` (each request ``max_new_tokens`` long, EOS ignored, so every request decodes the
@@ -38,7 +39,13 @@ def stream_one(url: str, prompt: str, max_new_tokens: int) -> list[float]:
     return gaps
 
 
-def stream_load(url: str, duration_s: float, streams: int = 3, max_new_tokens: int = 48):
+def stream_load(
+    url: str,
+    duration_s: float,
+    streams: int = 3,
+    max_new_tokens: int = 48,
+    prompts: list[str] = PROMPTS,
+) -> list[float]:
     """Client-side inter-token gaps (seconds) of ``streams`` concurrent streams."""
     gaps: list[float] = []
     lock = threading.Lock()
@@ -47,7 +54,7 @@ def stream_load(url: str, duration_s: float, streams: int = 3, max_new_tokens: i
     def client(i: int) -> None:
         n = 0
         while time.monotonic() < deadline:
-            got = stream_one(url, PROMPTS[(i + n) % len(PROMPTS)], max_new_tokens)
+            got = stream_one(url, prompts[(i + n) % len(prompts)], max_new_tokens)
             n += 1
             with lock:
                 gaps.extend(got)

@@ -1,0 +1,151 @@
+"""``python -m sglang_harli.profile``: measure a latency profile on a running Harli server.
+
+The predictor (``corun/predictor.py``) starts from a profile when the server is given one
+(``--harli-profile FILE``) and learns online without. This tool drives a grid of decode loads
+(concurrent streams x prompt lengths) against the server, optionally while a fine-tuning job
+trains (``--train``: a throwaway job, cancelled at the end, so the server also measures its work
+units and whole co-run iterations), then reads what the server measured from
+``GET /harli/status`` and writes the profile: JSON keyed by model, device, dtype and TP size.
+
+    python -m sglang_harli.profile --url http://127.0.0.1:30000 --out profile.json --train
+
+It speaks HTTP only (no torch, no SGLang), so it runs from any machine that reaches the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from sglang_harli import durable
+from sglang_harli.corun.predictor import PROFILE_FORMAT
+from sglang_harli.loadgen import stream_load
+
+WORDS = "the quick brown fox jumps over the lazy dog while a model decodes tokens".split()
+
+
+def prompt_of(words: int, seed: int) -> str:
+    return " ".join(WORDS[(seed + i) % len(WORDS)] for i in range(words))
+
+
+def status(url: str, headers: dict[str, str]) -> dict[str, Any]:
+    response = requests.get(url + "/harli/status", headers=headers, timeout=30)
+    response.raise_for_status()
+    schedulers = response.json()["schedulers"]
+    if not schedulers:
+        raise SystemExit("the server runs no Harli scheduler (--harli-mode off?)")
+    return schedulers[0]
+
+
+def start_job(url: str, headers: dict[str, str], model: str) -> str:
+    """A throwaway job that trains until cancelled, so the server measures its units."""
+    turn = {"role": "user", "content": prompt_of(12, 0)}
+    reply = {"role": "assistant", "content": prompt_of(8, 3)}
+    data = "".join(json.dumps({"messages": [turn, reply]}) + "\n" for _ in range(8))
+    upload = requests.post(
+        url + "/v1/files",
+        files={"file": ("profile.jsonl", data.encode())},
+        data={"purpose": "fine-tune"},
+        headers=headers,
+        timeout=60,
+    )
+    upload.raise_for_status()
+    job = requests.post(
+        url + "/v1/fine_tuning/jobs",
+        json={
+            "model": model,
+            "training_file": upload.json()["id"],
+            "hyperparameters": {"n_epochs": 10_000},
+        },
+        headers=headers,
+        timeout=60,
+    )
+    job.raise_for_status()
+    return job.json()["id"]
+
+
+def profile(args: argparse.Namespace) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    url = args.url.rstrip("/")
+    job = None
+    if args.train:
+        models = requests.get(url + "/v1/models", headers=headers, timeout=30).json()["data"]
+        job = start_job(url, headers, models[0]["id"])
+    try:
+        for streams in args.streams:
+            for words in args.prompt_words:
+                prompts = [prompt_of(words, seed) for seed in range(streams)]
+                gaps = stream_load(url, args.seconds, streams, args.max_new_tokens, prompts)
+                print(
+                    f"{streams} streams x {words}-word prompts: {len(gaps)} tokens",
+                    file=sys.stderr,
+                )
+        measured = status(url, headers)
+    finally:
+        if job is not None:
+            requests.post(
+                url + f"/v1/fine_tuning/jobs/{job}/cancel", json={}, headers=headers, timeout=30
+            )
+    samples = measured["samples"]
+    decode = [row for row in samples["decode"] if row["n"] >= args.min_samples]
+    if not decode:
+        raise SystemExit("the server measured no decode iterations: is it serving?")
+    return {
+        "format": PROFILE_FORMAT,
+        "key": measured["profile_key"],
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "grid": {"streams": args.streams, "prompt_words": args.prompt_words},
+        "decode": decode,
+        "units": samples["units"],
+        "corun": samples["corun"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sglang_harli.profile", description=__doc__)
+    parser.add_argument("--url", default="http://127.0.0.1:30000")
+    parser.add_argument("--out", required=True, type=Path, help="where to write the profile")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--streams", type=_ints, default=[1, 2, 4, 8], help="e.g. 1,2,4,8")
+    parser.add_argument("--prompt-words", type=_ints, default=[8, 200], help="e.g. 8,200")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per grid point")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--min-samples", type=int, default=3, help="per decode shape kept")
+    parser.add_argument(
+        "--train", action="store_true", help="also measure finetune units (a throwaway job)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        result = profile(args)
+    except requests.RequestException as exc:
+        print(f"profile: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    durable.write_bytes(args.out, json.dumps(result, indent=1).encode())
+    print(
+        f"wrote {args.out}: {len(result['decode'])} decode shapes, {len(result['units'])} unit "
+        f"sizes, {len(result['corun'])} co-run iterations",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return values
+
+
+if __name__ == "__main__":
+    sys.exit(main())
