@@ -127,7 +127,7 @@ def test_greedy_outputs_identical_to_plain_sglang(plain_outputs, off_outputs, ha
 
 def test_status_counts_decode_iterations(harli):
     before = harli.get("/harli/status")
-    assert before["mode"] == "time-sliced"  # the CPU default
+    assert before["mode"] == "harli"  # the CPU default
     new_tokens = 9
     harli.post(
         "/generate",
@@ -145,6 +145,11 @@ def test_status_counts_decode_iterations(harli):
     assert hooks["before_decode"]["calls"] == after["decode_iterations"]
     assert hooks["reclaim_kv"]["calls"] >= after["decode_iterations"]
     assert scheduler["hook_overhead_us"] > 0
+    # the decode-to-decode intervals are measured; the last one stays open until the next batch
+    measured = scheduler["corun"]["iterations"]
+    assert measured - before["schedulers"][0]["corun"]["iterations"] == new_tokens - 2
+    assert scheduler["corun"]["objective_ms"] == 50.0  # the default objective
+    assert scheduler["corun"]["within_slo"] <= measured
 
 
 def test_mode_off_runs_plain_sglang_scheduler(off_outputs):

@@ -24,7 +24,10 @@ def test_equals_form_and_default():
     "argv, message",
     [
         (["--harli-mode", "nonsense"], "invalid choice: 'nonsense'"),
-        (["--harli-mode", "harli"], "invalid choice: 'harli'"),
+        (["--harli-mode", "spatial"], "invalid choice: 'spatial'"),
+        (["--harli-slo-margin", "1"], "must be in \\[0, 1\\)"),
+        (["--harli-static-share", "0"], "must be in \\(0, 1\\]"),
+        (["--harli-tpot-slo-ms", "0"], "must be > 0"),
         (["--harli-mode"], "expected one argument"),
         (["--harli-typo", "1"], "unknown flag --harli-typo"),
         (["--harli-mod=off"], "unknown flag --harli-mod"),
@@ -38,8 +41,9 @@ def test_bad_harli_flags_raise(argv, message):
 def test_auto_mode_and_state_dir_resolve(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     auto = HarliConfig().resolved(has_cuda=False)
-    # auto is time-sliced on every machine
-    assert auto.mode == HarliConfig().resolved(has_cuda=True).mode == "time-sliced"
+    # auto is harli on a CPU; time-sliced on a GPU until harli's GPU execution exists
+    assert auto.mode == "harli"
+    assert HarliConfig().resolved(has_cuda=True).mode == "time-sliced"
     assert auto.state_dir == str(tmp_path / "sglang_harli" / "state")
     idle = HarliConfig(mode="idle-only", state_dir="rel").resolved(has_cuda=False)
     assert idle.mode == "idle-only" and idle.state_dir == str(Path("rel").resolve())
@@ -79,7 +83,7 @@ def test_every_config_field_is_one_flag_with_help():
         flag = "--harli-" + field.name.replace("_", "-")
         assert flag in help_text
     # choices come from the enums: the help lists exactly the modes the code knows
-    assert "{auto,time-sliced,idle-only,off}" in help_text
+    assert "{auto,harli,time-sliced,idle-only,naive,static,off}" in help_text
     assert "{auto,torch,triton}" in help_text
 
 
@@ -107,3 +111,23 @@ def test_the_readme_documents_every_flag():
         if f"--harli-{f.name.replace('_', '-')}" not in readme
     ]
     assert not missing, f"README.md does not document: {missing}"
+
+
+@pytest.mark.parametrize("mode", ["naive", "static"])
+def test_spatial_modes_are_refused_without_a_gpu_saying_why(mode):
+    with pytest.raises(HarliConfigError, match="needs a CUDA GPU"):
+        HarliConfig(mode=mode).resolved(has_cuda=False)
+
+
+@pytest.mark.parametrize("mode", ["harli", "naive", "static"])
+def test_gpu_co_run_modes_are_refused_on_a_gpu_until_built(mode):
+    with pytest.raises(HarliConfigError, match="not built yet"):
+        HarliConfig(mode=mode).resolved(has_cuda=True)
+
+
+def test_slo_flags_parse():
+    config, _ = parse_harli_args(
+        ["--harli-tpot-slo-ms", "12.5", "--harli-slo-margin=0.2", "--harli-profile", "p.json"]
+    )
+    assert (config.tpot_slo_ms, config.slo_margin, config.profile) == (12.5, 0.2, "p.json")
+    assert HarliConfig().tpot_slo_ms == 50.0 and HarliConfig().slo_margin == 0.05

@@ -195,7 +195,9 @@ class CoRun:
                     "units": [kind for kind, _ in it.units],
                 }
             )
-        self.stats.record(total, iteration.decode_s, it.finetune_s, it.predicted_s)
+        self.stats.record(
+            total, iteration.decode_s, it.finetune_s, it.predicted_s, ran_units=bool(it.units)
+        )
         stats = it.stats
         key = (
             stats.batch_size,

@@ -111,6 +111,9 @@ class CoRunStats:
     objective_s: float
     iterations: int = 0
     within_slo: int = 0
+    # misses of iterations that ran finetune units: what fine-tuning may have caused (the
+    # others are decode's own: a slow machine, a long batch)
+    misses_with_finetune: int = 0
     finetune_s: float = 0.0  # finetune time inside measured iterations
     slack_s: float = 0.0  # sum over iterations of max(0, S - decode without finetune)
     finetune_tokens: int = 0  # target tokens of finished optimizer steps
@@ -122,10 +125,17 @@ class CoRunStats:
     policy_us: Window = dataclasses.field(default_factory=Window)
 
     def record(
-        self, total_s: float, decode_s: float, finetune_s: float, predicted_s: float | None
+        self,
+        total_s: float,
+        decode_s: float,
+        finetune_s: float,
+        predicted_s: float | None,
+        ran_units: bool = False,
     ) -> None:
         self.iterations += 1
-        self.within_slo += total_s <= self.objective_s
+        within = total_s <= self.objective_s
+        self.within_slo += within
+        self.misses_with_finetune += ran_units and not within
         self.finetune_s += finetune_s
         self.slack_s += max(self.objective_s - decode_s, 0.0)
         self.last_iteration_ms = total_s * 1e3
@@ -142,6 +152,7 @@ class CoRunStats:
             "objective_ms": self.objective_s * 1e3,
             "iterations": self.iterations,
             "within_slo": self.within_slo,
+            "misses_with_finetune": self.misses_with_finetune,
             "slo_attainment": self.within_slo / self.iterations if self.iterations else None,
             "finetune_s": self.finetune_s,
             "slack_s": self.slack_s,

@@ -43,6 +43,7 @@ from sglang_harli.corun.predictor import MIN_SAMPLES, Predictor, ProfileKey, loa
 from sglang_harli.corun.stats import DecodeStats, HookStats
 from sglang_harli.jobs.agent import AgentConfig, JobAgent
 from sglang_harli.jobs.runner import JobRunner, RunnerConfig
+from sglang_harli.srt.metrics import harli_metrics
 from sglang_harli.srt.support import UnsupportedConfigError
 from sglang_harli.srt.weights import base_model_view
 
@@ -64,6 +65,7 @@ class HarliScheduler(Scheduler):
         self._check_kv_pools()
         self._harli_runner: JobRunner | None = None
         self.harli_corun = CoRun(self._harli_policy(harli_config))
+        self.harli_metrics = harli_metrics(self)  # None without --enable-metrics
         build = functools.partial(
             JobRunner.build,
             view=base_model_view(self.tp_worker.model_runner.model),
@@ -152,6 +154,8 @@ class HarliScheduler(Scheduler):
             stats = decode_stats(batch)
             self.harli_stats.record_decode(stats)
             plan = self.harli_corun.before_decode(stats)
+            if self.harli_metrics is not None:
+                self.harli_metrics.update(self.harli_corun)
         result = super().run_batch(batch, pp_proxy_tensors)
         if not plan.runs_finetune:
             self.harli_corun.after_decode(None)  # the decode's end, measured

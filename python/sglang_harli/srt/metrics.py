@@ -1,0 +1,103 @@
+"""The co-run figures as Prometheus metrics, on SGLang's own ``/metrics`` (``--enable-metrics``).
+
+SGLang runs prometheus_client in multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is set before
+the scheduler processes are spawned, and the HTTP server's ``/metrics`` aggregates every
+process's files. So metrics created here, in the scheduler process, appear there with no wiring
+of our own. They carry SGLang's scheduler labels (model name, ranks), and only the ranks SGLang
+reports from do report (its ``current_scheduler_metrics_enabled``), so TP ranks do not repeat
+each other. prometheus_client is imported here, lazily: the launcher must not import it before
+SGLang sets the multiprocess directory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sglang_harli.corun.controller import CoRun
+
+_METRICS: HarliMetrics | None = None  # one set per process: prometheus refuses duplicates
+
+ITERATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+POLICY_BUCKETS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
+
+
+class HarliMetrics:
+    def __init__(self, labels: dict[str, Any]):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        names = list(labels)
+
+        def gauge(name: str, doc: str):
+            return Gauge(name, doc, names, multiprocess_mode="mostrecent").labels(**labels)
+
+        def counter(name: str, doc: str):
+            return Counter(name, doc, names).labels(**labels)
+
+        def histogram(name: str, doc: str, buckets):
+            return Histogram(name, doc, names, buckets=buckets).labels(**labels)
+
+        self.objective = gauge("sglang:harli_tpot_slo_seconds", "The TPOT objective.")
+        self.budget = gauge(
+            "sglang:harli_finetune_budget_seconds",
+            "Finetune time the last plan gave a decode iteration.",
+        )
+        self.predicted = gauge(
+            "sglang:harli_predicted_decode_seconds", "Stage 1's prediction for the last plan."
+        )
+        self.iteration = histogram(
+            "sglang:harli_decode_iteration_seconds",
+            "Measured decode iterations (run_batch to the next decode run_batch).",
+            ITERATION_BUCKETS,
+        )
+        self.iterations = counter("sglang:harli_decode_iterations", "Measured decode iterations.")
+        self.within = counter(
+            "sglang:harli_slo_attained", "Measured decode iterations within the objective."
+        )
+        self.finetune = counter(
+            "sglang:harli_finetune_seconds", "Finetune time inside measured decode iterations."
+        )
+        self.slack = counter(
+            "sglang:harli_slack_seconds", "Objective minus decode time, over measured iterations."
+        )
+        self.tokens = counter("sglang:harli_finetune_tokens", "Target tokens of finished steps.")
+        self.policy = histogram(
+            "sglang:harli_policy_seconds",
+            "The policy's own time per decode iteration.",
+            POLICY_BUCKETS,
+        )
+        self._seen = {"iterations": 0, "within": 0, "finetune": 0.0, "slack": 0.0, "tokens": 0}
+
+    def update(self, corun: CoRun) -> None:
+        """After a plan: what changed since the last update (a few attribute reads)."""
+        stats = corun.stats
+        self.objective.set(stats.objective_s)
+        plan = stats.last_plan or {}
+        self.budget.set(plan.get("budget_ms", 0.0) / 1e3)
+        if plan.get("predicted_decode_ms") is not None:
+            self.predicted.set(plan["predicted_decode_ms"] / 1e3)
+        if stats.iterations > self._seen["iterations"] and stats.last_iteration_ms is not None:
+            self.iteration.observe(stats.last_iteration_ms / 1e3)
+        if stats.policy_us.values:
+            self.policy.observe(stats.policy_us.values[-1] / 1e6)
+        for name, now, metric in (
+            ("iterations", stats.iterations, self.iterations),
+            ("within", stats.within_slo, self.within),
+            ("finetune", stats.finetune_s, self.finetune),
+            ("slack", stats.slack_s, self.slack),
+            ("tokens", stats.finetune_tokens, self.tokens),
+        ):
+            if now > self._seen[name]:
+                metric.inc(now - self._seen[name])
+                self._seen[name] = now
+
+
+def harli_metrics(scheduler) -> HarliMetrics | None:
+    """None unless ``--enable-metrics`` is on and this rank reports (SGLang's own rule)."""
+    global _METRICS
+    collector = getattr(scheduler, "metrics_collector", None)
+    reporter = getattr(scheduler, "metrics_reporter", None)
+    if collector is None or not getattr(reporter, "current_scheduler_metrics_enabled", False):
+        return None
+    if _METRICS is None:
+        _METRICS = HarliMetrics(dict(collector.labels))
+    return _METRICS
