@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from sglang_harli.loadgen import median, quantile, stream_load
 from test.support.finetuning import start_training
@@ -94,6 +95,7 @@ def servers(objective_ms, tiny_model_dir, tmp_path_factory):
             str(logs / "sliced-state"),
             "--harli-profile",  # a baseline: its predictor only reports, from the recorded profile
             str(PROFILE),
+            "--enable-metrics",  # SGLang's Prometheus endpoint, with our co-run metrics in it
         ),
     }
     try:
@@ -111,6 +113,17 @@ def test_a_matching_profile_is_loaded_and_said(servers):
     assert predictor["ready"] and predictor["unit_seconds_per_gflop"]["forward"] > 0
     # without one, the harli server says it learns online
     assert corun(servers["harli"])["predictor"]["source"] == "learning online (no profile)"
+
+
+def prometheus(server) -> dict[str, float]:
+    """Our series on /metrics, by name (each has one label set: one scheduler)."""
+    text = requests.get(server.url + "/metrics", timeout=30).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("sglang:harli_") and "_bucket" not in line:
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            values[name] = value
+    return values
 
 
 def run_load(server, tiny_model_dir, workdir, duration_s=LOAD_S):
@@ -154,6 +167,13 @@ def test_time_sliced_with_a_budget_of_s_misses_it(servers, objective_ms, tiny_mo
     print(f"S {objective_ms:.2f} ms; time-sliced: {d}; client p99 {p99 * 1e3:.2f} ms")
     assert d["attainment"] < 0.5, d
     assert p99 > objective_ms / 1e3
+    # the same counters on SGLang's /metrics, from the scheduler process
+    metrics = prometheus(server)
+    status = corun(server)  # read second: idle quanta may have trained more meanwhile
+    assert metrics["sglang:harli_decode_iterations_total"] == status["iterations"]
+    assert metrics["sglang:harli_slo_attained_total"] == status["within_slo"]
+    assert metrics["sglang:harli_tpot_slo_seconds"] == pytest.approx(objective_ms / 1e3)
+    assert 0 < metrics["sglang:harli_finetune_tokens_total"] <= status["finetune_tokens"]
 
 
 def _burn(stop_at: float) -> None:

@@ -53,9 +53,7 @@ STORE_UNAVAILABLE = "store_unavailable"
 class AgentConfig:
     model: str | None = None  # claim only jobs for this model (the served model's name)
     poll_s: float = 0.5  # how often an idle scheduler looks for a queued job
-    # how often a running job's writes are flushed and its cancel flag and owner read: each pass
-    # is Python on the scheduler process's GIL, which decode waits for
-    tick_s: float = 0.2
+    tick_s: float = 0.05  # how often a running job's cancel flag and owner are read
     lease_s: float = LEASE_S
     renew_s: float = 5.0  # lease renewals: several within one lease
     busy_timeout_ms: int = 1000  # this thread's waits for a lock (never the scheduler's)
@@ -119,10 +117,7 @@ class JobLink:
                 item.drop()
                 return
             self._queue.append(item)
-        if files is not None or after is not None:
-            self._agent.wake()
-        # rows alone wait for the agent's next tick (tick_s): one transaction for the steps of
-        # a tick, rather than one per step, so the agent's thread takes the GIL from decode less
+        self._agent.wake()
 
     def close(self) -> None:
         """The runner is done with the job (its last writes may still be queued)."""

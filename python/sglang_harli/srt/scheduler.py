@@ -177,6 +177,8 @@ class HarliScheduler(Scheduler):
                     with torch.inference_mode(False), torch.enable_grad():
                         still_running = self.harli_corun.idle(runner)
                     self._harli_keep(runner, still_running)
+                    if self.harli_metrics is not None:
+                        self.harli_metrics.update(self.harli_corun)
         return super().on_idle()
 
     def maybe_sleep_on_idle(self):
