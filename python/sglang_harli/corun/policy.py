@@ -7,7 +7,9 @@ One interface, one implementation per ``--harli-mode``, so benchmarks compare li
   decode``, into which a unit is started only if its predicted duration still fits (never one
   predicted not to); on a GPU the largest SM share of the device's ladder whose predicted
   co-run latency fits. Nothing when nothing fits. After a measured miss it backs off at once
-  (the slack it plans with is halved) and recovers gradually (a step back per iteration on time).
+  (the slack it plans with is halved) and recovers gradually (a step back per iteration on time);
+  and it holds back more of ``S`` while misses with finetune in them are above 1% of the
+  iterations planned finetune, less while below (``hold``).
 - ``time-sliced``: a fixed budget after each decode iteration, whatever it costs decode.
 - ``idle-only``: nothing beside decode.
 - ``naive`` / ``static``: every SM / a fixed share, no prediction (GPU baselines).
@@ -34,6 +36,14 @@ PROBE_FRACTION = 0.5
 # difference is ordinary noise that the margin absorbs)
 SLOW_DECODE = 1.25
 MIN_BACKOFF = 1 / 64
+# The attainment controller: the fraction of S held back beyond --harli-slo-margin grows by
+# HOLD_UP at each miss of an iteration that ran finetune and shrinks by HOLD_DOWN at each
+# iteration on time that was planned some, so it settles where such misses are MISS_TARGET of
+# those iterations (a stochastic-approximation quantile tracker), whatever the machine's noise.
+MISS_TARGET = 0.01
+HOLD_UP = 0.05
+HOLD_DOWN = HOLD_UP * MISS_TARGET / (1 - MISS_TARGET)
+MAX_HOLD = 0.5
 RECOVERY_STEP = 0.05  # back to the full slack 20 on-time iterations after a miss
 
 
@@ -134,9 +144,14 @@ class HarliPolicy(CoRunPolicy):
 
     def __init__(self, objective_s, idle_quantum_s, predictor, margin: float):
         super().__init__(objective_s, idle_quantum_s, predictor)
-        self.target_s = objective_s * (1.0 - margin)
+        self.margin = margin
+        self.hold = 0.0  # the attainment controller's extra fraction of S held back
         self.backoff = 1.0  # the fraction of the predicted slack planned with
         self.misses = 0
+
+    @property
+    def target_s(self) -> float:
+        return self.objective_s * (1.0 - self.margin - self.hold)
 
     def plan(self, stats: DecodeStats) -> Plan:
         decode_s = self.predictor.decode(stats)
@@ -171,8 +186,12 @@ class HarliPolicy(CoRunPolicy):
         if not self.within(iteration.total_s):
             self.misses += 1
             self.backoff = max(self.backoff / 2, MIN_BACKOFF)
+            if iteration.units:  # a miss finetune may have caused
+                self.hold = min(self.hold + HOLD_UP, MAX_HOLD)
         else:
             self.backoff = min(self.backoff + RECOVERY_STEP, 1.0)
+            if iteration.plan.runs_finetune:
+                self.hold = max(self.hold - HOLD_DOWN, 0.0)
 
     def plan_share(
         self, stats: DecodeStats, ladder: Sequence[int], total_sms: int, kinds: Sequence[str]
@@ -190,7 +209,12 @@ class HarliPolicy(CoRunPolicy):
         return Plan(0.0, decode_s, reason="paused: no share fits")
 
     def to_dict(self) -> dict:
-        return {"target_ms": self.target_s * 1e3, "backoff": self.backoff, "misses": self.misses}
+        return {
+            "target_ms": self.target_s * 1e3,
+            "hold": self.hold,
+            "backoff": self.backoff,
+            "misses": self.misses,
+        }
 
 
 def make_policy(

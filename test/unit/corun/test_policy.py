@@ -8,6 +8,9 @@ import pytest
 
 from sglang_harli.config import Mode
 from sglang_harli.corun.policy import (
+    HOLD_DOWN,
+    HOLD_UP,
+    MAX_HOLD,
     MIN_BACKOFF,
     PROBE_FRACTION,
     RECOVERY_STEP,
@@ -313,3 +316,31 @@ def test_make_policy_builds_each_cpu_mode():
 def test_make_policy_refuses_gpu_only_modes(mode):
     with pytest.raises(ValueError, match=str(mode)):
         make(mode)
+
+
+# --- harli: the attainment controller --------------------------------------------------------
+
+
+def test_misses_with_finetune_hold_back_more_of_the_objective_and_hits_give_it_back():
+    policy = harli()
+    plan = policy.plan(SHAPE)
+    with_units = Iteration(SHAPE, plan, 1.2 * S, plan.budget_s, units=(("forward", 1e6),))
+    policy.feedback(with_units)
+    assert policy.hold == pytest.approx(HOLD_UP)
+    assert policy.target_s == pytest.approx(S * (1 - MARGIN - HOLD_UP))
+    # a miss of decode alone (nothing ran beside it) is not finetune's: the hold stays
+    policy.feedback(Iteration(SHAPE, plan, 1.2 * S, 0.0))
+    assert policy.hold == pytest.approx(HOLD_UP)
+    # 99 planned iterations on time give back what one miss took: misses settle at 1%
+    for _ in range(99):
+        policy.feedback(on_time(policy, policy.plan(SHAPE)))
+    assert policy.hold == pytest.approx(0.0, abs=1e-9)
+    assert HOLD_DOWN / (HOLD_UP + HOLD_DOWN) == pytest.approx(0.01)
+
+
+def test_the_hold_is_capped_so_decode_alone_still_plans():
+    policy = harli()
+    for _ in range(100):
+        plan = policy.plan(SHAPE)
+        policy.feedback(Iteration(SHAPE, plan, 1.2 * S, 0.001, units=(("forward", 1e6),)))
+    assert policy.hold == pytest.approx(MAX_HOLD)
