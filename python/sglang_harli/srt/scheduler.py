@@ -13,8 +13,10 @@ SGLang's loop is measured, not assumed (``GET /harli/status``); the finetune tim
 is reported apart from that overhead.
 
 Fine-tuning jobs come from the job store shared with the HTTP API; one trains at a time, first
-come first served, through a :class:`JobRunner` that gets a time slice after each decode
-iteration (``time-sliced``) and a quantum on each idle pass (``time-sliced`` and ``idle-only``).
+come first served, through a :class:`JobRunner`. Before each decode iteration the mode's policy
+plans what may run beside it (``corun/``: ``harli`` sizes it from the TPOT objective and the
+predictor, ``time-sliced`` gives a fixed slice, ``idle-only`` nothing); the runner's units run
+after the decode while the policy admits them, and in quanta on idle passes in every mode.
 
 This thread never touches the job store or writes a file: a :class:`JobAgent` thread claims
 jobs for the served model, builds their runners (datasets, checkpoints), writes what they record
