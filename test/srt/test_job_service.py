@@ -26,6 +26,7 @@ pytestmark = pytest.mark.server
 
 HYPER = {"batch_size": 4, "learning_rate_multiplier": 20, "lora_rank": 8}
 LOCK_S = 6.0
+EPOCHS = 400  # the locked-store job: one step per epoch (4 examples, batch 4)
 
 
 def start(log_dir, name, model_dir, state_dir):
@@ -146,7 +147,8 @@ def test_a_locked_store_slows_no_request_and_the_job_goes_on(
     servers, upload, tiny_model_dir, state_dir
 ):
     first, second = servers["first"], servers["second"]
-    job = create(first, upload, tiny_model_dir, n_epochs=100)
+    # long enough to still be training when the lock is taken (100 steps took 10 s on CPU)
+    job = create(first, upload, tiny_model_dir, n_epochs=EPOCHS)
     wait_for(first, job.id, lambda j: j.step >= 3)
     server = first if trainer_of(first) == job.id else second
     baseline = max(generate_s(server) for _ in range(3))
@@ -183,7 +185,7 @@ def test_a_locked_store_slows_no_request_and_the_job_goes_on(
 
     done = wait_for(first, job.id, ended)
     assert done.status == "succeeded", done.error
-    assert metric_steps(first, job.id) == list(range(1, 101))  # none lost, none twice
+    assert metric_steps(first, job.id) == list(range(1, EPOCHS + 1))  # none lost, none twice
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
 
 
