@@ -55,38 +55,34 @@ class HarliConfigError(ValueError):
     """A --harli-* flag has a value we cannot run with."""
 
 
-def _number(kind: type, minimum: float, inclusive: bool) -> Callable[[str], Any]:
-    """An argparse ``type`` that accepts numbers of ``kind`` above (or at) ``minimum``."""
-    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+def _number(
+    kind: type,
+    minimum: float,
+    inclusive: bool,
+    maximum: float | None = None,
+    max_inclusive: bool = True,
+) -> Callable[[str], Any]:
+    """An argparse ``type`` that accepts numbers of ``kind`` above (or at) ``minimum`` and, if
+    given, below (or at) ``maximum``."""
+    if maximum is None:
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+    else:
+        bound = (
+            f"in {'[' if inclusive else '('}{minimum:g}, {maximum:g}{']' if max_inclusive else ')'}"
+        )
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not (value >= minimum if inclusive else value > minimum):
+        above = value >= minimum if inclusive else value > minimum
+        below = maximum is None or (value <= maximum if max_inclusive else value < maximum)
+        if not (above and below):
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-def _fraction(maximum_inclusive: bool) -> Callable[[str], float]:
-    """An argparse ``type`` for a fraction in (0, 1] (or [0, 1) when 1 is excluded)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        ok = 0 < value <= 1 if maximum_inclusive else 0 <= value < 1
-        if not ok:
-            bound = "in (0, 1]" if maximum_inclusive else "in [0, 1)"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-
-    parse.__name__ = "fraction"
     return parse
 
 
@@ -134,7 +130,7 @@ class HarliConfig:
         "the fraction of the objective harli mode keeps free against the decode's own noise "
         "(default %(default)s: plan to 95%% of it; each unit and SGLang's work after it are "
         "also budgeted at their mean plus their usual deviation)",
-        _fraction(maximum_inclusive=False),
+        _number(float, 0, inclusive=True, maximum=1, max_inclusive=False),
         metavar="F",
     )
     profile: str | None = _flag(
@@ -147,7 +143,7 @@ class HarliConfig:
     static_share: float = _flag(
         0.5,
         "static mode: the fraction of the GPU's SMs finetune kernels may use (default %(default)s)",
-        _fraction(maximum_inclusive=True),
+        _number(float, 0, inclusive=False, maximum=1),
         metavar="F",
     )
     finetune_budget_ms: float = _flag(

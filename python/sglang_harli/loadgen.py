@@ -10,7 +10,6 @@ request, in seconds (the first token of each request, which includes its prefill
 from __future__ import annotations
 
 import json
-import statistics
 import threading
 import time
 
@@ -65,12 +64,3 @@ def stream_load(
     for t in threads:
         t.join()
     return gaps
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)

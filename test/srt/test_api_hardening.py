@@ -19,7 +19,7 @@ import openai
 import pytest
 import requests
 
-from test.support.finetuning import chat_jsonl
+from test.support.finetuning import chat_jsonl, wait_for
 from test.support.server_process import REPO, harli_server
 
 pytestmark = pytest.mark.server
@@ -105,16 +105,6 @@ def snapshot(server, state_dir) -> tuple:
     files = call(server, "GET", "/v1/files?limit=100", USER).json()["data"]
     on_disk = sorted(str(p.relative_to(state_dir)) for p in state_dir.glob("[fj]*/**/*"))
     return jobs, files, on_disk
-
-
-def wait_status(user, job_id: str, states, timeout_s: float = 300):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = user.fine_tuning.jobs.retrieve(job_id)
-        if job.status in states:
-            return job
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} still {job.status}")
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +339,7 @@ def test_running_job_cancel_says_cancelling_and_guards_its_file(server, model, a
     job = admin.fine_tuning.jobs.create(
         model=model, training_file=upload_id, hyperparameters={"n_epochs": 5000}
     )
-    wait_status(user, job.id, ("running",))
+    wait_for(user, job.id, ("running",))
     refused = call(server, "DELETE", f"/v1/files/{upload_id}", ADMIN)
     error = openai_error(refused, 409)
     assert error["code"] == "file_in_use" and job.id in error["message"]
@@ -357,7 +347,7 @@ def test_running_job_cancel_says_cancelling_and_guards_its_file(server, model, a
 
     cancelling = admin.fine_tuning.jobs.cancel(job.id)  # the official client parses it
     assert cancelling.status in ("cancelling", "cancelled")
-    assert wait_status(user, job.id, ("cancelled",), timeout_s=60).status == "cancelled"
+    assert wait_for(user, job.id, ("cancelled",), timeout_s=60).status == "cancelled"
     assert admin.files.delete(upload_id).deleted  # the job is over: the file may go
 
 

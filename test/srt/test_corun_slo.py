@@ -19,13 +19,15 @@ that hold there (``ATTAINMENT``, ``CLIENT_P99``, ``SLACK_USED``) and print the m
 from __future__ import annotations
 
 import multiprocessing
+import statistics
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from sglang_harli.loadgen import median, quantile, stream_load
+from sglang_harli.corun.stats import quantile
+from sglang_harli.loadgen import stream_load
 from test.support.finetuning import start_training
 from test.support.server_process import harli_server
 
@@ -72,7 +74,7 @@ def objective_ms(tiny_model_dir, tmp_path_factory):
         gaps = stream_load(server.url, 10.0, STREAMS)
     finally:
         server.stop()
-    return 2 * median(gaps) * 1e3
+    return 2 * statistics.median(gaps) * 1e3
 
 
 @pytest.fixture(scope="module")

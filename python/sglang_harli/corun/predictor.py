@@ -53,6 +53,7 @@ from .stats import DecodeStats
 PROFILE_FORMAT = "sglang-harli-profile/1"
 DEFAULT_ALPHA = 0.25
 MIN_SAMPLES = 16  # solo iterations before a predictor with no profile predicts at all
+MIN_REGIME_SAMPLES = 8  # a regime with fewer samples of its own uses the fit of all regimes
 REFIT_EVERY = 32  # without a profile: refit stage 1 this often (a 4x4 solve)
 FORGET = 0.995  # per sample: the learned fit weighs about the last 200 iterations
 WINDOW = 512  # recent samples kept per unit kind for refits
@@ -111,12 +112,10 @@ class Residual:
 
     alpha: float = DEFAULT_ALPHA
     factor: float = 1.0
-    updates: int = 0
 
     def update(self, measured: float, predicted: float) -> None:
         if predicted > 0 and measured > 0:
             self.factor += self.alpha * (measured / predicted - self.factor)
-            self.updates += 1
 
 
 @dataclasses.dataclass
@@ -131,28 +130,42 @@ class Stage1:
     residuals: dict[int, Residual] = dataclasses.field(default_factory=dict)
     # learning: exponentially forgotten normal equations per regime (-1: all regimes), so a
     # refit costs a 4x4 solve, not a pass over a window of samples
-    _normal: dict[int, list] = dataclasses.field(default_factory=dict)
-    _seen: int = 0
+    _normal: dict[int, tuple] = dataclasses.field(default_factory=dict)
     _since_fit: int = 0
 
     def regime(self, stats: DecodeStats) -> int:
         return bisect.bisect_left(self.buckets, stats.batch_size)
 
     def fit(self, samples: Iterable[tuple[DecodeStats, float]]) -> None:
-        """Coefficients per regime from (iteration, seconds) samples; a regime with too few
-        samples of its own uses the fit of all of them."""
-        samples = list(samples)
-        if not samples:
-            return
-        shared = nnls([features(s) for s, _ in samples], [t for _, t in samples])
-        by_regime: dict[int, list[tuple[DecodeStats, float]]] = collections.defaultdict(list)
-        for s, t in samples:
-            by_regime[self.regime(s)].append((s, t))
-        self.coef = {-1: shared}
-        for regime, rows in by_regime.items():
-            if len(rows) >= 8:
-                self.coef[regime] = nnls([features(s) for s, _ in rows], [t for _, t in rows])
-        self.residuals.clear()  # a new fit starts from its own residuals
+        """Coefficients per regime from (iteration, seconds) samples, all weighed alike; a
+        regime with too few samples of its own uses the fit of all of them."""
+        normal: dict[int, tuple] = {}
+        for stats, seconds in samples:
+            self._accumulate(normal, stats, seconds, forget=1.0)
+        if normal:
+            self._solve(normal)
+
+    def _accumulate(self, normal: dict, stats: DecodeStats, seconds: float, forget: float):
+        """Add one sample to the normal equations of its regime and of all (-1), the older
+        samples weighed down by ``forget``. Plain Python: for 4x4 numbers it is faster than
+        numpy's per-call overhead, and this runs on every decode iteration."""
+        x = features(stats)
+        for regime in (-1, self.regime(stats)):
+            gram, moment, n = normal.get(regime) or ([[0.0] * 4 for _ in range(4)], [0.0] * 4, 0)
+            for i, xi in enumerate(x):
+                row = gram[i]
+                for j, xj in enumerate(x):
+                    row[j] = forget * row[j] + xi * xj
+                moment[i] = forget * moment[i] + seconds * xi
+            normal[regime] = (gram, moment, n + 1)
+
+    def _solve(self, normal: dict) -> None:
+        self.coef = {
+            regime: nnls_normal(np.asarray(gram), np.asarray(moment))
+            for regime, (gram, moment, n) in normal.items()
+            if regime == -1 or n >= MIN_REGIME_SAMPLES
+        }
+        self.residuals.clear()  # a new fit absorbs what they corrected
 
     def base(self, stats: DecodeStats) -> float | None:
         coef = self.coef.get(self.regime(stats), self.coef.get(-1))
@@ -177,29 +190,11 @@ class Stage1:
             )
         if not self.learn:
             return
-        x = features(stats)
-        for regime in (-1, self.regime(stats)):
-            # plain Python: for 4x4 numbers it is faster than numpy's per-call overhead
-            gram, moment, n = self._normal.get(regime) or (
-                [[0.0] * 4 for _ in range(4)],
-                [0.0] * 4,
-                0,
-            )
-            for i, xi in enumerate(x):
-                row = gram[i]
-                for j, xj in enumerate(x):
-                    row[j] = FORGET * row[j] + xi * xj
-                moment[i] = FORGET * moment[i] + seconds * xi
-            self._normal[regime] = (gram, moment, n + 1)
-        self._seen += 1
+        self._accumulate(self._normal, stats, seconds, forget=FORGET)
         self._since_fit += 1
-        if (not self.coef and self._seen >= MIN_SAMPLES) or self._since_fit >= REFIT_EVERY:
-            self.coef = {
-                regime: nnls_normal(np.asarray(gram), np.asarray(moment))
-                for regime, (gram, moment, n) in self._normal.items()
-                if regime == -1 or n >= 8
-            }
-            self.residuals.clear()  # the refit absorbed what they corrected
+        seen = self._normal[-1][2]
+        if (not self.coef and seen >= MIN_SAMPLES) or self._since_fit >= REFIT_EVERY:
+            self._solve(self._normal)
             self._since_fit = 0
 
     @property

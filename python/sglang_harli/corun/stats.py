@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 
@@ -93,10 +93,13 @@ class Window:
             self.values.popleft()
 
     def quantile(self, q: float) -> float | None:
-        if not self.values:
-            return None
-        ordered = sorted(self.values)
-        return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+        return quantile(self.values, q) if self.values else None
+
+
+def quantile(values: Iterable[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile of ``values`` (not empty)."""
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
 @dataclasses.dataclass

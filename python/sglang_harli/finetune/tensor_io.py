@@ -8,13 +8,14 @@ decode iterations took up to 2.4x their median while a job checkpointed
 built in Python, and each tensor's bytes go to the file through ``write(memoryview)``, which
 releases the GIL for the copy into the kernel; between two tensors the GIL changes hands.
 
-- :func:`save_safetensors` writes the standard safetensors format (what ``load_file``, PEFT and
-  SGLang read).
-- ``encode_*`` do the torch and Python part ahead (a checkpoint's unit on the scheduler thread,
-  inside its budget), so the agent's thread is left with I/O, which releases the GIL.
-- :func:`save_tree` / :func:`load_tree` store a nested structure (dicts, lists, numbers,
-  strings, tensors) as a safetensors file of its tensors plus a small ``torch.save`` of the
-  structure, where each tensor is a ``{"__tensor__": key}`` placeholder.
+- :func:`encode_safetensors` prepares the standard safetensors format (what ``load_file``, PEFT
+  and SGLang read); :meth:`Encoded.save` writes it.
+- The ``encoding_*`` generators do that torch and Python part a tensor per step (a checkpoint's
+  work units on the scheduler thread, inside their budget), so the agent's thread is left with
+  I/O, which releases the GIL.
+- :func:`encoding_tree` (then :meth:`EncodedTree.save`) and :func:`load_tree` store a nested
+  structure (dicts, lists, numbers, strings, tensors) as a safetensors file of its tensors plus
+  a small ``torch.save`` of the structure, each tensor a ``{"__tensor__": key}`` placeholder.
 """
 
 from __future__ import annotations
@@ -101,16 +102,9 @@ def encoding_safetensors(
     return Encoded([struct.pack("<Q", len(encoded)) + encoded, *views])
 
 
-def save_safetensors(
-    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
-    """``safetensors.torch.save_file(tensors, path, metadata)``, a tensor at a time."""
-    encode_safetensors(tensors, metadata).save(path)
-
-
 @dataclasses.dataclass
 class EncodedTree:
-    """:func:`encode_tree`'s result: the structure's pickle and the tensors' file."""
+    """:func:`encoding_tree`'s result: the structure's pickle and the tensors' file."""
 
     structure: bytes
     tensors: Encoded
@@ -120,13 +114,9 @@ class EncodedTree:
         Path(structure_path).write_bytes(self.structure)
 
 
-def encode_tree(tree: Any) -> EncodedTree:
-    """The torch and Python work of :func:`save_tree`."""
-    return drain(encoding_tree(tree))
-
-
 def encoding_tree(tree: Any) -> Generator[None, None, EncodedTree]:
-    """:func:`encode_tree` a tensor per step."""
+    """The torch and Python work of storing ``tree``: its tensors go to a safetensors file, the
+    rest to a ``torch.save`` pickle with placeholders; a tensor per step."""
     tensors: dict[str, torch.Tensor] = {}
 
     def strip(value: Any, key: str) -> Any:
@@ -146,16 +136,10 @@ def encoding_tree(tree: Any) -> Generator[None, None, EncodedTree]:
     return EncodedTree(pickled.getvalue(), encoded)
 
 
-def save_tree(structure_path: str | Path, tensors_path: str | Path, tree: Any) -> None:
-    """Write ``tree``: its tensors to ``tensors_path`` (safetensors), the rest to
-    ``structure_path`` (``torch.save``, tensors replaced by placeholders)."""
-    encode_tree(tree).save(structure_path, tensors_path)
-
-
 def load_tree(
     structure_path: str | Path, tensors_path: str | Path, device: torch.device | str = "cpu"
 ) -> Any:
-    """What :func:`save_tree` wrote. A structure saved with its tensors inline (no tensors
+    """What :meth:`EncodedTree.save` wrote. A structure saved with its tensors inline (no tensors
     file: an older checkpoint) is returned as it is."""
     structure = torch.load(structure_path, map_location=device, weights_only=True)
     if not Path(tensors_path).exists():

@@ -67,18 +67,20 @@ class HarliMetrics:
         )
         self._seen = {"iterations": 0, "within": 0, "finetune": 0.0, "slack": 0.0, "tokens": 0}
 
-    def update(self, corun: CoRun) -> None:
-        """After a plan: what changed since the last update (a few attribute reads)."""
+    def update(self, corun: CoRun, after_plan: bool = True) -> None:
+        """What changed since the last update (a few attribute reads): after a plan, or after
+        an idle quantum (``after_plan=False``: no new plan to report)."""
         stats = corun.stats
-        self.objective.set(stats.objective_s)
-        plan = stats.last_plan or {}
-        self.budget.set(plan.get("budget_ms", 0.0) / 1e3)
-        if plan.get("predicted_decode_ms") is not None:
-            self.predicted.set(plan["predicted_decode_ms"] / 1e3)
+        if after_plan:
+            self.objective.set(stats.objective_s)
+            plan = stats.last_plan or {}
+            self.budget.set(plan.get("budget_ms", 0.0) / 1e3)
+            if plan.get("predicted_decode_ms") is not None:
+                self.predicted.set(plan["predicted_decode_ms"] / 1e3)
+            if stats.policy_us.values:
+                self.policy.observe(stats.policy_us.values[-1] / 1e6)
         if stats.iterations > self._seen["iterations"] and stats.last_iteration_ms is not None:
             self.iteration.observe(stats.last_iteration_ms / 1e3)
-        if stats.policy_us.values:
-            self.policy.observe(stats.policy_us.values[-1] / 1e6)
         for name, now, metric in (
             ("iterations", stats.iterations, self.iterations),
             ("within", stats.within_slo, self.within),

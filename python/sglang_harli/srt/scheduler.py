@@ -180,7 +180,7 @@ class HarliScheduler(Scheduler):
                         still_running = self.harli_corun.idle(runner)
                     self._harli_keep(runner, still_running)
                     if self.harli_metrics is not None:
-                        self.harli_metrics.update(self.harli_corun)
+                        self.harli_metrics.update(self.harli_corun, after_plan=False)
         return super().on_idle()
 
     def maybe_sleep_on_idle(self):

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sglang_harli.finetune.tensor_io import load_tree, save_safetensors, save_tree
+from sglang_harli.finetune.tensor_io import drain, encode_safetensors, encoding_tree, load_tree
 
 TENSORS = {
     "a.weight": torch.randn(3, 5),
@@ -21,7 +21,7 @@ TENSORS = {
 
 def test_safetensors_readers_read_what_we_write(tmp_path):
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
-    save_safetensors(ours, TENSORS, metadata={"format": "pt"})
+    encode_safetensors(TENSORS, metadata={"format": "pt"}).save(ours)
     save_file({k: v.contiguous() for k, v in TENSORS.items()}, str(theirs), {"format": "pt"})
     got, want = load_file(str(ours)), load_file(str(theirs))
     assert got.keys() == want.keys() == TENSORS.keys()
@@ -41,7 +41,7 @@ def test_a_tree_round_trips_with_its_structure(tmp_path):
         },
         "state": {"step": 3, "last_loss": None, "name": "__tensor__"},
     }
-    save_tree(tmp_path / "s.pt", tmp_path / "s.safetensors", tree)
+    drain(encoding_tree(tree)).save(tmp_path / "s.pt", tmp_path / "s.safetensors")
     back = load_tree(tmp_path / "s.pt", tmp_path / "s.safetensors")
     assert torch.equal(back["adapters"]["x"], tree["adapters"]["x"])
     assert torch.equal(
