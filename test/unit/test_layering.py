@@ -79,6 +79,16 @@ def imports_of(prefix: str) -> dict[str, set[str]]:
         ),
         ("sglang_harli.jobs", ("sglang", "fastapi", "requests", "sglang_harli.srt")),
         ("sglang_harli.corun", ("sglang", "sglang_harli.srt", "sglang_harli.jobs")),
+        (
+            "sglang_harli.memory",
+            (
+                "sglang",
+                "sglang_harli.srt",
+                "sglang_harli.jobs",
+                "sglang_harli.corun",
+                "sglang_harli.finetune",
+            ),
+        ),
         ("sglang_harli.cli", ("torch", "sglang", "sglang_harli.finetune", "sglang_harli.srt")),
         ("sglang_harli.config", ("torch", "sglang")),
         ("harli_kernels", ("sglang", "sglang_harli")),

@@ -19,6 +19,18 @@ The ops run on the backend ``TrainConfig.kernels`` names (``ops.py``): graph.py'
 functions, or the ``harli_kernels`` Triton kernels on at most ``num_sms`` SMs, which
 :meth:`Trainer.set_num_sms` changes for the units that run next.
 
+With an :class:`~sglang_harli.memory.arena.Arena` (``memory``), the checkpointed layer inputs,
+the bulk of a step's activations (layers x tokens x hidden), live in arena blocks: memory another
+owner lends (a server's free KV slots) and may take back between any two units. A unit whose
+saved input was taken back recomputes it from the nearest earlier input still held (or from the
+embeddings): the same ops on the same values, so the step's result is bit-identical; only that
+unit does extra work, never the whole step. A forward unit that finds no room in the arena raises
+:class:`MemoryWait` before changing anything: the caller runs it again once memory is lent. The
+micro-batches of a step are sized to what the arena can hold when the step is planned. The
+activations inside one unit, the gradient flowing back between units, the adapters and AdamW's
+state stay in ordinary memory: small (one layer, one activation, rank-r matrices), and the last
+two must never be lost.
+
 Checkpoints come in two halves so that a server's scheduler thread does only the cheap one:
 :meth:`Trainer.snapshot` copies the adapters, the AdamW state and the counters into host memory
 (asynchronously on a GPU, into pinned buffers reserved ahead), and :func:`write_checkpoint`
@@ -43,6 +55,8 @@ from . import graph
 from . import ops as ops_mod
 from .base_model import BaseModelView
 from .data import Example, PackedBatch, pack
+from sglang_harli.memory.arena import Arena, Block
+
 from .lora import LoraAdapters, LoraConfig, sequence_seed
 from .peft_io import encoding_adapter, write_adapter
 from .tensor_io import Encoded, EncodedTree, drain, encoding_tree, load_tree
@@ -129,6 +143,20 @@ class StepResult:
     num_sequences: int
     num_targets: int
     skipped: bool = False  # non-finite gradient norm: the update was not applied
+
+
+class MemoryWait(RuntimeError):
+    """The arena has no room for the next unit's checkpoint: nothing ran; try again later."""
+
+
+@dataclasses.dataclass
+class MemoryUse:
+    """How training used the arena (``Trainer.memory``), for status and tests."""
+
+    waits: int = 0  # forward units that found no room and did not run
+    blocks_lost: int = 0  # checkpointed inputs taken back by a revoke before their backward
+    recomputed_layers: int = 0  # layer forwards rerun to rebuild lost inputs
+    micro_batch_tokens: int | None = None  # the token cap memory set at the last step's plan
 
 
 class NonFiniteError(ValueError):
@@ -240,7 +268,10 @@ class WorkUnit:
 class _MicroBatch:
     batch: PackedBatch
     ctx: graph.GraphContext
-    saved: list  # per layer: its input (checkpointing) or (input leaf, output) (no ckpt)
+    # per layer, checkpointing: its input (a tensor, or an arena Block), then between its
+    # recompute and backward units (input leaf, output, Block or None); without checkpointing:
+    # (input leaf, output)
+    saved: list
     carry: torch.Tensor | None = None  # the next layer's input, or the gradient going back
 
 
@@ -264,10 +295,15 @@ class Trainer:
         adapters: LoraAdapters,
         dataset: Sequence[Example],
         config: TrainConfig = TrainConfig(),
+        memory: Arena | None = None,
     ):
         if not dataset:
             raise ValueError("empty dataset")
         self.view, self.adapters, self.dataset, self.config = view, adapters, dataset, config
+        # checkpointed layer inputs live here when set (only with checkpointing: without it a
+        # step keeps autograd graphs, which torch allocates)
+        self.memory = memory if config.checkpointing else None
+        self.memory_use = MemoryUse()
         self.dtype = config.compute_dtype or view.dtype
         self.total_steps = config.total_steps or math.ceil(
             config.epochs * len(dataset) / config.global_batch_size
@@ -337,6 +373,9 @@ class Trainer:
         """Drop the open step: activations and gradients go; the next step redoes it."""
         if self._step is None:
             return
+        for mb in self._step.micro:
+            for saved in mb.saved:
+                self._free(saved)
         self._step = None
         self.optimizer.zero_grad(set_to_none=True)
         self.state.abandoned_steps += 1
@@ -476,6 +515,10 @@ class Trainer:
     def _micro_groups(self, examples: list[Example]) -> list[list[int]]:
         """Greedy, order-preserving packing under the sequence and token caps."""
         cap_seqs, cap_tokens = self.config.micro_batch_size, self.config.micro_batch_tokens
+        if self.memory is not None:
+            fits = self._memory_tokens(max(len(ex.input_ids) for ex in examples) * cap_seqs)
+            self.memory_use.micro_batch_tokens = fits
+            cap_tokens = fits if cap_tokens is None else min(cap_tokens, fits)
         groups: list[list[int]] = [[]]
         tokens = 0
         for j, ex in enumerate(examples):
@@ -489,6 +532,21 @@ class Trainer:
             groups[-1].append(j)
             tokens += n
         return groups
+
+    def _memory_tokens(self, most: int) -> int:
+        """The most tokens (up to ``most``) whose checkpointed inputs, one per layer, fit in
+        the arena's free space now: the micro-batch size follows the memory lent (at least one
+        sequence is packed anyway; its forward waits until the memory is there)."""
+        layers = self.view.config.num_layers
+        per_token = self.view.config.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+        lo, hi = 0, most
+        while lo < hi:  # the largest t with `layers` blocks of t tokens fitting
+            mid = (lo + hi + 1) // 2
+            if self.memory.count_fitting(mid * per_token) >= layers:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def _units(self, step: _Step) -> list[WorkUnit]:
         c, lora = self.view.config, self.adapters.config
@@ -534,7 +592,11 @@ class Trainer:
     def _forward(self, mb: _MicroBatch, i: int) -> None:
         h = graph.embed(self.view, mb.ctx) if i == 0 else mb.carry
         if self.config.checkpointing:
-            mb.saved[i] = h  # the layer input: all that stays until the backward
+            # the layer input: all that stays until the backward
+            mb.saved[i] = h if self.memory is None else self._keep(h)
+            if mb.saved[i] is None:
+                self.memory_use.waits += 1
+                raise MemoryWait(f"no room in the arena for {h.numel() * h.element_size()} bytes")
             with torch.no_grad():
                 mb.carry = graph.layer_forward(self.view, self.adapters, i, h, mb.ctx)
         else:
@@ -557,17 +619,68 @@ class Trainer:
     def _recompute(self, mb: _MicroBatch, i: int) -> None:
         """Checkpointing: the layer's forward again, from its saved input, keeping its graph
         for the backward unit that follows."""
-        x = mb.saved[i].detach().requires_grad_(i > 0)
+        saved = mb.saved[i]
+        block = saved if isinstance(saved, Block) and saved.valid else None
+        x = self._input(mb, i).detach().requires_grad_(i > 0)
         with torch.enable_grad():
             out = graph.layer_forward(self.view, self.adapters, i, x, mb.ctx)
-        mb.saved[i] = (x, out)
+        mb.saved[i] = (x, out, block)  # the graph reads x: the block must outlive it
 
     def _backward(self, mb: _MicroBatch, i: int) -> None:
-        x, out = mb.saved[i]
+        if self.config.checkpointing:
+            x, out, block = mb.saved[i]
+            if block is not None and not block.valid:  # taken back since the recompute:
+                mb.saved[i] = block  # the graph read memory that is not ours any more
+                self._recompute(mb, i)  # redo that unit (its input rebuilt), then go on
+                x, out, block = mb.saved[i]
+        else:
+            (x, out), block = mb.saved[i], None
         self.ops.prepare_backward(out)  # an earlier unit's graph: the current num_sms
         mb.saved[i] = None
         out.backward(mb.carry)
         mb.carry = x.grad if i > 0 else None
+        self._free(block)
+
+    # --- checkpointed inputs in the arena ------------------------------------------------------
+
+    def _keep(self, h: torch.Tensor) -> Block | None:
+        """A copy of ``h`` in an arena block, or None if the arena has no room."""
+        block = self.memory.alloc(h.shape, h.dtype, owner=self._lost)
+        if block is not None:
+            block.tensor.copy_(h)
+        return block
+
+    def _lost(self, block: Block) -> None:
+        self.memory_use.blocks_lost += 1
+
+    def _input(self, mb: _MicroBatch, i: int) -> torch.Tensor:
+        """Layer ``i``'s saved input; if the arena took it back, recomputed from the nearest
+        earlier input still held (or the embeddings), re-kept where the arena has room."""
+        saved = mb.saved[i]
+        if not isinstance(saved, Block):
+            return saved
+        if saved.valid:
+            return saved.tensor
+        j = i  # the nearest earlier input still held, else the embeddings (layer 0's input)
+        while j > 0 and not (isinstance(mb.saved[j - 1], Block) and mb.saved[j - 1].valid):
+            j -= 1
+        if j > 0:
+            start, h = j - 1, mb.saved[j - 1].tensor
+        else:
+            start, h = 0, graph.embed(self.view, mb.ctx)
+        with torch.no_grad():
+            for k in range(start, i):  # h is layer k's input; its output is layer k+1's
+                h = graph.layer_forward(self.view, self.adapters, k, h, mb.ctx)
+                self.memory_use.recomputed_layers += 1
+                if k + 1 < i:  # a lower layer's input, lost too: kept again if there is room
+                    mb.saved[k + 1] = self._keep(h) or mb.saved[k + 1]
+        return h
+
+    def _free(self, saved: Any) -> None:
+        if isinstance(saved, tuple):
+            saved = saved[-1] if len(saved) == 3 else None
+        if isinstance(saved, Block) and self.memory is not None:
+            self.memory.free(saved)
 
     def _optimizer(self, step: _Step) -> StepResult:
         params = self.adapters.parameters()
