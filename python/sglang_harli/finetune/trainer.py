@@ -50,13 +50,12 @@ from typing import Any
 import torch
 
 from sglang_harli import durable
+from sglang_harli.memory.arena import Arena, Block
 
 from . import graph
 from . import ops as ops_mod
 from .base_model import BaseModelView
 from .data import Example, PackedBatch, pack
-from sglang_harli.memory.arena import Arena, Block
-
 from .lora import LoraAdapters, LoraConfig, sequence_seed
 from .peft_io import encoding_adapter, write_adapter
 from .tensor_io import Encoded, EncodedTree, drain, encoding_tree, load_tree
