@@ -147,10 +147,10 @@ class Arena:
         """A tensor of ``shape`` and ``dtype`` inside one chunk, or None if none has room.
         Never-revoked memory (a reserve) is used first: what lives there is never lost."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = max(1, math.prod(shape) * itemsize)
+        nbytes = math.prod(shape) * itemsize
         for lease in sorted(self._leases.values(), key=lambda lease: lease.revocable):
             for chunk in lease.chunks:
-                block = self._carve(chunk, nbytes, shape, dtype, owner)
+                block = self._carve(chunk, nbytes, itemsize, shape, dtype, owner)
                 if block is not None:
                     lease.blocks[id(block)] = block
                     self.stats.allocations += 1
@@ -174,16 +174,16 @@ class Arena:
             return
         chunk.free = _coalesce([*chunk.free, (block._offset, block._span)])
 
-    def _carve(self, chunk, nbytes, shape, dtype, owner) -> Block | None:
-        base = chunk.base
+    def _carve(self, chunk, nbytes, itemsize, shape, dtype, owner) -> Block | None:
+        base, align = chunk.base, max(self.align, itemsize)
         for k, (offset, size) in enumerate(chunk.free):
-            start = -(-(base + offset) // self.align) * self.align - base
-            span = start - offset + nbytes
+            start = -(-(base + offset) // align) * align - base
+            span = start - offset + max(1, nbytes)  # an empty tensor still takes a byte
             if span > size:
                 continue
-            rest = [(offset + span, size - span)] if size > span else []
-            chunk.free[k : k + 1] = rest
             view = chunk.storage[start : start + nbytes].view(dtype).view(tuple(shape))
+            rest = [(offset + span, size - span)] if size > span else []
+            chunk.free[k : k + 1] = rest  # only once the view exists: a failure loses nothing
             # the padding in front of `start` stays with the block: freed together
             return Block(view, chunk.lease, nbytes, owner, True, chunk, offset, span)
         return None
