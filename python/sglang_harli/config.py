@@ -172,6 +172,48 @@ class HarliConfig:
         _number(int, 1, inclusive=True),
         metavar="N",
     )
+    max_lend_fraction: float = _flag(
+        0.5,
+        "unified memory: the most of SGLang's KV pool (fraction of its slots) lent to the "
+        "running job for its checkpointed activations (default %(default)s). Only free slots "
+        "are lent, and they are taken back before SGLang plans a batch that needs them. 0: no "
+        "lending (with --harli-reserve-mb 0, the job uses ordinary memory as it pleases)",
+        _number(float, 0, inclusive=True, maximum=1),
+        metavar="F",
+    )
+    lend_headroom_tokens: int = _flag(
+        256,
+        "unified memory: KV slots kept free beyond what the running and waiting requests may "
+        "still need, for requests about to arrive (default %(default)s)",
+        _number(int, 0, inclusive=True),
+        metavar="N",
+    )
+    relend_delay_ms: float = _flag(
+        1000.0,
+        "unified memory: after slots are taken back for decode, no lending for this long (ms; "
+        "default %(default)s): a burst usually comes with more",
+        _number(float, 0, inclusive=True),
+        metavar="MS",
+    )
+    lend_evict_cache: bool = _flag(
+        False,
+        "unified memory: also lend slots the radix cache holds (evicting cached prefixes); by "
+        "default only free slots are lent",
+        action="store_true",
+    )
+    reserve_mb: float = _flag(
+        0.0,
+        "unified memory: ordinary memory (MB) set aside for the job's activations, used before "
+        "lent slots and never taken back (default %(default)s: with no lent slots the job waits)",
+        _number(float, 0, inclusive=True),
+        metavar="MB",
+    )
+    arena_poison: bool = _flag(
+        False,
+        "debugging: fill every activation buffer handed out from lent memory with NaN, so that "
+        "any overlap with live KV shows up in decode's outputs",
+        action="store_true",
+    )
     max_upload_mb: float = _flag(
         512.0,
         "largest file POST /v1/files accepts (MB; default %(default)s); larger uploads get 413",
@@ -236,8 +278,9 @@ def add_harli_args(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = [member.value for member in parse]
         elif parse is not None:
             kwargs["type"] = parse
-        if "metavar" in meta:
-            kwargs["metavar"] = meta["metavar"]
+        for key in ("metavar", "action"):
+            if key in meta:
+                kwargs[key] = meta[key]
         group.add_argument(flag_name(field), **kwargs)
 
 

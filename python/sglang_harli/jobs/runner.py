@@ -42,6 +42,7 @@ from sglang_harli.finetune.trainer import (
     STATE_FILE,
     STATE_TENSORS,
     CheckpointSnapshot,
+    MemoryWait,
     NonFiniteError,
     StepResult,
     TrainConfig,
@@ -50,6 +51,7 @@ from sglang_harli.finetune.trainer import (
     read_checkpoint,
     write_checkpoint,
 )
+from sglang_harli.memory.arena import Arena
 
 from .agent import JobLink
 from .hyperparameters import Hyperparameters
@@ -134,6 +136,7 @@ class JobRunner:
         self._step_times: list[float] = []
         self._last_step_end = time.monotonic()
         self.tokens_trained = 0  # target tokens of the optimizer steps this runner finished
+        self.waiting_for_memory = False  # the last unit found no room in the arena
         # a snapshot copies every adapter and optimizer element: its cost, for the predictor
         self._snapshot_elements = float(3 * sum(p.numel() for p in trainer.adapters.parameters()))
 
@@ -148,9 +151,11 @@ class JobRunner:
         *,
         view: BaseModelView,
         config: RunnerConfig = RunnerConfig(),
+        memory: Arena | None = None,
     ) -> JobRunner:
         """Everything heavy about starting a job, off the scheduler thread: stale temporary
-        files, the tokenized dataset, the adapters, the newest readable checkpoint."""
+        files, the tokenized dataset, the adapters, the newest readable checkpoint. ``memory``:
+        the arena its checkpointed activations live in (the scheduler's, used on its thread)."""
         job_dir = store.job_dir(job.id)
         store.clean_job_dir(job.id)  # what a crash of its last owner left
         hp = Hyperparameters.from_dict(job.hyperparameters)
@@ -174,9 +179,8 @@ class JobRunner:
         )
 
         def new_trainer() -> Trainer:
-            return Trainer(
-                view, LoraAdapters.create(view.config, lora, view.device), dataset, train
-            )
+            adapters = LoraAdapters.create(view.config, lora, view.device)
+            return Trainer(view, adapters, dataset, train, memory=memory)
 
         trainer = new_trainer()
         resumed, events = None, []
@@ -259,7 +263,12 @@ class JobRunner:
                 if not admit(time.perf_counter() - start if ran else 0.0, kind, cost):
                     return True
                 began, ran = time.perf_counter(), True
-                run()
+                try:
+                    run()
+                except MemoryWait:
+                    self.waiting_for_memory = True
+                    return True  # no room for its activations yet: decode goes on, it waits
+                self.waiting_for_memory = False
                 if observe is not None:
                     observe(kind, cost, time.perf_counter() - began)
         except Exception as exc:  # noqa: BLE001 - a job's failure must not stop serving
@@ -270,6 +279,13 @@ class JobRunner:
                 {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}"},
             )
             return False
+
+    def memory_status(self) -> dict[str, Any]:
+        """How this job uses the arena (``Trainer.memory``)."""
+        return {
+            "waiting_for_memory": self.waiting_for_memory,
+            **dataclasses.asdict(self.trainer.memory_use),
+        }
 
     def _next_unit(self) -> tuple[str, float, Callable[[], None]] | None:
         """The next unit of work as (kind, cost, run), or None if there is none now (done, or

@@ -19,6 +19,7 @@ _METRICS: HarliMetrics | None = None  # one set per process: prometheus refuses 
 
 ITERATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 POLICY_BUCKETS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
+RECLAIM_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2)
 
 
 class HarliMetrics:
@@ -65,7 +66,22 @@ class HarliMetrics:
             "The policy's own time per decode iteration.",
             POLICY_BUCKETS,
         )
+        self.lent_slots = gauge(
+            "sglang:harli_kv_lent_slots", "KV slots lent to the fine-tuning job now."
+        )
+        self.lent_bytes = gauge("sglang:harli_kv_lent_bytes", "Bytes of the KV slots lent now.")
+        self.arena_in_use = gauge(
+            "sglang:harli_arena_in_use_bytes", "Lent (and reserve) bytes holding job tensors now."
+        )
+        self.reclaims = counter(
+            "sglang:harli_kv_reclaims", "Times lent KV slots were taken back for decode."
+        )
+        self.reclaimed = counter("sglang:harli_kv_reclaimed_slots", "KV slots taken back.")
+        self.reclaim_time = histogram(
+            "sglang:harli_kv_reclaim_seconds", "Time to take lent slots back.", RECLAIM_BUCKETS
+        )
         self._seen = {"iterations": 0, "within": 0, "finetune": 0.0, "slack": 0.0, "tokens": 0}
+        self._seen_reclaims = 0
 
     def update(self, corun: CoRun, after_plan: bool = True) -> None:
         """What changed since the last update (a few attribute reads): after a plan, or after
@@ -91,6 +107,22 @@ class HarliMetrics:
             if now > self._seen[name]:
                 metric.inc(now - self._seen[name])
                 self._seen[name] = now
+
+    def update_memory(self, lender) -> None:
+        """The KV lender's figures (``srt/kv_lender.py``), after it lent or took back."""
+        self.lent_slots.set(lender.lent_slots)
+        self.lent_bytes.set(lender.lent_slots * lender.slot_bytes)
+        self.arena_in_use.set(lender.arena.in_use_bytes)
+        stats = lender.stats
+        new = stats.reclaims - self._seen_reclaims
+        if new > 0:
+            self.reclaims.inc(new)
+            for ms in lender.recent_reclaim_ms(new):
+                self.reclaim_time.observe(ms / 1e3)
+            self._seen_reclaims = stats.reclaims
+        if stats.reclaimed_slots > self._seen.get("reclaimed", 0):
+            self.reclaimed.inc(stats.reclaimed_slots - self._seen.get("reclaimed", 0))
+            self._seen["reclaimed"] = stats.reclaimed_slots
 
 
 def harli_metrics(scheduler) -> HarliMetrics | None:

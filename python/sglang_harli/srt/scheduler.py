@@ -2,8 +2,10 @@
 
 It runs SGLang's own event loops unchanged; the hooks wrap three of the methods those loops call:
 
-- ``get_next_batch_to_run`` (and its PD-decode twin): KV slots lent to finetuning must be back
-  before SGLang decides whether it has room, or it would retract requests instead;
+- ``get_next_batch_to_run`` (and its PD-decode twin, and the PD pre-allocation): KV slots lent
+  to finetuning must be back before SGLang decides whether it has room, or it would retract
+  requests instead (``srt/kv_lender.py``: the job's checkpointed activations live in free KV
+  slots, ``memory/arena.py``);
 - ``run_batch`` on decode batches: the moment to decide how much finetune work runs beside
   this decode iteration;
 - ``on_idle``: no batch runs, so finetune work may use the whole device in bounded quanta.
@@ -45,6 +47,8 @@ from sglang_harli.corun.predictor import MIN_SAMPLES, Predictor, ProfileKey, loa
 from sglang_harli.corun.stats import DecodeStats, HookStats
 from sglang_harli.jobs.agent import AgentConfig, JobAgent
 from sglang_harli.jobs.runner import JobRunner, RunnerConfig
+from sglang_harli.memory.arena import Arena
+from sglang_harli.srt.kv_lender import KVLender, LendConfig, account_lent_slots
 from sglang_harli.srt.metrics import harli_metrics
 from sglang_harli.srt.support import UnsupportedConfigError
 from sglang_harli.srt.weights import base_model_view
@@ -66,6 +70,7 @@ class HarliScheduler(Scheduler):
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._check_kv_pools()
         self._harli_runner: JobRunner | None = None
+        self.harli_arena, self.harli_lender = self._harli_memory(harli_config)
         self.harli_corun = CoRun(self._harli_policy(harli_config))
         self.harli_metrics = harli_metrics(self)  # None without --enable-metrics
         build = functools.partial(
@@ -77,6 +82,7 @@ class HarliScheduler(Scheduler):
                 kernels=harli_config.kernels,
                 base_model_name=self.server_args.model_path,
             ),
+            memory=self.harli_arena,
         )
         # Jobs are claimed only by a server of the model they were created for.
         agent_config = AgentConfig(model=served_model_name(self.server_args))
@@ -87,6 +93,35 @@ class HarliScheduler(Scheduler):
             harli_config.state_dir,
             self.harli_agent.owner.info,
         )
+
+    def _harli_memory(self, config: HarliConfig) -> tuple[Arena | None, KVLender | None]:
+        """The arena the job's activations live in: lent KV slots and a fixed reserve. With
+        neither, no arena: the job allocates ordinary memory as it needs."""
+        if config.max_lend_fraction == 0 and config.reserve_mb == 0:
+            return None, None
+        arena = Arena(poison=config.arena_poison)
+        if config.reserve_mb > 0:
+            device = self.tp_worker.model_runner.device
+            reserve = torch.empty(int(config.reserve_mb * 2**20), dtype=torch.uint8, device=device)
+            arena.add_lease([reserve], revocable=False)
+        lender = None
+        if config.max_lend_fraction > 0:
+            lend = LendConfig(
+                max_fraction=config.max_lend_fraction,
+                headroom_tokens=config.lend_headroom_tokens,
+                relend_delay_s=config.relend_delay_ms / 1e3,
+                evict_cache=config.lend_evict_cache,
+            )
+            lender = KVLender(self, lend, arena)
+            account_lent_slots(self, lender)  # SGLang's leak check stays on, and exact
+            logger.info(
+                "Harli KV lending: up to %d of %d slots (%d bytes each), %d per lease",
+                lender.limit_slots,
+                lender.total_slots,
+                lender.slot_bytes,
+                lender.lease_pages * lender.page_size,
+            )
+        return arena, lender
 
     def _harli_policy(self, config: HarliConfig):
         """The mode's policy, over a predictor from a matching profile or learning online."""
@@ -148,6 +183,12 @@ class HarliScheduler(Scheduler):
             self._harli_reclaim_kv()
         return super().get_next_disagg_decode_batch_to_run(running_batch)
 
+    def process_decode_queue(self):
+        # PD decode pre-allocates KV for incoming transfers here, before the batch is planned
+        with self.harli_stats.timed("reclaim_kv"):
+            self._harli_reclaim_kv()
+        return super().process_decode_queue()
+
     def run_batch(self, batch, pp_proxy_tensors=None):
         if not batch.forward_mode.is_decode():
             self.harli_corun.interrupt()
@@ -162,8 +203,9 @@ class HarliScheduler(Scheduler):
         if not plan.runs_finetune:
             self.harli_corun.after_decode(None)  # the decode's end, measured
             return result
+        runner = self._harli_take_runner()
+        self._harli_lend(runner)
         with self.harli_stats.timed("finetune_slice", overhead=False):
-            runner = self._harli_take_runner()
             with torch.inference_mode(False), torch.enable_grad():
                 still_running = self.harli_corun.after_decode(runner)
             self._harli_keep(runner, still_running)
@@ -173,8 +215,9 @@ class HarliScheduler(Scheduler):
         with self.harli_stats.timed("idle"):
             self.harli_corun.interrupt()
         if self.is_fully_idle():
+            runner = self._harli_take_runner()
+            self._harli_lend(runner)
             with self.harli_stats.timed("finetune_quantum", overhead=False):
-                runner = self._harli_take_runner()
                 if runner is not None:
                     with torch.inference_mode(False), torch.enable_grad():
                         still_running = self.harli_corun.idle(runner)
@@ -200,11 +243,31 @@ class HarliScheduler(Scheduler):
         return self._harli_runner
 
     def _harli_keep(self, runner: JobRunner | None, still_running: bool) -> None:
+        if self.harli_lender is not None:
+            self.harli_lender.mark_finetune_work()
         if runner is not None and not still_running:
             self._harli_runner = None
 
+    def _harli_lend(self, runner: JobRunner | None) -> None:
+        """A job trains: lend it one more run of free KV slots if the limits allow."""
+        lender = self.harli_lender
+        if lender is None or runner is None:
+            return
+        with self.harli_stats.timed("lend_kv"):
+            if lender.lend() and self.harli_metrics is not None:
+                self.harli_metrics.update_memory(lender)
+
     def _harli_reclaim_kv(self) -> None:
-        """Give lent KV slots back before SGLang sizes its next batch (today no slot is lent)."""
+        """Lent KV slots back before SGLang sizes its next batch: what its requests may need,
+        or all of them once no job trains."""
+        lender = self.harli_lender
+        if lender is None:
+            return
+        freed = lender.reclaim() if self._harli_runner is not None else lender.release_all()
+        if freed:
+            logger.debug("Harli: %d lent KV slots taken back", freed)
+            if self.harli_metrics is not None:
+                self.harli_metrics.update_memory(lender)
 
     # --- reporting ---------------------------------------------------------------------------
 
@@ -220,9 +283,18 @@ class HarliScheduler(Scheduler):
             "profile_key": dataclasses.asdict(self.harli_profile_key()),
             "corun": self.harli_corun.to_dict(),
             "samples": self.harli_corun.samples(),
+            "memory": self._harli_memory_status(runner),
             **self.harli_stats.to_dict(),
         }
         return output
+
+    def _harli_memory_status(self, runner: JobRunner | None) -> dict | None:
+        if self.harli_arena is None:
+            return None
+        status = self.harli_lender.to_dict() if self.harli_lender is not None else {}
+        status.setdefault("arena", self.harli_arena.to_dict())
+        status["job"] = runner.memory_status() if runner is not None else None
+        return status
 
 
 def served_model_name(server_args) -> str:
