@@ -162,6 +162,8 @@ def test_burst_takes_slots_back_before_decode_needs_them(server, client, tiny_mo
     for job in client.fine_tuning.jobs.list():
         if job.status in ("queued", "running"):
             client.fine_tuning.jobs.cancel(job.id)
+            wait_for(client, job.id)
+    wait_until(lambda: memory(server)["kv_lent_slots"] == 0, what="the last job's leases back")
     upload = client.files.create(
         file=open(write_dataset(tmp_path / "train.jsonl"), "rb"), purpose="fine-tune"
     )
@@ -187,10 +189,9 @@ def test_burst_takes_slots_back_before_decode_needs_them(server, client, tiny_mo
     assert stats["reclaims"] > before["reclaims"]  # lent slots came back for the burst
     assert stats["reclaimed_slots"] > before["reclaimed_slots"]
     assert after["kv_reclaim_ms"]["max"] is not None
-    # the job goes on: it trains on, is lent slots again, and finishes
+    # the job goes on (in the leases it kept, or new ones) and finishes
     assert client.fine_tuning.jobs.retrieve(job.id).step > step_before
     final = wait_for(client, job.id)
-    assert memory(server)["kv_lend_stats"]["lends"] > stats["lends"]  # lent again after the burst
     assert final.status == "succeeded", final.error
     for question, expected in PAIRS:
         assert answer(client, final.fine_tuned_model, question).startswith(expected[:-1])
