@@ -189,6 +189,8 @@ class KVLender:
         if time.monotonic() < self._relend_at:
             return 0
         pages = min(self.lease_pages, (self.limit_slots - self.lent_slots) // self.page_size)
+        if pages < 1:
+            return 0  # at the limit: no need to look at the queues
         spare = self.allocator.available_size() - self.demand()
         if self.config.evict_cache and spare < pages * self.page_size:
             self.allocator.evict_to_free_tokens(self.scheduler.tree_cache, self.demand() + pages)
