@@ -177,6 +177,26 @@ def test_time_sliced_with_a_budget_of_s_misses_it(servers, objective_ms, tiny_mo
     # the flag was given in microsecond steps
     assert metrics["sglang:harli_tpot_slo_seconds"] == pytest.approx(objective_ms / 1e3, abs=1e-6)
     assert 0 < metrics["sglang:harli_finetune_tokens_total"] <= status["finetune_tokens"]
+    # unified memory (on by default): the job was lent KV slots, and they all came back once it
+    # was cancelled; /metrics says what the status says
+    memory = wait_for_leases_back(server)
+    metrics = prometheus(server)
+    assert memory["kv_lend_stats"]["lends"] > 0 and memory["kv_lend_stats"]["released_all"] > 0
+    assert metrics["sglang:harli_kv_lent_slots"] == 0
+    assert metrics["sglang:harli_kv_reclaims_total"] == memory["kv_lend_stats"]["reclaims"]
+    assert (
+        metrics["sglang:harli_kv_reclaimed_slots_total"]
+        == (memory["kv_lend_stats"]["reclaimed_slots"])
+    )
+
+
+def wait_for_leases_back(server, timeout_s: float = 30) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        memory = server.get("/harli/status")["schedulers"][0]["memory"]
+        if memory["kv_lent_slots"] == 0 or time.monotonic() > deadline:
+            return memory
+        time.sleep(0.1)
 
 
 def _burn(stop_at: float) -> None:

@@ -193,7 +193,8 @@ class KVLender:
             return 0  # at the limit: no need to look at the queues
         spare = self.allocator.available_size() - self.demand()
         if self.config.evict_cache and spare < pages * self.page_size:
-            self.allocator.evict_to_free_tokens(self.scheduler.tree_cache, self.demand() + pages)
+            wanted = self.demand() + pages * self.page_size  # tokens, not pages
+            self.allocator.evict_to_free_tokens(self.scheduler.tree_cache, wanted)
             spare = self.allocator.available_size() - self.demand()
         pages = min(pages, spare // self.page_size)
         if pages < 1:
@@ -262,7 +263,9 @@ class KVLender:
 
 def _remaining(req) -> int:
     """Output tokens a request may still need KV for, as SGLang's admission counts them."""
-    max_new = req.sampling_params.max_new_tokens or CLIP_MAX_NEW_TOKENS
+    max_new = req.sampling_params.max_new_tokens
+    if max_new is None:
+        max_new = CLIP_MAX_NEW_TOKENS
     return max(0, min(max_new, CLIP_MAX_NEW_TOKENS) - len(req.output_ids))
 
 

@@ -170,6 +170,14 @@ class HarliScheduler(Scheduler):
                 f"{type(allocator).__name__} over {type(kvcache).__name__} (hybrid, mamba, MLA "
                 "and quantized KV pools are not supported); run with --harli-mode off"
             )
+        layout = getattr(kvcache, "kv_cache_layout", "nhd")
+        if layout != "nhd":
+            # lent slots are rows of every K/V buffer; in other layouts a row is not a slot
+            raise UnsupportedConfigError(
+                f"sglang-harli lends KV slots of the token-major (nhd) layout, but this pool's "
+                f"layout is {layout} (SGLANG_USE_HND_KVCACHE or a platform default); unset it "
+                "or run with --harli-mode off"
+            )
 
     # --- hooks -------------------------------------------------------------------------------
 
