@@ -4,7 +4,8 @@ feature (SLO attainment and fine-tuning throughput), side by side.
 
 Two servers, one after the other (a 2-core machine cannot host both fairly), identical but for
 ``--harli-max-lend-fraction`` (the given fraction, then 0: no arena, the job allocates as it
-pleases). On each, a job trains until cancelled while, for each decode load (concurrent
+pleases), ``--rounds`` times in turn, so that drift in the machine's load shows as the spread
+between rounds. On each, a job trains until cancelled while, for each decode load (concurrent
 greedy streams), requests run for ``--seconds``:
 
 - the KV slots lent (mean and minimum over the phase, from ``GET /harli/status``) and what they
@@ -18,7 +19,7 @@ greedy streams), requests run for ``--seconds``:
 Then a burst: requests needing about 90% of the pool at once, while the job holds most of it.
 
     .venv/bin/python scripts/bench_memory.py [--pool 8192] [--lend 0.9] [--seconds 15]
-        [--loads 0 4 16] [--tokens 64] [--bursts 3]
+        [--loads 0 4 16] [--tokens 64] [--bursts 3] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def run(model: Path, lend: float, args, workdir: Path) -> dict:
         str(lend),
     ).wait_ready()
     try:
+        (workdir / f"job-{lend}").mkdir()
         job = start_training(server, str(model), workdir / f"job-{lend}")
         phases = [phase(server, job, s, args.tokens, args.seconds) for s in args.loads]
         bursts = [burst(server, args.pool) for _ in range(args.bursts if lend else 0)]
@@ -158,6 +160,7 @@ def main() -> None:
     parser.add_argument("--loads", type=int, nargs="+", default=[0, 4, 16])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--bursts", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     model = ensure_tiny_model()
@@ -166,12 +169,21 @@ def main() -> None:
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     slot = 2 * layers * config["num_key_value_heads"] * head_dim  # values per KV slot
     per_token = layers * hidden  # checkpointed values per training token
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run(model, lend, args, Path(tmp)) for lend in (args.lend, 0.0)]
+        for r in range(args.rounds):
+            workdir = Path(tmp) / f"round-{r}"
+            workdir.mkdir()
+            rounds.append([run(model, lend, args, workdir) for lend in (args.lend, 0.0)])
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    lent, plain = results
+        args.json.write_text(json.dumps(rounds, indent=2))
     print(f"pool {args.pool} slots; a training token needs {per_token / slot:g} slots")
+    for r, (lent, plain) in enumerate(rounds):
+        print(f"\nround {r}")
+        report(lent, plain, slot, per_token)
+
+
+def report(lent: dict, plain: dict, slot: int, per_token: int) -> None:
     print(
         "| streams | lent slots (mean / min) | training tokens they hold | reclaims | "
         "retractions | SLO attainment: lend / none | finetune tok/s: lend / none (ratio) |"
