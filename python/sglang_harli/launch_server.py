@@ -2,8 +2,9 @@
 
 SGLang's own HTTP server and OpenAI-compatible API, with the Harli scheduler injected into each
 spawned scheduler process. Every flag that is not ``--harli-*`` goes to SGLang unchanged. With
-no ``--model-path`` it serves a tiny locally built Llama; without a CUDA driver it runs SGLang on
-the CPU (``srt/cpu.py``). Nothing here imports SGLang before the CPU guards are in place.
+no ``--model-path`` it serves SmolLM2-135M-Instruct built from PyPI (``default_model.py``; the
+tiny random Llama of ``tiny_model.py`` without PyPI); without a CUDA driver it runs SGLang on the
+CPU (``srt/cpu.py``). Nothing here imports SGLang before the CPU guards are in place.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from sglang_harli.config import HarliConfigError, add_harli_args, parse_harli_args
+from sglang_harli.config import DefaultModel, HarliConfigError, add_harli_args, parse_harli_args
 from sglang_harli.srt import cpu
 from sglang_harli.srt.support import UnsupportedConfigError, check_model_path
 
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         harli_config, sglang_argv = parse_harli_args(argv)
         harli_config = harli_config.resolved(has_cuda=not on_cpu)
         sglang_argv = _expand_config_file(sglang_argv)
-        sglang_argv = _with_model(sglang_argv)
+        sglang_argv = _with_model(sglang_argv, harli_config.default_model)
         if harli_config.enabled:
             from sglang_harli.srt.server import lora_serving_flags
 
@@ -73,8 +74,8 @@ def _help_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="SGLang's server with LoRA finetuning on its spare capacity. Every SGLang "
-        "flag works as in `python -m sglang.launch_server`; --model-path defaults to a tiny "
-        "locally built Llama.",
+        "flag works as in `python -m sglang.launch_server`; --model-path defaults to "
+        "SmolLM2-135M-Instruct, built once from PyPI (see --harli-default-model).",
     )
     ServerArgs.add_cli_args(parser)
     add_harli_args(parser)
@@ -93,16 +94,24 @@ def _expand_config_file(argv: list[str]) -> list[str]:
     return ConfigArgumentMerger(parser).merge_config_with_args(argv)
 
 
-def _with_model(argv: list[str]) -> list[str]:
+def _with_model(argv: list[str], default_model: DefaultModel) -> list[str]:
+    """argv with the embedded default model when it names none, under its short name."""
     model_path = cpu.flag_value(argv, "--model-path") or cpu.flag_value(argv, "--model")
     if model_path is not None:
         check_model_path(model_path)
         return argv
-    from sglang_harli.tiny_model import ensure_tiny_model
+    from sglang_harli.default_model import embedded_model
 
-    path = ensure_tiny_model()
-    logger.info("no --model-path: serving the embedded tiny Llama at %s", path)
-    return [*argv, "--model-path", str(path)]
+    model = embedded_model(default_model)
+    argv = [*argv, "--model-path", str(model.path)]
+    # clients name the model by this id (and adapters as <id>:<suffix>), not by a cache path
+    if not cpu.has_flag(argv, "--served-model-name"):
+        argv += ["--served-model-name", model.served_name]
+    name = cpu.flag_value(argv, "--served-model-name")
+    logger.info(
+        "no --model-path: serving the %s from %s as %r", model.description, model.path, name
+    )
+    return argv
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""The embedded default model: a tiny random-weight Llama (or Qwen2) built locally.
+"""The tiny model: a random-weight Llama (or Qwen2) built locally, for tests and offline use.
 
-No model hub is reachable from where we develop and test, so the server's default model, and
-the tests' models, are built here: a byte-level BPE tokenizer trained on local text (this
-interpreter's standard-library sources), a ChatML chat template, and seeded random weights
-saved as bf16 safetensors. A build is cached under a name that encodes its settings, so the
-same settings always give the same directory, built once.
+The tests' models, and the server's model with ``--harli-default-model tiny`` or when the
+default SmolLM2 cannot be downloaded (``default_model.py``), are built here with no network: a
+byte-level BPE tokenizer trained on local text (this interpreter's standard-library sources), a
+ChatML chat template, and seeded random weights saved as bf16 safetensors. A build is cached
+under a name that encodes its settings, so the same settings always give the same directory,
+built once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import shutil
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -57,16 +59,18 @@ def user_cache_dir() -> Path:
     return Path(root) / "sglang_harli"
 
 
-def ensure_tiny_model(spec: TinyModelSpec = TinyModelSpec(), cache_dir: Path | None = None) -> Path:
-    """The directory of the tiny model for ``spec``, building it on first use."""
-    target = (cache_dir or user_cache_dir() / "models") / spec.cache_name()
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """``target``, a model directory that ``build`` fills, built only if it is not there yet.
+
+    ``build`` fills a temporary sibling directory, renamed to ``target`` once whole: a crash or
+    an error leaves no half-built model under the name later starts trust.
+    """
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("building the tiny %s model once into %s", spec.arch, target)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
-        build_tiny_model(spec, staging)
+        build(staging)
         try:
             staging.rename(target)  # atomic: a concurrent builder may have won, which is fine
         except OSError:
@@ -75,6 +79,14 @@ def ensure_tiny_model(spec: TinyModelSpec = TinyModelSpec(), cache_dir: Path | N
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ensure_tiny_model(spec: TinyModelSpec = TinyModelSpec(), cache_dir: Path | None = None) -> Path:
+    """The directory of the tiny model for ``spec``, building it on first use."""
+    target = (cache_dir or user_cache_dir() / "models") / spec.cache_name()
+    if not (target / "config.json").is_file():
+        logger.info("building the tiny %s model once into %s", spec.arch, target)
+    return build_once(target, lambda out: build_tiny_model(spec, out))
 
 
 def build_tiny_model(spec: TinyModelSpec, out: Path) -> None:

@@ -2,7 +2,9 @@
 
 Each server starts once per module. The reference outputs come from plain
 ``python -m sglang.launch_server`` and from ours in ``--harli-mode off``; the default-mode server
-is started with the README's serve command and no --model-path (the embedded default).
+is started with the README's serve command and no --model-path, with the tiny embedded default
+(``--harli-default-model tiny``: the same weights the reference servers load by path, served
+under its short name). ``test_default_model.py`` serves the real default, SmolLM2.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ pytestmark = pytest.mark.server
 PROMPTS = ["def hello(world):", "import os, sys", "def hello(world):\n    return", "class Foo:"]
 CHAT = [{"role": "user", "content": "hello"}]
 MAX_NEW_TOKENS = 12
+TINY = "tiny-llama"  # what the embedded tiny default is served as
 
 
 def greedy_outputs(server, model: str) -> dict:
@@ -72,8 +75,10 @@ def off_outputs(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def harli(tmp_path_factory):
-    """Our server in its default mode, started exactly as the README says, no --model-path."""
-    server = harli_server(tmp_path_factory.mktemp("harli") / "server.log")
+    """Our server in its default mode, started as the README says, no --model-path."""
+    server = harli_server(
+        tmp_path_factory.mktemp("harli") / "server.log", "--harli-default-model", "tiny"
+    )
     try:
         yield server.wait_ready()
     finally:
@@ -81,19 +86,19 @@ def harli(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def harli_outputs(harli, tiny_model_dir):
-    return greedy_outputs(harli, str(tiny_model_dir))
+def harli_outputs(harli):
+    return greedy_outputs(harli, TINY)
 
 
-def test_serves_the_embedded_default_model(harli, tiny_model_dir):
+def test_serves_the_embedded_default_model_under_its_short_name(harli):
     models = harli.get("/v1/models")["data"]
-    assert [m["id"] for m in models] == [str(tiny_model_dir)]
+    assert [m["id"] for m in models] == [TINY]
 
 
-def test_openai_and_native_endpoints_answer(harli, tiny_model_dir):
+def test_openai_and_native_endpoints_answer(harli):
     chat = harli.post(
         "/v1/chat/completions",
-        {"model": str(tiny_model_dir), "messages": CHAT, "max_tokens": 8, "temperature": 0},
+        {"model": TINY, "messages": CHAT, "max_tokens": 8, "temperature": 0},
     )
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"]["content"]
@@ -101,7 +106,7 @@ def test_openai_and_native_endpoints_answer(harli, tiny_model_dir):
 
     completion = harli.post(
         "/v1/completions",
-        {"model": str(tiny_model_dir), "prompt": "import os", "max_tokens": 8, "temperature": 0},
+        {"model": TINY, "prompt": "import os", "max_tokens": 8, "temperature": 0},
     )
     assert completion["object"] == "text_completion"
     assert completion["choices"][0]["text"]

@@ -24,6 +24,18 @@ def test_auto_values_are_resolved():
     assert hp.Hyperparameters.from_dict(resolved.to_dict()) == resolved
 
 
+@pytest.mark.parametrize(
+    "examples, epochs",
+    [(1, 25), (4, 25), (8, 13), (33, 4), (34, 3), (8333, 3), (8334, 2), (30_000, 1)],
+)
+def test_auto_epochs_train_a_small_file_more_often(examples, epochs):
+    """As OpenAI resolves "auto": 3 epochs, unless that trains fewer than 100 or more than
+    25,000 examples in all (8 pairs at 3 epochs teach a model nothing)."""
+    resolved = hp.resolve({}, num_examples=examples, limits=LIMITS)
+    assert resolved.n_epochs == epochs
+    assert hp.resolve({"n_epochs": 2}, num_examples=examples, limits=LIMITS).n_epochs == 2
+
+
 def test_given_values_are_kept_in_canonical_order():
     resolved = hp.resolve(
         {"lora_rank": 4, "lora_target_modules": ["v_proj", "q_proj"], "max_seq_length": 4096},
