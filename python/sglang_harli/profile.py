@@ -44,10 +44,19 @@ def status(url: str, headers: dict[str, str]) -> dict[str, Any]:
 
 
 def start_job(url: str, headers: dict[str, str], model: str) -> str:
-    """A throwaway job that trains until cancelled, so the server measures its units."""
-    turn = {"role": "user", "content": prompt_of(12, 0)}
-    reply = {"role": "assistant", "content": prompt_of(8, 3)}
-    data = "".join(json.dumps({"messages": [turn, reply]}) + "\n" for _ in range(8))
+    """A throwaway job that trains until cancelled, so the server measures its units: the trace
+    replay's job (``bench/replay.py``), whose chats differ in length, so each unit kind is
+    measured at several costs (the predictor fits an overhead and a rate, not a ratio alone)
+    and at the costs the replay and the fleet simulation train with."""
+    from sglang_harli.bench.replay import JOB_PAIRS
+
+    data = "".join(
+        json.dumps(
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        )
+        + "\n"
+        for q, a in JOB_PAIRS
+    )
     upload = requests.post(
         url + "/v1/files",
         files={"file": ("profile.jsonl", data.encode())},
@@ -92,18 +101,32 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
             requests.post(
                 url + f"/v1/fine_tuning/jobs/{job}/cancel", json={}, headers=headers, timeout=30
             )
+    return from_status(
+        measured, args.min_samples, {"streams": args.streams, "prompt_words": args.prompt_words}
+    )
+
+
+def from_status(measured: dict[str, Any], min_samples: int, grid: dict | None) -> dict[str, Any]:
+    """The profile in one scheduler's ``/harli/status`` (what it measured so far): decode
+    shapes seen at least ``min_samples`` times, finetune units and co-run iterations. Also how
+    the trace replay saves what its harli server measured (``bench/replay.py``)."""
     samples = measured["samples"]
-    decode = [row for row in samples["decode"] if row["n"] >= args.min_samples]
+    decode = [row for row in samples["decode"] if row["n"] >= min_samples]
     if not decode:
         raise SystemExit("the server measured no decode iterations: is it serving?")
     return {
         "format": PROFILE_FORMAT,
         "key": measured["profile_key"],
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "grid": {"streams": args.streams, "prompt_words": args.prompt_words},
+        "grid": grid,
         "decode": decode,
         "units": samples["units"],
         "corun": samples["corun"],
+        # the rows' spread (the fleet simulation draws from it), SGLang's tail after a decode
+        # and its own time between idle quanta (when the job does not train)
+        "quantile_levels": samples.get("quantile_levels"),
+        "tail": samples.get("tail"),
+        "idle_gap": samples.get("idle_gap"),
     }
 
 

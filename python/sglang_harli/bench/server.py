@@ -1,0 +1,98 @@
+"""Start, query and stop real servers (ours or plain SGLang) as process groups.
+
+For the benchmarks and the tests, in the spirit of SGLang's own ``popen_launch_server``:
+``stop()`` kills the server with every process it spawned.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+START_TIMEOUT_S = 420
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One server process group; ``stop()`` kills the launcher and every child it spawned."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.argv = [*argv, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ if env is None else env)
+        env.pop("TRITON_INTERPRET", None)  # set for the kernel tests; a server runs as users run it
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=cwd,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> Server:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        tail = self.log_tail()  # before stop() closes the log
+        self.stop()
+        raise TimeoutError(f"server not ready after {timeout_s}s:\n{tail}")
+
+    def post(self, path: str, body: dict, timeout: float = 120) -> dict:
+        response = requests.post(self.url + path, json=body, timeout=timeout)
+        assert response.status_code == 200, f"{path} -> {response.status_code}: {response.text}"
+        return response.json()
+
+    def get(self, path: str, timeout: float = 30) -> dict:
+        response = requests.get(self.url + path, timeout=timeout)
+        assert response.status_code == 200, f"{path} -> {response.status_code}: {response.text}"
+        return response.json()
+
+    def log_tail(self, lines: int = 40) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        try:  # children left behind by a launcher that died first
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
