@@ -87,21 +87,36 @@ def attention(
 ) -> torch.Tensor:
     """Causal attention within each packed sequence, grouped-query.
 
-    q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq * D]. One SDPA call per sequence keeps memory
-    linear in the micro-batch (no [T, T] block-diagonal mask).
+    q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq * D]. One SDPA call per run of consecutive
+    sequences of equal length, batched ([n, heads, length, D] views of the packed rows): memory
+    stays linear in the micro-batch (no [T, T] block-diagonal mask), and a batch of equal
+    lengths, the common case, costs one call per layer instead of one per sequence (each call
+    is a handful of ops forward and backward: on a busy CPU or a GPU their count is the cost).
     """
+    gqa = q.shape[1] != k.shape[1]
     outs = []
+    for start, count, length in _equal_length_runs(cu_seqlens):
+        qs, ks, vs = (_heads_first(x, start, count, length) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        outs.append(o.transpose(1, 2).reshape(count * length, q.shape[1] * q.shape[2]))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _heads_first(x: torch.Tensor, start: int, count: int, length: int) -> torch.Tensor:
+    """Rows ``start ..`` of ``x`` [T, H, D] as ``count`` sequences: [count, H, length, D]."""
+    return x[start : start + count * length].unflatten(0, (count, length)).transpose(1, 2)
+
+
+def _equal_length_runs(cu_seqlens: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(first row, number of sequences, length) of each run of consecutive equal lengths."""
+    runs: list[tuple[int, int, int]] = []
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
-        o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1),
-            k[start:end].transpose(0, 1),
-            v[start:end].transpose(0, 1),
-            is_causal=True,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
-        outs.append(o.transpose(0, 1))
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return out.reshape(q.shape[0], -1)
+        if runs and runs[-1][2] == end - start:
+            first, count, length = runs[-1]
+            runs[-1] = (first, count + 1, length)
+        else:
+            runs.append((start, 1, end - start))
+    return runs
 
 
 def lora_linear(
@@ -117,7 +132,15 @@ def lora_linear(
     if lora is None:
         return y
     x_in = x if dropout_mask is None else x * dropout_mask
-    return y + F.linear(F.linear(x_in, _as(lora.A, x.dtype)), _as(lora.B, x.dtype)) * scaling
+    down = F.linear(x_in, _as(lora.A, x.dtype))
+    # y += scaling * down B^T, one GEMM accumulating into y in place: no [tokens, out]
+    # temporaries for the scaled product, the sum or a copy of y, forward or backward (where
+    # the scaling lands on the rank-r factors instead), unlike PEFT's
+    # `y + lora_B(lora_A(x)) * scaling`. In place is safe: no backward reads y (a linear's
+    # backward reads its input and weight), and autograd's version check would catch it.
+    y2 = y.view(-1, y.shape[-1])
+    y2.addmm_(down.reshape(-1, down.shape[-1]), _as(lora.B, x.dtype).t(), alpha=scaling)
+    return y
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -125,51 +148,70 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``x @ weight^T`` without materialising all logits.
+    """Summed cross-entropy of ``x @ weight^T`` without materialising all logits at once.
 
-    Forward makes a pass over [token_chunk x vocab_chunk] logit tiles keeping a running
-    log-sum-exp (fp32); backward recomputes each tile to form (softmax - onehot) @ weight.
-    ``weight`` is frozen: it gets no gradient.
+    Rows go in blocks whose fp32 logits over the whole vocabulary hold at most
+    ``token_chunk x vocab_chunk`` values. When ``x`` needs a gradient (``with_grad``), the
+    forward forms it from the very logits it just computed, ``(softmax - onehot) @ weight``,
+    and keeps only that ([tokens, hidden]); backward scales it by the incoming gradient. So the
+    lm_head GEMM runs twice per step (logits, gradient), not three times (logits, then the
+    logits again in backward, then the gradient). ``weight`` is frozen: it gets no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_chunk, token_chunk):
-        lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        picked = torch.empty_like(lse)
-        for r0 in range(0, x.shape[0], token_chunk):
-            rows = slice(r0, r0 + token_chunk)
-            run_lse = torch.full_like(lse[rows], -math.inf)
-            run_pick = torch.zeros_like(lse[rows])
-            for _, tile, inside, local in _tiles(x[rows], weight, targets[rows], vocab_chunk):
-                run_lse = torch.logaddexp(run_lse, torch.logsumexp(tile, dim=-1))
-                run_pick = torch.where(inside, tile.gather(1, local[:, None])[:, 0], run_pick)
-            lse[rows], picked[rows] = run_lse, run_pick
-        ctx.save_for_backward(x, weight, targets, lse)
-        ctx.chunks = (vocab_chunk, token_chunk)
-        return (lse - picked).sum()
+    def forward(ctx, x, weight, targets, vocab_chunk, token_chunk, with_grad):
+        vocab = weight.shape[0]
+        losses = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device) if with_grad else None
+        block = max(1, (token_chunk * vocab_chunk) // vocab)
+        for r0 in range(0, x.shape[0], block):
+            rows = slice(r0, r0 + block)
+            logits = _logits(x[rows], weight, vocab_chunk)  # fp32 [rows, vocab]
+            t = targets[rows, None]
+            top = logits.amax(dim=-1, keepdim=True)
+            picked = logits.gather(1, t) - top
+            e = logits.sub_(top).exp_()  # in place: exp(logit - max)
+            total = e.sum(dim=-1, keepdim=True)
+            losses[rows] = (total.log() - picked)[:, 0]  # lse - logit[target]
+            if with_grad:
+                prob = e.div_(total)  # softmax, in place
+                prob.scatter_add_(1, t, torch.full_like(picked, -1.0))  # - onehot
+                grad_x[rows] = _times_weight(prob, weight, x.dtype, vocab_chunk)
+        ctx.save_for_backward(grad_x)
+        ctx.x_dtype = x.dtype
+        return losses.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, weight, targets, lse = ctx.saved_tensors
-        vocab_chunk, token_chunk = ctx.chunks
-        grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for r0 in range(0, x.shape[0], token_chunk):
-            rows = slice(r0, r0 + token_chunk)
-            for v0, tile, inside, local in _tiles(x[rows], weight, targets[rows], vocab_chunk):
-                prob = torch.exp(tile - lse[rows, None])
-                prob.scatter_add_(1, local[:, None], -inside[:, None].to(prob.dtype))  # - onehot
-                w = weight[v0 : v0 + tile.shape[1]]
-                grad_x[rows] += ((prob * grad_loss).to(x.dtype) @ _as(w, x.dtype)).float()
-        return grad_x.to(x.dtype), None, None, None, None
+        (grad_x,) = ctx.saved_tensors
+        if grad_x is None:
+            raise RuntimeError("chunked_cross_entropy ran without with_grad: no gradient kept")
+        return (grad_x * grad_loss).to(ctx.x_dtype), None, None, None, None, None
 
 
-def _tiles(x, weight, targets, vocab_chunk):
-    """(v0, fp32 logits tile, target-in-tile mask, target index within tile) per vocab chunk."""
+def _logits(x: torch.Tensor, weight: torch.Tensor, vocab_chunk: int) -> torch.Tensor:
+    """fp32 ``x @ weight^T``, the GEMM in ``x``'s dtype; a ``weight`` of another dtype is cast
+    one vocabulary chunk at a time (never a copy of the whole lm_head)."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight).float()  # .float(): no copy in float32
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
     for v0 in range(0, weight.shape[0], vocab_chunk):
         w = weight[v0 : v0 + vocab_chunk]
-        tile = F.linear(x, _as(w, x.dtype)).float()
-        inside = (targets >= v0) & (targets < v0 + w.shape[0])
-        yield v0, tile, inside, (targets - v0).clamp(0, w.shape[0] - 1)
+        out[:, v0 : v0 + w.shape[0]] = F.linear(x, w.to(x.dtype))
+    return out
+
+
+def _times_weight(
+    prob: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, vocab_chunk: int
+) -> torch.Tensor:
+    """fp32 ``prob @ weight``, the GEMM in ``dtype`` (``weight`` cast chunk by chunk if needed)."""
+    if weight.dtype == dtype:
+        return (prob.to(dtype) @ weight).float()
+    out = torch.zeros(prob.shape[0], weight.shape[1], dtype=torch.float32, device=prob.device)
+    for v0 in range(0, weight.shape[0], vocab_chunk):
+        w = weight[v0 : v0 + vocab_chunk]
+        out += (prob[:, v0 : v0 + w.shape[0]].to(dtype) @ w.to(dtype)).float()
+    return out
 
 
 def chunked_cross_entropy(
@@ -180,7 +222,8 @@ def chunked_cross_entropy(
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
 ) -> torch.Tensor:
     """Sum over rows of ``-log softmax(x @ weight^T)[target]``; every target must be valid."""
-    return _ChunkedCrossEntropy.apply(x, weight, targets, vocab_chunk, token_chunk)
+    with_grad = torch.is_grad_enabled() and x.requires_grad
+    return _ChunkedCrossEntropy.apply(x, weight, targets, vocab_chunk, token_chunk, with_grad)
 
 
 # --- the model -------------------------------------------------------------------------------

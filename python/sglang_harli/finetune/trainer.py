@@ -562,7 +562,8 @@ class Trainer:
             fwd = graph.layer_forward_flops(c, lora, mb.batch.lengths)
             for i in range(c.num_layers):
                 unit("forward", m, i, t, fwd, lambda mb=mb, i=i: self._forward(mb, i))
-            head = graph.head_forward_flops(c, mb.batch.num_targets) * 3.0
+            # the lm_head GEMM twice: logits, then their gradient (formed in the forward)
+            head = graph.head_forward_flops(c, mb.batch.num_targets) * 2.0
             unit("head", m, None, t, head, lambda mb=mb: self._head(mb, step))
             for i in reversed(range(c.num_layers)):
                 if self.config.checkpointing:

@@ -1,6 +1,7 @@
 """The training graph's ops: chunked loss, packed attention, checkpointing, dtypes."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -23,6 +24,43 @@ def test_chunked_cross_entropy_equals_full(vocab_chunk, token_chunk):
     (grad_ref,) = torch.autograd.grad(ref * 0.3, x)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(grad_ours, grad_ref)
+
+
+@pytest.mark.parametrize("token_chunk", [5, 1000])
+def test_chunked_cross_entropy_casts_a_narrower_lm_head_by_chunks(token_chunk):
+    """fp32 hidden states over a bf16 lm_head: the same loss and gradient as over the lm_head
+    upcast, with or without a gradient asked for."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(23, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(61, 16, generator=gen).bfloat16()
+    targets = torch.randint(0, 61, (23,), generator=gen)
+    ours = graph.chunked_cross_entropy(x, weight, targets, 7, token_chunk)
+    (grad_ours,) = torch.autograd.grad(ours, x)
+    ref = F.cross_entropy(x @ weight.float().T, targets, reduction="sum")
+    (grad_ref,) = torch.autograd.grad(ref, x)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(grad_ours, grad_ref)
+    with torch.no_grad():
+        torch.testing.assert_close(graph.chunked_cross_entropy(x, weight, targets, 7, 5), ref)
+
+
+def test_attention_batches_runs_of_equal_lengths_exactly():
+    """Consecutive sequences of one length go through SDPA as a batch: the same output as one
+    call per sequence, and still no attention across sequences."""
+    lengths = (5, 5, 3, 0, 7, 7, 7, 2)
+    cu = (0, *itertools.accumulate(lengths))
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(cu[-1], 4, 8, generator=gen)
+    k, v = (torch.randn(cu[-1], 2, 8, generator=gen) for _ in range(2))
+    one_by_one = [
+        F.scaled_dot_product_attention(
+            *(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True, enable_gqa=True
+        )
+        .transpose(0, 1)
+        .reshape(e - s, 4 * 8)
+        for s, e in zip(cu[:-1], cu[1:], strict=True)
+    ]
+    torch.testing.assert_close(graph.attention(q, k, v, cu), torch.cat(one_by_one))
 
 
 def test_chunked_cross_entropy_never_holds_full_logits(monkeypatch):
