@@ -91,6 +91,8 @@ def imports_of(prefix: str) -> dict[str, set[str]]:
         ),
         ("sglang_harli.cli", ("torch", "sglang", "sglang_harli.finetune", "sglang_harli.srt")),
         ("sglang_harli.config", ("torch", "sglang")),
+        # the benchmarks drive servers from outside (HTTP, processes) and simulate them
+        ("sglang_harli.bench", ("sglang", "sglang_harli.srt")),
         ("harli_kernels", ("sglang", "sglang_harli")),
     ],
 )

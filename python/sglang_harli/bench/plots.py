@@ -2,7 +2,8 @@
 
 - ``tpot_cdf.png``: the distribution of inter-token gaps per mode, the objective marked;
 - ``timeline.png``: per mode, one panel over the replay: decode batch size, the share of wall
-  time finetune ran, and every client gap against the objective (misses in red);
+  time finetune ran, and every client gap against the objective (over it: orange when another
+  request's prefill ran inside the gap, which no co-run mode causes; red otherwise);
 - ``finetune_progress.png``: finetune tokens trained since the replay began, per mode;
 - ``lent_memory.png``: KV slots lent to the job over time, per mode (only when any were lent).
 
@@ -20,6 +21,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from sglang_harli.bench.replay import first_token_times, spans_a_prefill  # noqa: E402
 
 COLORS = {
     "off": "#555555",
@@ -103,19 +106,30 @@ def timeline(results: dict[str, dict], objective_ms: float, path: Path) -> Path:
     )
     for i, (mode, result) in enumerate(results.items()):
         ax, share_ax = axes[2 * i, 0], axes[2 * i + 1, 0]
-        times, gaps = [], []
-        for r in result["run"]["requests"]:
-            times += r["gap_times_s"]
-            gaps += [g * 1e3 for g in r["gaps_s"]]
-        hit = [(t, g) for t, g in zip(times, gaps, strict=True) if g <= objective_ms]
-        miss = [(t, g) for t, g in zip(times, gaps, strict=True) if g > objective_ms]
-        for points, size, color, label in (
-            (hit, 2, "#999999", "gap within S"),
-            (miss, 4, "red", "gap over S"),
+        requests_ = result["run"]["requests"]
+        prefills = first_token_times(requests_)
+        points: dict[str, list[tuple[float, float]]] = {"hit": [], "prefill": [], "miss": []}
+        gaps = []
+        for r in requests_:
+            for t, g in zip(r["gap_times_s"], r["gaps_s"], strict=True):
+                kind = (
+                    "hit"
+                    if g * 1e3 <= objective_ms
+                    else "prefill"
+                    if spans_a_prefill(t, g, prefills)
+                    else "miss"
+                )
+                points[kind].append((t, g * 1e3))
+                gaps.append(g * 1e3)
+        for kind, size, color, label in (
+            ("hit", 2, "#999999", "gap within S"),
+            ("prefill", 4, "#ff9f40", "over S: another request's prefill ran in it"),
+            ("miss", 5, "red", "over S: decode (and finetune) only"),
         ):
-            if points:
+            points_ = points[kind]
+            if points_:
                 ax.scatter(
-                    [t for t, _ in points], [g for _, g in points], s=size, c=color, label=label
+                    [t for t, _ in points_], [g for _, g in points_], s=size, c=color, label=label
                 )
         ax.axhline(objective_ms, color="red", linestyle="--", linewidth=1, label="objective S")
         ax.set_ylabel("client gap (ms)")
@@ -150,7 +164,7 @@ def timeline(results: dict[str, dict], objective_ms: float, path: Path) -> Path:
             )
         share_ax.set_ylim(0, 100)
         share_ax.set_ylabel("finetune\n% of time", fontsize=8)
-        ax.legend(handles, labels, loc="upper left", fontsize=7, ncol=4)
+        ax.legend(handles, labels, loc="upper left", fontsize=7, ncol=3)
     axes[-1, 0].set_xlabel("time since the replay began (s)")
     fig.suptitle(f"Decode and finetune over the replay (objective S = {objective_ms:.1f} ms)")
     fig.tight_layout()
@@ -185,21 +199,28 @@ def finetune_progress(results: dict[str, dict], path: Path) -> Path:
 
 def lent_memory(results: dict[str, dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # the modes often lend the same (everything the limit allows while decode needs little):
+    # a dash pattern each, so a line drawn over another still shows
+    dashes = iter([(None, None), (6, 3), (2, 2), (8, 2, 2, 2), (1, 3), (4, 4)])
     for mode, result in results.items():
         rows = result["run"]["timeline"]
         if rows:
-            ax.plot(
+            (line,) = ax.plot(
                 [r["t"] for r in rows],
                 [r["kv_lent_slots"] for r in rows],
                 label=mode,
                 color=COLORS.get(mode),
+                linewidth=2,
             )
+            pattern = next(dashes, (None, None))
+            if pattern[0] is not None:
+                line.set_dashes(pattern)
     ax.set_xlabel("time since the replay began (s)")
     ax.set_ylabel("KV slots lent to the job")
-    ax.set_title("Unified memory: KV slots lent over time")
+    ax.set_title("Unified memory: KV slots lent to the job over time")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -28,6 +28,7 @@ measured: the latency profile ``bench simulate --profile`` takes) and the PNG pl
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import json
 import logging
@@ -56,6 +57,9 @@ logger = logging.getLogger(__name__)
 CPU_MODES = (Mode.OFF, Mode.IDLE_ONLY, Mode.TIME_SLICED, Mode.HARLI)
 GPU_MODES = (*CPU_MODES, Mode.NAIVE, Mode.STATIC)
 POLL_S = 0.5  # status timeline resolution
+# a mode "keeps the objective" when this share of its decode iterations met S (the issue's
+# design target is 99.9% on a GPU; a 2-core CPU's own decode jitter allows 99%)
+OBJECTIVE_KEPT = 0.99
 DRAIN_TIMEOUT_S = 300.0  # after the last arrival, for the requests still decoding
 # The job every mode trains: short chats, many epochs, so it runs through the whole replay.
 JOB_PAIRS = [
@@ -341,11 +345,38 @@ def machine_profile(server: Server) -> dict | None:
 # --- the report --------------------------------------------------------------------------------
 
 
+def first_token_times(requests_: list[dict]) -> list[float]:
+    """When each request's prefill ended (its first token), sorted, in replay time."""
+    return sorted(r["arrival_s"] + r["ttft_s"] for r in requests_ if r["ttft_s"] is not None)
+
+
+def spans_a_prefill(end_s: float, gap_s: float, prefills: list[float]) -> bool:
+    """Whether another request's prefill ran inside this gap (SGLang runs it between two decode
+    iterations, so the gap holds a prefill, not only decode and finetune). The client sees that
+    request's first token up to one gap late (detokenizer, HTTP), so a first token seen within
+    a gap's length after the gap ends counts too."""
+    i = bisect.bisect_right(prefills, end_s - gap_s)
+    return i < len(prefills) and prefills[i] < end_s + gap_s
+
+
+def decode_gaps(requests_: list[dict]) -> list[float]:
+    """The client gaps with no prefill inside: what decode iterations (and the finetune beside
+    them) cost, the clients' view of the server's per-iteration measure."""
+    prefills = first_token_times(requests_)
+    return [
+        g
+        for r in requests_
+        for g, end in zip(r["gaps_s"], r["gap_times_s"], strict=True)
+        if not spans_a_prefill(end, g, prefills)
+    ]
+
+
 def summarize(result: dict, objective_ms: float) -> dict:
     """One mode's figures: client latencies, attainment, finetune throughput."""
     reqs = result["run"]["requests"]
     ok = [r for r in reqs if r["error"] is None]
     gaps = [g for r in ok for g in r["gaps_s"]]
+    decode_only = decode_gaps(reqs)
     ttfts = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
     limit = objective_ms / 1e3
 
@@ -362,9 +393,10 @@ def summarize(result: dict, objective_ms: float) -> dict:
         # misses with finetune in the iteration: the ones the mode may be blamed for
         caused = after["misses_with_finetune"] - before["misses_with_finetune"]
         source = "server"
-    else:  # plain SGLang measures no iterations: each client gap is one
-        per_iteration = sum(g <= limit for g in gaps) / len(gaps) if gaps else None
-        iterations, tokens, caused, source = len(gaps), 0, 0, "client gaps"
+    else:  # plain SGLang measures no iterations: each client gap without a prefill is one
+        within = sum(g <= limit for g in decode_only)
+        per_iteration = within / len(decode_only) if decode_only else None
+        iterations, tokens, caused, source = len(decode_only), 0, 0, "client decode gaps"
     per_request = sum(all(g <= limit for g in r["gaps_s"]) for r in ok) / len(ok) if ok else None
     return {
         "tpot_p50_ms": ms(gaps, 0.5),
@@ -375,6 +407,9 @@ def summarize(result: dict, objective_ms: float) -> dict:
             "iterations": per_iteration,
             "requests": per_request,
             "gaps": sum(g <= limit for g in gaps) / len(gaps) if gaps else None,
+            "decode_gaps": (
+                sum(g <= limit for g in decode_only) / len(decode_only) if decode_only else None
+            ),
             "iterations_measured": iterations,
             "misses_with_finetune": caused,
             "source": source,
@@ -409,6 +444,9 @@ def write_markdown(report: dict, path: Path) -> None:
     modes = report["modes"]
     baselines = [m for m in modes if m not in (str(Mode.HARLI), str(Mode.OFF))]
     best = max((modes[m]["finetune_tokens_per_s"] for m in baselines), default=0.0)
+    # a baseline that misses the objective buys its throughput with decode's latency
+    keeping = [m for m in baselines if meets_objective(modes[m])]
+    best_keeping = max((modes[m]["finetune_tokens_per_s"] for m in keeping), default=0.0)
     host = report["machine"]
     gpu = f", {host['gpu']}" if "gpu" in host else ""
     lines = [
@@ -421,33 +459,42 @@ def write_markdown(report: dict, path: Path) -> None:
         + f"; {report['requests']} requests.",
         "",
         "| mode | TPOT p50 / p99 (ms) | TTFT p50 / p99 (ms) | iterations within S | gaps within "
-        "S | requests within S | finetune tok/s | vs best baseline | completed / failed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "S | requests within S | finetune tok/s | vs best baseline | vs best baseline within "
+        "S | completed / failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, m in modes.items():
         att = m["slo_attainment"]
-        ratio = (
-            "-"
-            if mode == str(Mode.OFF) or not best
-            else f"{m['finetune_tokens_per_s'] / best:.2f}x"
-        )
+        ratios = [
+            "-" if mode == str(Mode.OFF) or not b else f"{m['finetune_tokens_per_s'] / b:.2f}x"
+            for b in (best, best_keeping)
+        ]
         lines.append(
             f"| {mode} | {m['tpot_p50_ms']} / {m['tpot_p99_ms']} | {m['ttft_p50_ms']} / "
             f"{m['ttft_p99_ms']} | {_pct(att['iterations'])} ({att['source']}) | "
             f"{_pct(att['gaps'])} | {_pct(att['requests'])} | "
-            f"{m['finetune_tokens_per_s']:.1f} | {ratio} | "
+            f"{m['finetune_tokens_per_s']:.1f} | {ratios[0]} | {ratios[1]} | "
             f"{m['requests_completed']} / {m['requests_failed']} |"
         )
     lines += [
         "",
-        "Iterations within S: the server's own per-iteration measurement (plain SGLang, `off`, "
-        "has none: its client gaps stand in). Gaps within S: every streamed inter-token gap the "
-        "clients saw (HTTP and client threads included, the same measure for every mode). "
-        "Requests within S: completed requests whose every gap met S. TPOT: the inter-token "
-        "gaps. Finetune tok/s: target tokens of finished optimizer steps over the replay's wall "
-        "time. The best baseline is the best of the modes other than harli and off.",
+        "Iterations within S: the server's own per-iteration measurement of its decode "
+        "iterations (plain SGLang, `off`, has none: its client gaps with no prefill inside "
+        "stand in). Gaps within S: every streamed inter-token gap the clients saw, the same "
+        "measure for every mode, including the gaps another request's prefill lengthened "
+        "(SGLang runs a prefill between two decode iterations; no co-run mode causes or can "
+        "avoid those). Requests within S: completed requests whose every gap met S. TPOT: the "
+        "inter-token gaps. Finetune tok/s: target tokens of finished optimizer steps over the "
+        "mode's wall time. The best baseline is the best of the modes other than harli and "
+        f"off; within S, the best of those whose iterations met S {OBJECTIVE_KEPT:.0%} of the "
+        "time.",
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def meets_objective(mode: dict) -> bool:
+    share = mode["slo_attainment"]["iterations"]
+    return share is not None and share >= OBJECTIVE_KEPT
 
 
 def _pct(x: float | None) -> str:
