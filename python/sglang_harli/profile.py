@@ -122,11 +122,12 @@ def from_status(measured: dict[str, Any], min_samples: int, grid: dict | None) -
         "decode": decode,
         "units": samples["units"],
         "corun": samples["corun"],
-        # the rows' spread (the fleet simulation draws from it), SGLang's tail after a decode
-        # and its own time between idle quanta (when the job does not train)
+        # for the fleet simulation: the rows' spread, SGLang's tail after a decode, its own
+        # time between idle quanta (when the job does not train) and prefills
         "quantile_levels": samples.get("quantile_levels"),
         "tail": samples.get("tail"),
         "idle_gap": samples.get("idle_gap"),
+        "prefill": samples.get("prefill"),
     }
 
 

@@ -18,10 +18,13 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .policy import CoRunPolicy, Iteration, Plan
-from .stats import CoRunStats, DecodeStats, Window
+from .stats import CoRunStats, DecodeStats, Window, quantiles
 
 SAMPLE_KEYS = 256  # distinct decode shapes kept for profiles (the most recent)
 SHAPE_TOKENS = 32  # decode shapes are told apart by batch size and context in 32-token steps
+# the spread of each profile row (its window of recent samples): what the fleet simulation
+# (bench/simulate.py) draws durations from, so its iterations miss as real ones do
+QUANTILE_LEVELS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
 
 
 @dataclasses.dataclass
@@ -72,6 +75,17 @@ class CoRun:
         )
         self.unit_samples: dict[tuple[str, float], Window] = {}
         self.corun_samples: collections.deque = collections.deque(maxlen=SAMPLE_KEYS)
+        # idle: the scheduler's own time from the end of one finetune quantum to the start of
+        # the next (SGLang's loop, lending, status requests), time the job does not train
+        self.idle_gaps = Window(SAMPLE_KEYS)
+        self._idle_end: float | None = None  # when the last quantum ended, if idle since
+        self._interrupts = 0  # since then: the scheduler's idle pass makes one, a prefill more
+        # prefills: from the first interrupt after a quantum or a decode to the next decode
+        # (the prefill and SGLang's loop around it), with the requests and prompt tokens the
+        # batch gained (all of its after idle; measured when they can be told apart)
+        self.prefill_samples: collections.deque = collections.deque(maxlen=SAMPLE_KEYS)
+        self._prefill_began: float | None = None
+        self._prefill_after: DecodeStats | None = None  # the decode before it (None: idle)
         self.misses: collections.deque = collections.deque(maxlen=16)  # the latest, for status
 
     # --- the scheduler's calls ---------------------------------------------------------------
@@ -79,6 +93,9 @@ class CoRun:
     def before_decode(self, stats: DecodeStats) -> Plan:
         """Close the previous iteration (measured now), then plan this one."""
         began = self.clock()
+        if self._prefill_began is not None:
+            self._record_prefill(stats, began - self._prefill_began)
+        self._idle_end = self._prefill_began = None
         if self._open is not None:
             self._close(began)
         plan = self.policy.plan(stats)
@@ -124,15 +141,26 @@ class CoRun:
 
     def interrupt(self) -> None:
         """A prefill or an idle pass: the open iteration is not a decode-to-decode interval."""
+        if self._prefill_began is None and (
+            self._open is not None or (self._idle_end is not None and self._interrupts == 0)
+        ):  # the first after a decode or a quantum: a prefill's, or an idle pass's (idle resets)
+            self._prefill_began = self.clock()
+            self._prefill_after = None if self._open is None else self._open.stats
         self._open = None
+        self._interrupts += 1
 
     def idle(self, runner: Runner) -> bool:
         """No decode: a quantum of finetune on the whole device (unit durations still learned)."""
         self._open = None
+        began = self.clock()
+        if self._idle_end is not None and self._interrupts <= 1:  # nothing ran in between
+            self.idle_gaps.add(began - self._idle_end)
         quantum = self.policy.idle_quantum_s
-        return self._train(
+        still_running = self._train(
             runner, lambda spent_s, kind, cost: spent_s < quantum, self._observe_unit
         )
+        self._idle_end, self._interrupts, self._prefill_began = self.clock(), 0, None
+        return still_running
 
     # --- reporting ---------------------------------------------------------------------------
 
@@ -145,23 +173,44 @@ class CoRun:
         }
 
     def samples(self) -> dict[str, Any]:
-        """What a profile is made of (medians of what was measured), for the profile tool."""
+        """What a profile is made of (medians of what was measured, and their spread as
+        quantiles at ``quantile_levels``), for the profile tool."""
+        predictor = self.policy.predictor
         return {
+            "quantile_levels": list(QUANTILE_LEVELS),
             "decode": [
                 {
                     "batch_size": batch_size,
                     "seq_lens_sum": round(shape.seq_lens_sum / shape.n),
                     "seq_len_max": round(shape.seq_len_max / shape.n),
                     "seconds": shape.seconds.quantile(0.5),
+                    "quantiles": quantiles(shape.seconds.values, QUANTILE_LEVELS),
                     "n": shape.n,
                 }
                 for (batch_size, _, _), shape in self.decode_samples.items()
             ],
             "units": [
-                {"kind": kind, "cost": cost, "seconds": w.quantile(0.5), "n": len(w.values)}
+                {
+                    "kind": kind,
+                    "cost": cost,
+                    "seconds": w.quantile(0.5),
+                    "quantiles": quantiles(w.values, QUANTILE_LEVELS),
+                    "n": len(w.values),
+                }
                 for (kind, cost), w in self.unit_samples.items()
             ],
             "corun": list(self.corun_samples),
+            # SGLang's work after a decode's forward (part of each decode row's seconds)
+            "tail": {"seconds": predictor.tail_s, "spread_s": predictor.tail_spread_s},
+            # between idle quanta: the scheduler's time the job does not train
+            "idle_gap": {
+                "seconds": self.idle_gaps.quantile(0.5),
+                "quantiles": quantiles(self.idle_gaps.values, QUANTILE_LEVELS)
+                if self.idle_gaps.values
+                else None,
+                "n": len(self.idle_gaps.values),
+            },
+            "prefill": list(self.prefill_samples),
         }
 
     # --- internals ---------------------------------------------------------------------------
@@ -171,6 +220,22 @@ class CoRun:
         still_running = runner.run_planned(admit, observe)
         self.stats.finetune_tokens += runner.tokens_trained - before
         return still_running
+
+    def _record_prefill(self, stats: DecodeStats, seconds: float) -> None:
+        """A prefill measured up to the decode of ``stats``: its requests are those the batch
+        gained and its prompt tokens theirs (each sequence also holds its first token, and the
+        older ones the token they decoded before it). Not measured when requests also left the
+        batch and none seems to have joined."""
+        before = self._prefill_after
+        if before is None:
+            requests, tokens = stats.batch_size, stats.seq_lens_sum - stats.batch_size
+        else:
+            requests = stats.batch_size - before.batch_size
+            tokens = stats.seq_lens_sum - before.seq_lens_sum - before.batch_size - requests
+        if requests > 0 and tokens > 0:
+            self.prefill_samples.append(
+                {"batch_size": requests, "tokens": tokens, "seconds": seconds}
+            )
 
     def _observe_unit(self, kind: str, cost: float, seconds: float) -> None:
         self.policy.predictor.observe_unit(kind, cost, seconds)

@@ -98,8 +98,13 @@ class Window:
 
 def quantile(values: Iterable[float], q: float) -> float:
     """The nearest-rank ``q`` quantile of ``values`` (not empty)."""
+    return quantiles(values, (q,))[0]
+
+
+def quantiles(values: Iterable[float], levels: Iterable[float]) -> list[float]:
+    """The nearest-rank quantiles of ``values`` (not empty) at each of ``levels``, one sort."""
     ordered = sorted(values)
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+    return [ordered[min(int(q * len(ordered)), len(ordered) - 1)] for q in levels]
 
 
 @dataclasses.dataclass

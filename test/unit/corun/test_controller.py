@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 
 import pytest
 
-from sglang_harli.corun.controller import CoRun
+from sglang_harli.corun.controller import QUANTILE_LEVELS, CoRun
 from sglang_harli.corun.policy import HarliPolicy, IdleOnlyPolicy, TimeSlicedPolicy
 from sglang_harli.corun.predictor import Predictor
 from sglang_harli.corun.stats import DecodeStats
@@ -143,6 +143,66 @@ def test_idle_trains_a_quantum_and_learns_unit_durations():
     assert corun.stats.iterations == 0
 
 
+def test_the_schedulers_time_between_idle_quanta_is_measured_for_profiles():
+    """Between two idle passes (each: an interrupt, then a quantum) the scheduler's own time is
+    an idle gap; a prefill or a decode in between is not."""
+    clock = Clock()
+    corun, runner = sliced(clock), FakeRunner(clock, forever(seconds=0.002))
+
+    def idle_pass():
+        corun.interrupt()
+        corun.idle(runner)
+
+    idle_pass()
+    clock.advance(0.020)  # SGLang's loop, lending...
+    idle_pass()
+    clock.advance(0.030)
+    idle_pass()
+    clock.advance(0.040)
+    corun.interrupt()  # a prefill
+    idle_pass()
+    clock.advance(0.050)
+    corun.before_decode(A)
+    clock.advance(0.004)
+    idle_pass()
+
+    gap = corun.samples()["idle_gap"]
+    assert gap["n"] == 2
+    assert gap["quantiles"][0] == pytest.approx(0.020)
+    assert gap["quantiles"][-1] == pytest.approx(0.030)
+    never_idle = CoRun(IdleOnlyPolicy(S, 0.005, Predictor()))
+    assert never_idle.samples()["idle_gap"] == {"seconds": None, "quantiles": None, "n": 0}
+
+
+def test_prefills_of_requests_that_find_the_server_idle_are_measured_for_profiles():
+    """From the first interrupt after an idle quantum or a decode (the prefill's run_batch) to
+    the next decode, with the requests and prompt tokens the batch gained (seq lens less the
+    first token, and the token the older requests decoded)."""
+    clock = Clock()
+    corun, runner = sliced(clock), FakeRunner(clock, forever(seconds=0.002))
+    corun.interrupt()  # the scheduler's idle pass
+    corun.idle(runner)
+    clock.advance(0.001)
+    corun.interrupt()  # a prefill of two 100-token prompts
+    clock.advance(0.300)
+    corun.before_decode(DecodeStats(2, 2 * 101, 101))
+    clock.advance(0.005)
+    corun.interrupt()  # a prefill joining the running batch
+    clock.advance(0.200)
+    corun.before_decode(DecodeStats(3, 2 * 102 + 51, 102))
+    clock.advance(0.005)
+    corun.before_decode(DecodeStats(2, 2 * 103, 103))  # one left: no prefill
+    clock.advance(0.005)
+    corun.interrupt()  # one left and one joined: not measured
+    clock.advance(0.100)
+    corun.before_decode(DecodeStats(2, 104 + 31, 104))
+
+    assert corun.samples()["prefill"] == [
+        {"batch_size": 2, "tokens": 200, "seconds": pytest.approx(0.300)},
+        {"batch_size": 1, "tokens": 50, "seconds": pytest.approx(0.200)},
+    ]
+
+
 def test_after_decode_reports_when_the_runner_is_done():
     clock = Clock()
     corun = sliced(clock, budget_s=1.0)
@@ -218,7 +278,13 @@ def test_samples_give_decode_shapes_and_unit_medians():
     ]
     assert [r["seconds"] for r in samples["decode"]] == pytest.approx([0.005, 0.004, 0.003])
     assert samples["units"] == [
-        {"kind": "forward", "cost": 1e6, "seconds": pytest.approx(0.003), "n": 2}
+        {
+            "kind": "forward",
+            "cost": 1e6,
+            "seconds": pytest.approx(0.003),
+            "quantiles": pytest.approx([0.003] * len(QUANTILE_LEVELS)),
+            "n": 2,
+        }
     ]
     assert len(samples["corun"]) == 1
     assert samples["corun"][0]["batch_size"] == 1
@@ -234,8 +300,16 @@ def test_decode_sample_medians_per_shape():
         clock.advance(seconds)
     corun.before_decode(B)
 
-    (row,) = [r for r in corun.samples()["decode"] if r["batch_size"] == 1]
+    samples = corun.samples()
+    (row,) = [r for r in samples["decode"] if r["batch_size"] == 1]
     assert (row["seconds"], row["n"]) == (pytest.approx(0.005), 5)
+    # the spread, nearest-rank at each level: what the fleet simulation draws from
+    assert samples["quantile_levels"] == list(QUANTILE_LEVELS)
+    spread = dict(zip(QUANTILE_LEVELS, row["quantiles"], strict=True))
+    assert spread[0.0] == pytest.approx(0.001)
+    assert spread[0.25] == pytest.approx(0.004)
+    assert spread[0.5] == pytest.approx(0.005)
+    assert spread[1.0] == pytest.approx(0.009)
 
 
 def test_policy_overhead_gets_one_sample_per_before_decode():
