@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if on_cpu:
             extra = cpu.server_flags(sglang_argv)
             sglang_argv += extra
+            os.environ.update(cpu.rank_env(sglang_argv, dict(os.environ)))  # before SGLang spawns
             logger.info("no CUDA driver: running SGLang on the CPU (%s)", cpu.describe(extra))
 
         from sglang.srt.plugins import load_plugins

@@ -74,3 +74,49 @@ def test_nothing_is_applied_without_the_environment():
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_each_rank_gets_its_share_of_the_cores(monkeypatch):
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    ours = {"OMP_NUM_THREADS": str(cpu.intra_op_threads())}
+    assert cpu.rank_env(["--tp-size", "1"], dict(ours)) == {}
+    assert cpu.rank_env(["--tp-size", "2"], dict(ours)) == {
+        cpu.BIND_ENV: "0-3|4-7",
+        "OMP_NUM_THREADS": "4",
+    }
+    assert cpu.rank_env(["--tp", "2", "--dp-size", "2"], dict(ours))[cpu.BIND_ENV] == (
+        "0-1|2-3|4-5|6-7"
+    )
+    # what the user set stays
+    mine = {cpu.BIND_ENV: "0-1|6-7", "OMP_NUM_THREADS": "2"}
+    assert cpu.rank_env(["--tp-size", "2"], mine) == {}
+
+
+def test_more_ranks_than_cores_share_them(monkeypatch):
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1})
+    env = cpu.rank_env(["--tp-size", "4"], {})
+    assert env == {cpu.BIND_ENV: "0-0|1-1|0-0|1-1", "OMP_NUM_THREADS": "1"}
+
+
+PYNCCL_PROBE = """
+import sglang.srt.distributed.parallel_state as ps
+calls = []
+ps.GroupCoordinator = lambda **kwargs: calls.append(kwargs["use_pynccl"])
+ps.init_model_parallel_group([[0, 1]], 0, "gloo")
+ps.init_model_parallel_group([[0, 1]], 0, "gloo", use_pynccl=True)
+print(calls)
+"""
+
+
+def test_model_parallel_groups_are_made_without_pynccl_on_cpu():
+    """SGLang's groups would build a PyNccl communicator on the CPU device and fail; with the
+    guards, they do not unless asked (collectives then go over gloo)."""
+    done = subprocess.run(
+        [sys.executable, "-c", PYNCCL_PROBE],
+        env=cpu.child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[False, True]"

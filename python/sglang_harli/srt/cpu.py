@@ -20,6 +20,12 @@ SGLang's CPU engine exists, but the PyPI install is a CUDA-only stack. Four thin
 5. Flags: ``--device cpu``, the ``torch_native`` attention and LoRA backends, a KV pool that
    fits in RAM, and the ``cpu_tensor`` retraction backup in PD-decode mode, each only when the
    user did not give that flag.
+6. More than one rank (``--tp-size``, ``--pp-size``, ``--dp-size``): SGLang's CPU engine asks
+   for ``SGLANG_CPU_OMP_THREADS_BIND`` (each rank's cores) when there are more ranks than NUMA
+   nodes, so each rank gets an equal, contiguous share of this process's cores (and as many
+   intra-op threads), unless the user set either; and its model-parallel groups would build a
+   PyNccl communicator on the CPU device ("Expected a cuda device"), so on CPU they are made
+   without one: collectives go over the gloo groups SGLang builds beside them.
 
 Guards 1-3 must hold in *every* process, and SGLang starts its children with the spawn method
 (fresh interpreters). So the launcher exports the engine switch plus ``HARLI_CPU_GUARDS=1`` and
@@ -139,6 +145,36 @@ def server_flags(argv: Sequence[str]) -> list[str]:
     return extra
 
 
+BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
+
+
+def ranks_of(argv: Sequence[str]) -> int:
+    """How many scheduler processes (ranks) SGLang starts for these flags."""
+    ranks = 1
+    for flags in (("--tp-size", "--tp"), ("--pp-size", "--pp"), ("--dp-size", "--dp")):
+        value = next((v for f in flags if (v := flag_value(argv, f)) is not None), None)
+        ranks *= int(value) if value and value.isdigit() else 1
+    return ranks
+
+
+def rank_env(argv: Sequence[str], env: dict[str, str]) -> dict[str, str]:
+    """Settings for ``env`` that let SGLang start this many ranks on CPU (guard 6): each rank's
+    share of the cores and its intra-op threads, leaving whatever the user set."""
+    ranks = ranks_of(argv)
+    if ranks <= 1:
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // ranks)
+    # with fewer cores than ranks, ranks share cores round-robin
+    groups = [cores[(i * share) % len(cores) :][:share] for i in range(ranks)]
+    out = {}
+    if BIND_ENV not in env:
+        out[BIND_ENV] = "|".join(f"{g[0]}-{g[-1]}" for g in groups)
+    if env.get("OMP_NUM_THREADS") in (None, str(intra_op_threads())):  # ours, not the user's
+        out["OMP_NUM_THREADS"] = str(share)
+    return out
+
+
 def enable() -> None:
     """Make this process and every process it starts from now on run SGLang on CPU."""
     os.environ.update(child_env())
@@ -154,6 +190,7 @@ def describe(extra_flags: Sequence[str]) -> str:
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', intra_op_threads())}",
             "sgl_kernel import guard",
             "no pinned memory",
+            *([f"{BIND_ENV}={os.environ[BIND_ENV]}"] if BIND_ENV in os.environ else []),
             *flags,
         ]
     )
@@ -162,16 +199,21 @@ def describe(extra_flags: Sequence[str]) -> str:
 # --- per-process guards ------------------------------------------------------------------------
 
 
+PARALLEL_STATE = "sglang.srt.distributed.parallel_state"
+
+
 def install_process_guards() -> None:
-    """Install the sgl_kernel import guard and the no-pinned-memory patch in this process."""
+    """Install the sgl_kernel import guard, the no-pinned-memory patch and the no-PyNccl patch
+    in this process."""
     if not any(isinstance(f, _SglKernelGuard) for f in sys.meta_path):
         sys.meta_path.insert(0, _SglKernelGuard())
-    if "torch" in sys.modules:
-        _drop_pinned_memory(sys.modules["torch"])
-    elif not any(isinstance(f, _TorchPatcher) for f in sys.meta_path):
-        # Patch torch when (if ever) it is imported: importing it here would cost ~0.7 GB in
-        # processes that never use it, such as multiprocessing's resource tracker.
-        sys.meta_path.insert(0, _TorchPatcher())
+    # Patch a module when (if ever) it is imported: importing torch here would cost ~0.7 GB in
+    # processes that never use it, such as multiprocessing's resource tracker.
+    for name, patch in (("torch", _drop_pinned_memory), (PARALLEL_STATE, _groups_without_pynccl)):
+        if name in sys.modules:
+            patch(sys.modules[name])
+        elif not any(isinstance(f, _PostImportPatcher) and f.name == name for f in sys.meta_path):
+            sys.meta_path.insert(0, _PostImportPatcher(name, patch))
 
 
 class _Unavailable:
@@ -218,24 +260,44 @@ class _SglKernelGuard(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-class _TorchPatcher(importlib.abc.MetaPathFinder):
-    """Finds torch the usual way, then patches it right after it has been executed."""
+class _PostImportPatcher(importlib.abc.MetaPathFinder):
+    """Finds module ``name`` the usual way, then patches it right after it has been executed."""
+
+    def __init__(self, name: str, patch):
+        self.name, self.patch = name, patch
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "torch":
+        if fullname != self.name:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("torch")
+        spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
         original_exec = spec.loader.exec_module
 
         def exec_module(module):
             original_exec(module)
-            _drop_pinned_memory(module)
+            self.patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
+
+
+def _groups_without_pynccl(parallel_state) -> None:
+    """SGLang's model-parallel groups, built without a PyNccl communicator unless asked for one
+    (guard 6): its constructor takes a CUDA device and fails on the CPU device."""
+    if getattr(parallel_state, "_harli_no_pynccl", False):
+        return
+    original = parallel_state.init_model_parallel_group
+
+    @functools.wraps(original)
+    def init_model_parallel_group(*args, **kwargs):
+        if kwargs.get("use_pynccl") is None:
+            kwargs["use_pynccl"] = False
+        return original(*args, **kwargs)
+
+    parallel_state.init_model_parallel_group = init_model_parallel_group
+    parallel_state._harli_no_pynccl = True
 
 
 _FACTORIES = (
