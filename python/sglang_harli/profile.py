@@ -48,15 +48,9 @@ def start_job(url: str, headers: dict[str, str], model: str) -> str:
     replay's job (``bench/replay.py``), whose chats differ in length, so each unit kind is
     measured at several costs (the predictor fits an overhead and a rate, not a ratio alone)
     and at the costs the replay and the fleet simulation train with."""
-    from sglang_harli.bench.replay import JOB_PAIRS
+    from sglang_harli.bench.replay import JOB_PAIRS, chat_jsonl
 
-    data = "".join(
-        json.dumps(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        )
-        + "\n"
-        for q, a in JOB_PAIRS
-    )
+    data = chat_jsonl(JOB_PAIRS)
     upload = requests.post(
         url + "/v1/files",
         files={"file": ("profile.jsonl", data.encode())},

@@ -3,12 +3,12 @@ tiny random model, writing them as a chat JSONL file, waiting for a job, asking 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import requests
 
+from sglang_harli.bench import replay
 from sglang_harli.jobs.lifecycle import FINAL_STATES
 
 PAIRS = [
@@ -33,13 +33,7 @@ LEARN = {
 
 def chat_jsonl(pairs=PAIRS) -> str:
     """One chat example per (question, answer) pair, as JSONL text."""
-    lines = [
-        json.dumps(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        )
-        for q, a in pairs
-    ]
-    return "\n".join(lines) + "\n"
+    return replay.chat_jsonl(pairs)
 
 
 def write_dataset(path: Path, pairs=PAIRS) -> str:

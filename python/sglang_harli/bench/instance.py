@@ -102,13 +102,6 @@ class Histogram:
                 return self.LO * 10 ** ((i + 0.5) / self.PER_DECADE)
         return None
 
-    def share_within(self, limit_s: float) -> float | None:
-        """The share at or below ``limit_s`` (to the bin: the limit's own bin counts as within)."""
-        if not self.total:
-            return None
-        last = int(math.log10(max(limit_s, self.LO) / self.LO) * self.PER_DECADE)
-        return sum(self.counts[: last + 1]) / self.total
-
 
 @dataclasses.dataclass
 class InstanceResult:

@@ -172,15 +172,11 @@ def job_from_chats(
     as the server's API resolves them."""
     import transformers
 
+    from sglang_harli.bench.replay import chat_jsonl
     from sglang_harli.finetune.data import parse_jsonl_lines
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path))
-    lines = [
-        json.dumps(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        )
-        for q, a in pairs
-    ]
+    lines = chat_jsonl(pairs).splitlines()
     examples = parse_jsonl_lines(lines, tokenizer, max_length=1 << 30)
     longest = max(len(e.input_ids) for e in examples)
     # the server's limits only refuse jobs; the ones simulated ran (or would): none binds, and

@@ -82,9 +82,6 @@ class Spread:
         left, right = self.rows[rows, lo], self.rows[rows, hi]
         return left + (right - left) * w
 
-    def quantile(self, q: float, rng: np.random.Generator, n: int = 20_000) -> float:
-        return float(np.quantile(self.draw(rng, n), q))
-
 
 class Draws:
     """A stream of ratios from one spread, drawn ``BLOCK`` at a time (Python floats)."""

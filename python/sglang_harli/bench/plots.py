@@ -47,6 +47,16 @@ def write_all(report: dict, results: dict[str, dict], out: Path) -> list[Path]:
     return written
 
 
+def _save(fig, ax, path: Path, legend: str) -> Path:
+    """The single-panel figures' common ending: grid, legend, written, closed."""
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _gaps_ms(result: dict) -> list[float]:
     return [g * 1e3 for r in result["run"]["requests"] if r["error"] is None for g in r["gaps_s"]]
 
@@ -72,12 +82,7 @@ def tpot_cdf(results: dict[str, dict], objective_ms: float, path: Path) -> Path:
     )
     ax.set_ylabel("share of gaps at or below")
     ax.set_title("TPOT distribution per mode")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend="lower right")
 
 
 def _rates(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -193,12 +198,7 @@ def finetune_progress(results: dict[str, dict], path: Path) -> Path:
     ax.set_xlabel("time since the replay began (s)")
     ax.set_ylabel("finetune tokens trained (finished steps)")
     ax.set_title("Finetune progress per mode (same job, same trace)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend="upper left")
 
 
 def lent_memory(results: dict[str, dict], path: Path) -> Path:
@@ -223,9 +223,4 @@ def lent_memory(results: dict[str, dict], path: Path) -> Path:
     ax.set_ylabel("KV slots lent to the job")
     ax.set_title("Unified memory: KV slots lent to the job over time")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend="lower right")

@@ -74,6 +74,18 @@ JOB_PAIRS = [
 ]
 
 
+def chat_jsonl(pairs: list[tuple[str, str]]) -> str:
+    """One chat example (a user turn, the assistant's answer) per pair, as JSONL text: the
+    fine-tuning API's training file."""
+    return "".join(
+        json.dumps(
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        )
+        + "\n"
+        for q, a in pairs
+    )
+
+
 @dataclasses.dataclass
 class RequestLog:
     """One replayed request as the client saw it (times relative to the replay's start)."""
@@ -264,16 +276,9 @@ def model_info(server: Server) -> tuple[str, int]:
 
 def start_job(server: Server, model_id: str, workdir: Path, n_epochs: int) -> dict:
     """The same job on every mode's server: returns it once its first step is done."""
-    lines = [
-        json.dumps(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        )
-        for q, a in JOB_PAIRS
-    ]
-    data = "\n".join(lines).encode() + b"\n"
     upload = requests.post(
         server.url + "/v1/files",
-        files={"file": ("replay-job.jsonl", data)},
+        files={"file": ("replay-job.jsonl", chat_jsonl(JOB_PAIRS).encode())},
         data={"purpose": "fine-tune"},
         timeout=60,
     ).json()
@@ -537,14 +542,7 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def scaling_of(args) -> TraceScaling:
-    return TraceScaling(
-        trace=args.trace,
-        rate_scale=args.rate_scale,
-        duration_s=args.duration_s,
-        start_s=args.start_s,
-        max_context_tokens=args.max_context_tokens,
-        max_output_tokens=args.max_output_tokens,
-    )
+    return TraceScaling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TraceScaling)})
 
 
 def parse_modes(text: str | None, has_cuda: bool) -> list[Mode]:

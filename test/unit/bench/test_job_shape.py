@@ -15,7 +15,7 @@ from sglang_harli.bench.job_shape import (
     job_from_chats,
     job_from_numbers,
 )
-from sglang_harli.bench.replay import JOB_PAIRS
+from sglang_harli.bench.replay import JOB_PAIRS, chat_jsonl
 from sglang_harli.finetune import BaseModelView, LoraAdapters, TrainConfig
 from sglang_harli.finetune.data import parse_jsonl_lines
 from sglang_harli.finetune.trainer import Trainer
@@ -35,18 +35,10 @@ def job(tiny_path):
 @pytest.fixture(scope="module")
 def trainer(tiny_path, job):
     """The server's trainer on the same chats, model and LoRA settings."""
-    import json
-
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_path))
-    lines = [
-        json.dumps(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        )
-        for q, a in JOB_PAIRS
-    ]
-    examples = parse_jsonl_lines(lines, tokenizer, max_length=1 << 30)
+    examples = parse_jsonl_lines(chat_jsonl(JOB_PAIRS).splitlines(), tokenizer, max_length=1 << 30)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_path), dtype=torch.float32)
     view = BaseModelView.from_hf(model)
     adapters = LoraAdapters.create(view.config, job.lora)
