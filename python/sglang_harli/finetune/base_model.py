@@ -95,6 +95,29 @@ class ModelConfig:
             "down_proj": (i, h),
         }[name]
 
+    def sharded(self, tp_size: int) -> ModelConfig:
+        """The shapes one of ``tp_size`` tensor-parallel ranks holds: its attention heads and
+        its share of the MLP's intermediate features (the vocabulary is split apart, see
+        :class:`BaseModelView`). Raises if they do not split evenly: SGLang would replicate KV
+        heads then, which the engine does not train on."""
+        if tp_size == 1:
+            return self
+        for what, n in (
+            ("attention heads", self.num_heads),
+            ("KV heads", self.num_kv_heads),
+            ("intermediate features", self.intermediate_size),
+        ):
+            if n % tp_size:
+                raise ValueError(
+                    f"{n} {what} do not split evenly over {tp_size} tensor-parallel ranks"
+                )
+        return dataclasses.replace(
+            self,
+            num_heads=self.num_heads // tp_size,
+            num_kv_heads=self.num_kv_heads // tp_size,
+            intermediate_size=self.intermediate_size // tp_size,
+        )
+
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelConfig:
         arch = config.model_type
@@ -166,7 +189,13 @@ def _frozen(t: torch.Tensor) -> torch.Tensor:
 
 
 class BaseModelView:
-    """The frozen base model, as the training graph reads it. Nothing here is ever copied."""
+    """The frozen base model, as the training graph reads it. Nothing here is ever copied.
+
+    With ``tp`` (a ``parallel.TensorParallel``) the view holds one rank's shards: ``config`` is
+    still the whole model's (adapters and files are the whole model's), ``local`` the shapes of
+    this rank's layers, and ``embed_tokens``/``lm_head`` the vocabulary rows from
+    ``vocab_start`` (``finetune/parallel.py``).
+    """
 
     def __init__(
         self,
@@ -175,12 +204,18 @@ class BaseModelView:
         layers: Sequence[LayerWeights],
         final_norm: torch.Tensor,
         lm_head: torch.Tensor,
+        tp: Any = None,
+        vocab_start: int = 0,
     ):
         self.config = config
+        self.tp = tp
+        self.local = config if tp is None else config.sharded(tp.size)
+        self.vocab_start = vocab_start
         # Servers may pad the vocabulary rows (SGLang pads to a multiple of 64): keep the real
         # rows only, as a view.
-        self.embed_tokens = _frozen(embed_tokens)[: config.vocab_size]
-        self.lm_head = _frozen(lm_head)[: config.vocab_size]
+        rows = max(0, min(embed_tokens.shape[0], config.vocab_size - vocab_start))
+        self.embed_tokens = _frozen(embed_tokens)[:rows]
+        self.lm_head = _frozen(lm_head)[:rows]
         self.final_norm = _frozen(final_norm)
         self.layers = [
             LayerWeights(
@@ -219,16 +254,20 @@ class BaseModelView:
         layers: Sequence[FusedLayerWeights],
         final_norm: torch.Tensor,
         lm_head: torch.Tensor,
+        tp: Any = None,
+        vocab_start: int = 0,
     ) -> BaseModelView:
-        """A view over fused q|k|v and gate|up tensors: row slices alias the fused storage."""
-        q, kv, inter = config.q_size, config.kv_size, config.intermediate_size
+        """A view over fused q|k|v and gate|up tensors: row slices alias the fused storage.
+        With ``tp``, the tensors are that rank's shards (see the class)."""
+        local = config if tp is None else config.sharded(tp.size)
+        q, kv, inter = local.q_size, local.kv_size, local.intermediate_size
         split = []
         for fl in layers:
             if fl.qkv_proj.shape[0] != q + 2 * kv or fl.gate_up_proj.shape[0] != 2 * inter:
                 raise ValueError(
                     f"fused shapes qkv {tuple(fl.qkv_proj.shape)} / gate_up "
                     f"{tuple(fl.gate_up_proj.shape)} do not match the config "
-                    f"(q {q}, kv {kv}, intermediate {inter}); tensor-parallel shards?"
+                    f"(q {q}, kv {kv}, intermediate {inter} per rank)"
                 )
             biases = {}
             if fl.qkv_bias is not None:
@@ -253,7 +292,47 @@ class BaseModelView:
                     biases=biases,
                 )
             )
-        return cls(config, embed_tokens, split, final_norm, lm_head)
+        return cls(config, embed_tokens, split, final_norm, lm_head, tp, vocab_start)
+
+    def shard(self, tp: Any) -> BaseModelView:
+        """Rank ``tp.rank``'s shards of this whole view, laid out as SGLang shards the served
+        model (copies: for tests and tools; a server's view aliases its own shards)."""
+        if self.tp is not None:
+            raise ValueError("this view is a shard already")
+        local = self.config.sharded(tp.size)
+        rows = {  # [out, in] tensors: column parallel slices rows, row parallel columns
+            "q_proj": (tp.slice(self.config.q_size), slice(None)),
+            "k_proj": (tp.slice(self.config.kv_size), slice(None)),
+            "v_proj": (tp.slice(self.config.kv_size), slice(None)),
+            "gate_proj": (tp.slice(self.config.intermediate_size), slice(None)),
+            "up_proj": (tp.slice(self.config.intermediate_size), slice(None)),
+            "o_proj": (slice(None), tp.slice(self.config.q_size)),
+            "down_proj": (slice(None), tp.slice(self.config.intermediate_size)),
+        }
+        layers = [
+            LayerWeights(
+                input_norm=lw.input_norm.clone(),
+                post_norm=lw.post_norm.clone(),
+                **{name: lw.weight(name)[rows[name]].clone() for name in PROJECTIONS},
+                # a row parallel layer's bias is added once, after the ranks' sum
+                biases={
+                    name: b.clone() if name in ("o_proj", "down_proj") else b[rows[name][0]].clone()
+                    for name, b in lw.biases.items()
+                },
+            )
+            for lw in self.layers
+        ]
+        per = -(-self.config.vocab_size // tp.size)  # vocabulary rows per rank, the last short
+        vocab = slice(tp.rank * per, (tp.rank + 1) * per)
+        return BaseModelView(
+            self.config,
+            self.embed_tokens[vocab].clone(),
+            layers,
+            self.final_norm.clone(),
+            self.lm_head[vocab].clone(),
+            tp,
+            vocab_start=tp.rank * per,
+        )
 
     @classmethod
     def from_hf(cls, model: Any) -> BaseModelView:
@@ -285,12 +364,13 @@ class BaseModelView:
         )
 
     def _check_shapes(self) -> None:
-        c = self.config
+        c = self.local
         if len(self.layers) != c.num_layers:
             raise ValueError(f"{len(self.layers)} layers, config says {c.num_layers}")
+        rows = c.vocab_size if self.tp is None else self.embed_tokens.shape[0]
         for t, name in ((self.embed_tokens, "embed_tokens"), (self.lm_head, "lm_head")):
-            if tuple(t.shape) != (c.vocab_size, c.hidden_size):
-                raise ValueError(f"{name} is {tuple(t.shape)}, want ({c.vocab_size}, hidden)")
+            if tuple(t.shape) != (rows, c.hidden_size):
+                raise ValueError(f"{name} is {tuple(t.shape)}, want ({rows}, hidden)")
         for i, layer in enumerate(self.layers):
             for name in PROJECTIONS:
                 fan_in, fan_out = c.projection_shape(name)

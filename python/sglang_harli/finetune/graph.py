@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .base_model import BaseModelView, LayerWeights, ModelConfig, RopeConfig
 from .data import IGNORE_INDEX, PackedBatch
 from .lora import DropoutPlan, LoraAdapters, LoraConfig, LoraPair
+from .parallel import ROW_PARALLEL, TensorParallel, copy_to, reduce_from
 
 if TYPE_CHECKING:
     from .ops import Ops
@@ -226,6 +227,74 @@ def chunked_cross_entropy(
     return _ChunkedCrossEntropy.apply(x, weight, targets, vocab_chunk, token_chunk, with_grad)
 
 
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """:class:`_ChunkedCrossEntropy` over a vocabulary split across tensor-parallel ranks.
+
+    Each rank's ``weight`` holds the rows ``vocab_start ..`` of the lm_head; per block of rows
+    the ranks agree on the logits' max (one all-reduce) and on the sum of their exponentials
+    and the target's logit (another), so every rank gets the whole loss. The gradient of ``x``
+    (replicated) is each rank's ``(softmax - onehot) @ weight`` over its rows, summed once at
+    the end. Blocks are sized by the whole vocabulary, so every rank runs as many.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_start, vocab_size, chunks, with_grad, tp):
+        vocab_chunk, token_chunk = chunks
+        local = targets - vocab_start
+        inside = (local >= 0) & (local < weight.shape[0])
+        local = torch.where(inside, local, torch.zeros_like(local))[:, None]
+        losses = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if with_grad else None
+        block = max(1, (token_chunk * vocab_chunk) // vocab_size)
+        for r0 in range(0, x.shape[0], block):
+            rows = slice(r0, r0 + block)
+            logits = _logits(x[rows], weight, vocab_chunk)  # fp32 [rows, local vocab]
+            top = tp.all_reduce(logits.amax(dim=-1, keepdim=True), op="max")
+            t, here = local[rows], inside[rows, None]
+            picked = logits.gather(1, t) * here  # the target's logit on the rank that has it
+            e = logits.sub_(top).exp_()
+            sums = tp.all_reduce(torch.cat((e.sum(dim=-1, keepdim=True), picked), dim=1))
+            total = sums[:, :1]
+            losses[rows] = (total.log() - (sums[:, 1:] - top))[:, 0]
+            if with_grad:
+                prob = e.div_(total)
+                prob.scatter_add_(1, t, -here.to(prob.dtype))  # - onehot, where it is ours
+                grad_x[rows] = _times_weight(prob, weight, x.dtype, vocab_chunk)
+        if with_grad:
+            tp.all_reduce(grad_x)
+        ctx.save_for_backward(grad_x)
+        ctx.x_dtype = x.dtype
+        return losses.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_x,) = ctx.saved_tensors
+        if grad_x is None:
+            raise RuntimeError("vocab-parallel cross-entropy ran without with_grad")
+        return (grad_x * grad_loss).to(ctx.x_dtype), None, None, None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    x: torch.Tensor,
+    view: BaseModelView,
+    targets: torch.Tensor,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+) -> torch.Tensor:
+    """:func:`chunked_cross_entropy` of a view whose lm_head is this rank's vocabulary shard."""
+    with_grad = torch.is_grad_enabled() and x.requires_grad
+    return _VocabParallelCrossEntropy.apply(
+        x,
+        view.lm_head,
+        targets,
+        view.vocab_start,
+        view.config.vocab_size,
+        (vocab_chunk, token_chunk),
+        with_grad,
+        view.tp,
+    )
+
+
 # --- the model -------------------------------------------------------------------------------
 
 
@@ -241,6 +310,7 @@ class GraphContext:
     seqs: Any  # ops.sequences(...): handed back to ops.attention
     lora: LoraConfig | None
     dropout: DropoutPlan | None
+    tp: TensorParallel | None = None  # the view's: its ranks hold shards of every layer
 
 
 def make_context(
@@ -263,11 +333,17 @@ def make_context(
     dropout = None
     if training and lora is not None and lora.dropout > 0:
         dropout = DropoutPlan(lora.dropout, batch.seeds, batch.lengths)
-    return GraphContext(batch, dtype, ops, rope, ops.sequences(batch), lora, dropout)
+    return GraphContext(batch, dtype, ops, rope, ops.sequences(batch), lora, dropout, view.tp)
 
 
 def embed(view: BaseModelView, ctx: GraphContext) -> torch.Tensor:
-    return _as(F.embedding(ctx.batch.input_ids, view.embed_tokens), ctx.dtype)
+    if view.tp is None:
+        return _as(F.embedding(ctx.batch.input_ids, view.embed_tokens), ctx.dtype)
+    # vocabulary parallel: each rank looks up the ids in its rows, zeros elsewhere, then a sum
+    ids = ctx.batch.input_ids - view.vocab_start
+    inside = (ids >= 0) & (ids < view.embed_tokens.shape[0])
+    h = F.embedding(torch.where(inside, ids, torch.zeros_like(ids)), view.embed_tokens)
+    return view.tp.all_reduce(_as(h * inside[:, None], ctx.dtype))
 
 
 def decoder_layer(
@@ -278,26 +354,45 @@ def decoder_layer(
     config: ModelConfig,
     ctx: GraphContext,
 ) -> torch.Tensor:
-    """One pre-norm decoder layer: h + attn(norm(h)), then + swiglu MLP(norm(.))."""
+    """One pre-norm decoder layer: h + attn(norm(h)), then + swiglu MLP(norm(.)).
+
+    ``config`` holds this rank's shapes (``view.local``). At tensor parallel size > 1 the
+    normed inputs of the column parallel projections pass :func:`~.parallel.copy_to` (their
+    gradient is summed over the ranks) and the row parallel outputs are summed
+    (:func:`~.parallel.reduce_from`), their bias added once after the sum.
+    """
     lora = lora or {}
     scaling = ctx.lora.scaling if ctx.lora is not None else 0.0
-    ops = ctx.ops
+    ops, tp = ctx.ops, ctx.tp
 
     def proj(name: str, x: torch.Tensor) -> torch.Tensor:
+        row_parallel = tp is not None and name in ROW_PARALLEL
         mask = None
         if ctx.dropout is not None and name in lora:
-            mask = ctx.dropout.mask(index, name, x.shape[-1], x.device, x.dtype)
+            if row_parallel:  # this rank's columns of the whole input's mask
+                whole = x.shape[-1] * tp.size
+                mask = ctx.dropout.mask(index, name, whole, x.device, x.dtype)[:, tp.slice(whole)]
+            else:
+                mask = ctx.dropout.mask(index, name, x.shape[-1], x.device, x.dtype)
         bias = weights.biases.get(name)
-        return ops.lora_linear(x, weights.weight(name), bias, lora.get(name), scaling, mask)
+        w, a = weights.weight(name), lora.get(name)
+        if not row_parallel:
+            return ops.lora_linear(x, w, bias, a, scaling, mask)
+        y = reduce_from(ops.lora_linear(x, w, None, a, scaling, mask), tp)
+        return y if bias is None else y + _as(bias, y.dtype)
 
     tokens, hd = h.shape[0], config.head_dim
     x = ops.rms_norm(h, weights.input_norm, config.rms_norm_eps)
+    if tp is not None:
+        x = copy_to(x, tp)
     q = proj("q_proj", x).view(tokens, config.num_heads, hd)
     k = proj("k_proj", x).view(tokens, config.num_kv_heads, hd)
     v = proj("v_proj", x).view(tokens, config.num_kv_heads, hd)
     q, k = ops.apply_rope(q, ctx.rope), ops.apply_rope(k, ctx.rope)
     h = h + proj("o_proj", ops.attention(q, k, v, ctx.seqs))
     x = ops.rms_norm(h, weights.post_norm, config.rms_norm_eps)
+    if tp is not None:
+        x = copy_to(x, tp)
     return h + proj("down_proj", ops.swiglu(proj("gate_proj", x), proj("up_proj", x)))
 
 
@@ -309,7 +404,7 @@ def layer_forward(
     ctx: GraphContext,
 ) -> torch.Tensor:
     lora = adapters.layers[index] if adapters is not None else None
-    return decoder_layer(h, index, view.layers[index], lora, view.config, ctx)
+    return decoder_layer(h, index, view.layers[index], lora, view.local, ctx)
 
 
 def head_loss_sum(
@@ -322,6 +417,10 @@ def head_loss_sum(
     """Summed next-token loss over the batch's targets (final norm + chunked lm_head CE)."""
     valid = ctx.batch.targets != IGNORE_INDEX
     x = ctx.ops.rms_norm(h[valid], view.final_norm, view.config.rms_norm_eps)
+    if view.tp is not None:
+        return vocab_parallel_cross_entropy(
+            x, view, ctx.batch.targets[valid], vocab_chunk, token_chunk
+        )
     return ctx.ops.cross_entropy_sum(
         x, view.lm_head, ctx.batch.targets[valid], vocab_chunk, token_chunk
     )
@@ -344,6 +443,8 @@ def logits(
     ops: Ops | None = None,
 ) -> torch.Tensor:
     """Full logits [tokens, vocab] in fp32, no dropout (evaluation and checks; not training)."""
+    if view.tp is not None:
+        raise NotImplementedError("whole logits of a tensor-parallel shard (use loss_sum)")
     with torch.no_grad():
         ctx = make_context(view, adapters, batch, dtype, ops=ops)
         h = final_hidden(view, adapters, ctx)

@@ -54,6 +54,7 @@ from sglang_harli.memory.arena import Arena, Block
 
 from . import graph
 from . import ops as ops_mod
+from . import parallel
 from .base_model import BaseModelView
 from .data import Example, PackedBatch, pack
 from .lora import LoraAdapters, LoraConfig, sequence_seed
@@ -403,9 +404,26 @@ class Trainer:
         """Resume from :func:`read_checkpoint` output; raises (changing nothing the next
         restore would not replace) if it does not fit these adapters."""
         self.abandon_step()
+        if self.view.tp is not None:  # a checkpoint is whole: this rank takes its shards
+            saved = self._shards_of(saved)
         self.adapters.load_state_dict(saved["adapters"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.state = TrainerState(**saved["state"])
+
+    def _shards_of(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """This rank's part of a whole checkpoint (whatever TP size wrote it)."""
+        tp, names = self.view.tp, [name for name, _ in self.adapters.named_parameters()]
+        adapters = {k: parallel.shard_tensor(k, t, tp) for k, t in saved["adapters"].items()}
+        state = {
+            index: {
+                k: parallel.shard_tensor(names[int(index)], v, tp)
+                if isinstance(v, torch.Tensor) and v.dim() > 0
+                else v
+                for k, v in entry.items()
+            }
+            for index, entry in saved["optimizer"]["state"].items()
+        }
+        return {**saved, "adapters": adapters, "optimizer": {**saved["optimizer"], "state": state}}
 
     def reserve_snapshot_memory(self) -> None:
         """Allocate the host buffers snapshots copy into (pinned on a GPU, which is slow to
@@ -432,6 +450,7 @@ class Trainer:
         self._host = None
         copies: dict[str, torch.Tensor] = {}
         for key, t in self._snapshot_tensors():
+            t = self._whole(key, t)  # at TP > 1, gathered: a checkpoint is the whole model's
             buffer = host.get(key)
             if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
                 buffer = host[key] = _host_like(t)
@@ -465,6 +484,20 @@ class Trainer:
             copied=copied,
             _release=release,
         )
+
+    def _whole(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """The whole tensor of snapshot ``key`` from this rank's shard (a collective at TP > 1;
+        AdamW's moments are sharded as their parameter)."""
+        if self.view.tp is None:
+            return t
+        return parallel.gather_tensor(self._param_name(key), t, self.view.tp)
+
+    def _param_name(self, key: str) -> str:
+        """``adapters.{name}`` or ``optimizer.{index}.{moment}`` -> the parameter's name."""
+        if key.startswith("adapters."):
+            return key.removeprefix("adapters.")
+        index = int(key.split(".")[1])
+        return [name for name, _ in self.adapters.named_parameters()][index]
 
     def _snapshot_tensors(self, with_optimizer_guess: bool = False):
         """``(key, tensor)`` of everything a snapshot copies: the fp32 masters and AdamW's
@@ -548,7 +581,7 @@ class Trainer:
         return lo
 
     def _units(self, step: _Step) -> list[WorkUnit]:
-        c, lora = self.view.config, self.adapters.config
+        c, lora = self.view.local, self.adapters.config  # this rank's share of the work
         # Backward is about twice a forward. With checkpointing the layer's forward is first
         # recomputed, in a unit of its own: smaller units pack into a decode iteration's slack
         # more tightly than one unit three forwards long.
@@ -685,7 +718,18 @@ class Trainer:
     def _optimizer(self, step: _Step) -> StepResult:
         params = self.adapters.parameters()
         max_norm = self.config.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+        tp = self.view.tp
+        if tp is None:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+        else:  # the whole adapters' gradient: replicated halves summed, one global norm
+            named = list(self.adapters.named_parameters())
+            parallel.reduce_replicated_grads(named, tp)
+            norm = parallel.global_grad_norm(named, tp)
+            if max_norm and math.isfinite(norm.item()):  # as clip_grad_norm_ scales
+                coef = min(1.0, max_norm / (norm.item() + 1e-6))
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
         lr = lr_at(self.config, step.index, self.total_steps)
         loss = (step.loss_sum / step.num_targets).item()
         if math.isfinite(norm.item()):
