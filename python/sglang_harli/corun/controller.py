@@ -111,15 +111,16 @@ class CoRun:
         self.stats.policy_us.add((self.clock() - began) * 1e6)
         return plan
 
-    def after_decode(self, runner: Runner | None) -> bool:
+    def after_decode(self, runner: Runner | None, runs: bool | None = None) -> bool:
         """The decode has run: run the open iteration's planned finetune (when it plans any and
-        a job trains); False once the runner is done."""
+        a job trains); False once the runner is done. ``runs``: whether finetune runs now, when
+        another decided it (at TP > 1, rank 0 for every rank); None: this plan's say."""
         it = self._open
         if it is None:
             return runner is not None
         began = self.clock()
         it.forward_s = began - it.start
-        if runner is None or not it.plan.runs_finetune:
+        if runner is None or not (it.plan.runs_finetune if runs is None else runs):
             return runner is not None
 
         def admit(spent_s: float, kind: str, cost: float) -> bool:

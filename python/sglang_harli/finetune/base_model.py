@@ -299,7 +299,7 @@ class BaseModelView:
         model (copies: for tests and tools; a server's view aliases its own shards)."""
         if self.tp is not None:
             raise ValueError("this view is a shard already")
-        local = self.config.sharded(tp.size)
+        self.config.sharded(tp.size)  # raises if the shapes do not split evenly
         rows = {  # [out, in] tensors: column parallel slices rows, row parallel columns
             "q_proj": (tp.slice(self.config.q_size), slice(None)),
             "k_proj": (tp.slice(self.config.kv_size), slice(None)),

@@ -52,9 +52,8 @@ import torch
 from sglang_harli import durable
 from sglang_harli.memory.arena import Arena, Block
 
-from . import graph
+from . import graph, parallel
 from . import ops as ops_mod
-from . import parallel
 from .base_model import BaseModelView
 from .data import Example, PackedBatch, pack
 from .lora import LoraAdapters, LoraConfig, sequence_seed

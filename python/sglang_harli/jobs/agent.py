@@ -84,6 +84,8 @@ class JobLink:
     """A job as its runner sees the agent: signals to read, writes to hand over. Neither reading
     nor submitting waits for anything, so both are safe on the scheduler thread."""
 
+    writes = True  # what is submitted is written (a follower's link drops it)
+
     def __init__(self, agent: JobAgent, job: Job):
         self.job_id = job.id
         self.owner = agent.owner
@@ -149,7 +151,34 @@ class JobLink:
         self._replace([])
 
 
-Builder = Callable[[JobStore, Job, JobLink], Any]
+class FollowerLink:
+    """The link of a tensor-parallel follower's runner (ranks > 0): rank 0 decides and writes
+    for the job (``corun/ranks.py``), so there are no signals to read and what the runner
+    submits is dropped (its snapshot buffers released at once)."""
+
+    writes = False
+    cancel_requested = False
+    lost = False
+    failed: str | None = None
+    store_failing = False
+    stopped = False
+
+    def __init__(self, agent: JobAgent, job: Job):
+        self.job_id, self.owner = job.id, agent.owner
+        self.closed = False
+
+    def submit(self, *rows: JobWrite, files=None, after=None, release=None) -> None:
+        if release is not None:
+            release()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pending(self) -> int:
+        return 0
+
+
+Builder = Callable[..., Any]
 
 
 class JobAgent:
@@ -408,3 +437,55 @@ def _quietly(fn: Callable[[], None]) -> None:
         fn()
     except Exception:  # noqa: BLE001 - clean-ups after a commit are best effort
         logger.exception("clean-up after a job write failed")
+
+
+class FollowerAgent(JobAgent):
+    """The agent of a tensor-parallel rank > 0: it claims nothing and writes nothing; on the
+    scheduler's word it builds a runner of the job rank 0 trains, from the checkpoint rank 0's
+    runner started from (``corun/ranks.py``), on this thread as the leader's agent does."""
+
+    def __init__(self, state_dir: str | Path, build: Builder, config: AgentConfig = AgentConfig()):
+        super().__init__(state_dir, build, config)
+        self._target: tuple[str, int] | None = None  # (job id, step) wanted
+
+    def runner_for(self, job_id: str, step: int) -> Any:
+        """The built runner of ``job_id`` starting at ``step``, or None (then it is built)."""
+        with self._handoff:
+            ready = self._ready
+            if ready is not None and (ready.job.id, ready.started_at_step) == (job_id, step):
+                self._ready = None
+                return ready
+            if self._target != (job_id, step):
+                self._target, self._ready = (job_id, step), None
+        self._wake.set()
+        return None
+
+    def forget(self) -> None:
+        """Rank 0 trains nothing: a runner built meanwhile is not wanted."""
+        with self._handoff:
+            self._target = self._ready = None
+
+    def pump(self) -> None:
+        with self._handoff:
+            target, ready = self._target, self._ready
+        if target is None or ready is not None:
+            return
+        job_id, step = target
+        try:
+            store = self._open()
+            jobs = store.jobs_by_id([job_id])
+            if not jobs:
+                raise LookupError(f"job {job_id} is not in the store")
+            runner = self.build(store, jobs[0], FollowerLink(self, jobs[0]), resume_step=step)
+        except Exception:  # noqa: BLE001 - tried again at the next pass; rank 0's job waits
+            logger.exception("tensor-parallel follower: cannot build job %s's runner", job_id)
+            self._wake.wait(self.config.retry_max_s)
+            return
+        with self._handoff:
+            if self._target == target:
+                self._ready = runner
+
+    def _open(self) -> JobStore:
+        if self._store is None:  # rank 0's agent cleans up; a follower only reads
+            self._store = JobStore(self.state_dir, busy_timeout_ms=self.config.busy_timeout_ms)
+        return self._store

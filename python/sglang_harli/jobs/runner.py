@@ -34,10 +34,12 @@ from typing import Any
 
 import torch
 
+from sglang_harli.corun.ranks import RankSync, Verdict
 from sglang_harli.finetune import graph
 from sglang_harli.finetune.base_model import BaseModelView
 from sglang_harli.finetune.data import Example, load_examples, pack
 from sglang_harli.finetune.lora import LoraAdapters, LoraConfig
+from sglang_harli.finetune.parallel import shard_adapters
 from sglang_harli.finetune.trainer import (
     STATE_FILE,
     STATE_TENSORS,
@@ -139,6 +141,9 @@ class JobRunner:
         self.waiting_for_memory = False  # the last unit found no room in the arena
         # a snapshot copies every adapter and optimizer element: its cost, for the predictor
         self._snapshot_elements = float(3 * sum(p.numel() for p in trainer.adapters.parameters()))
+        # at tensor parallel size > 1: the ranks' one decision before each unit (the scheduler's)
+        self.ranks: RankSync | None = None
+        self.started_at_step = trainer.state.step  # its ranks' runners all start here
 
     # --- start: on the agent's thread --------------------------------------------------------
 
@@ -152,12 +157,17 @@ class JobRunner:
         view: BaseModelView,
         config: RunnerConfig = RunnerConfig(),
         memory: Arena | None = None,
+        resume_step: int | None = None,
     ) -> JobRunner:
         """Everything heavy about starting a job, off the scheduler thread: stale temporary
         files, the tokenized dataset, the adapters, the newest readable checkpoint. ``memory``:
-        the arena its checkpointed activations live in (the scheduler's, used on its thread)."""
+        the arena its checkpointed activations live in (the scheduler's, used on its thread).
+
+        ``resume_step``: a tensor-parallel follower's runner starts where rank 0's did (the
+        checkpoint of that step, or the start at 0); it writes nothing (its link drops it)."""
         job_dir = store.job_dir(job.id)
-        store.clean_job_dir(job.id)  # what a crash of its last owner left
+        if link.writes:
+            store.clean_job_dir(job.id)  # what a crash of its last owner left
         hp = Hyperparameters.from_dict(job.hyperparameters)
         dataset = _examples(store, job, "train")
         validation = _examples(store, job, "validation") if job.validation_file else []
@@ -179,12 +189,17 @@ class JobRunner:
         )
 
         def new_trainer() -> Trainer:
-            adapters = LoraAdapters.create(view.config, lora, view.device)
+            # whole first, then this rank's shards: the same adapters at any TP size
+            adapters = shard_adapters(LoraAdapters.create(view.config, lora, view.device), view.tp)
             return Trainer(view, adapters, dataset, train, memory=memory)
 
         trainer = new_trainer()
         resumed, events = None, []
         checkpoints, _ = store.list_checkpoints(job.id, limit=100)
+        if resume_step is not None:
+            checkpoints = [c for c in checkpoints if c.step == resume_step]
+            if resume_step > 0 and not checkpoints:
+                raise DatasetUnavailable(f"rank 0 resumed from step {resume_step}: not found")
         for checkpoint in checkpoints:  # newest first
             try:
                 trainer.restore(read_checkpoint(checkpoint.path, view.device))
@@ -239,29 +254,32 @@ class JobRunner:
         ``observe(kind, cost, seconds)`` what each took. False once the runner is done.
 
         ``spent_s`` is exactly 0 before the first unit of the call, then the time since it began.
+        With :attr:`ranks` (tensor parallel size > 1) rank 0's verdict before each unit is every
+        rank's (``corun/ranks.py``): followers neither admit nor read the job's signals.
         """
         try:
             start, ran = time.perf_counter(), False
             while True:
                 if self._done:
                     return False
-                if self.link.stopped:  # lost to another server, or failed by the agent
+                unit = self._next_unit()
+                verdict = self._verdict(unit, admit, time.perf_counter() - start if ran else 0.0)
+                if self.ranks is not None:
+                    verdict = self.ranks.unit(verdict, None if unit is None else unit[0])
+                if verdict == Verdict.DROP:  # lost to another server, or failed by the agent
                     self.trainer.abandon_step()
                     self._drop_encoding()
                     self._done = True
                     self.link.close()
                     return False
-                if self.link.cancel_requested:
+                if verdict == Verdict.CANCEL:
                     self._end(JobStatus.CANCELLED, "Job cancelled")
                     return False
-                if self.link.store_failing:
-                    return True  # paused: decode goes on, the writes wait for the store
-                unit = self._next_unit()
-                if unit is None:
-                    return not self._done  # nothing to do before the next slice, or done
-                kind, cost, run = unit
-                if not admit(time.perf_counter() - start if ran else 0.0, kind, cost):
+                if verdict != Verdict.RUN:
+                    # paused (decode goes on, the writes wait for the store), nothing to do
+                    # before the next slice, or the slice is spent
                     return True
+                kind, cost, run = unit
                 began, ran = time.perf_counter(), True
                 try:
                     run()
@@ -279,6 +297,21 @@ class JobRunner:
                 {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}"},
             )
             return False
+
+    def _verdict(self, unit, admit: Admit, spent_s: float) -> Verdict:
+        """This rank's say on the next unit; a follower only says whether it has one."""
+        if self.ranks is not None and not self.ranks.leader:
+            return Verdict.WAIT if unit is None else Verdict.RUN
+        if self.link.stopped:
+            return Verdict.DROP
+        if self.link.cancel_requested:
+            return Verdict.CANCEL
+        if self.link.store_failing:
+            return Verdict.PAUSE
+        if unit is None:
+            return Verdict.WAIT
+        kind, cost, _ = unit
+        return Verdict.RUN if admit(spent_s, kind, cost) else Verdict.STOP
 
     def memory_status(self) -> dict[str, Any]:
         """How this job uses the arena (``Trainer.memory``)."""

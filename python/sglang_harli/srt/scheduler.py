@@ -44,8 +44,10 @@ from sglang_harli.config import HarliConfig
 from sglang_harli.corun.controller import CoRun
 from sglang_harli.corun.policy import make_policy
 from sglang_harli.corun.predictor import MIN_SAMPLES, Predictor, ProfileKey, load_profile
+from sglang_harli.corun.ranks import JobKey, RankSync
 from sglang_harli.corun.stats import DecodeStats, HookStats
-from sglang_harli.jobs.agent import AgentConfig, JobAgent
+from sglang_harli.finetune.parallel import TensorParallel
+from sglang_harli.jobs.agent import AgentConfig, FollowerAgent, JobAgent
 from sglang_harli.jobs.runner import JobRunner, RunnerConfig
 from sglang_harli.memory.arena import Arena
 from sglang_harli.srt.kv_lender import KVLender, LendConfig, account_lent_slots
@@ -73,9 +75,17 @@ class HarliScheduler(Scheduler):
         self.harli_arena, self.harli_lender = self._harli_memory(harli_config)
         self.harli_corun = CoRun(self._harli_policy(harli_config))
         self.harli_metrics = harli_metrics(self)  # None without --enable-metrics
+        # TP > 1: each rank trains its shard; rank 0 decides for all (corun/ranks.py)
+        tp = None
+        self.harli_ranks: RankSync | None = None
+        group = self.tp_group
+        if group.world_size > 1:
+            tp = TensorParallel(group.rank_in_group, group.world_size, group.device_group)
+            self.harli_ranks = RankSync(group.rank_in_group, group.world_size, group.cpu_group)
+        self._harli_lead_trains = False  # at the last hook, rank 0 held a job
         build = functools.partial(
             JobRunner.build,
-            view=base_model_view(self.tp_worker.model_runner.model),
+            view=base_model_view(self.tp_worker.model_runner.model, tp),
             config=RunnerConfig(
                 checkpoint_every=harli_config.checkpoint_every,
                 keep_checkpoints=harli_config.keep_checkpoints,
@@ -86,7 +96,8 @@ class HarliScheduler(Scheduler):
         )
         # Jobs are claimed only by a server of the model they were created for.
         agent_config = AgentConfig(model=served_model_name(self.server_args))
-        self.harli_agent = JobAgent(harli_config.state_dir, build, agent_config).start()
+        agent = JobAgent if group.rank_in_group == 0 else FollowerAgent
+        self.harli_agent = agent(harli_config.state_dir, build, agent_config).start()
         logger.info(
             "Harli scheduler active (mode %s, job store %s, owner %s)",
             harli_config.mode,
@@ -98,6 +109,14 @@ class HarliScheduler(Scheduler):
         """The arena the job's activations live in: lent KV slots and a fixed reserve. With
         neither, no arena: the job allocates ordinary memory as it needs."""
         if config.max_lend_fraction == 0 and config.reserve_mb == 0:
+            return None, None
+        if self.tp_group.world_size > 1:
+            # every rank would lend its own pool's slots; until the ranks agree on leases and
+            # reclaims (as they do on units), their memory waits could differ: no arena
+            logger.warning(
+                "Harli: KV lending and --harli-reserve-mb are off at --tp-size > 1; the job's "
+                "activations use ordinary memory"
+            )
             return None, None
         arena = Arena(poison=config.arena_poison)
         if config.reserve_mb > 0:
@@ -208,14 +227,19 @@ class HarliScheduler(Scheduler):
             if self.harli_metrics is not None:
                 self.harli_metrics.update(self.harli_corun)
         result = super().run_batch(batch, pp_proxy_tensors)
-        if not plan.runs_finetune:
+        runs = plan.runs_finetune
+        if self.harli_ranks is not None:  # every rank asks, whatever its own plan says
+            runner = self._harli_agreed_runner(runs)
+            runs = runner is not None
+        elif runs:
+            runner = self._harli_take_runner()
+        if not runs:
             self.harli_corun.after_decode(None)  # the decode's end, measured
             return result
-        runner = self._harli_take_runner()
         self._harli_lend(runner)
         with self.harli_stats.timed("finetune_slice", overhead=False):
             with torch.inference_mode(False), torch.enable_grad():
-                still_running = self.harli_corun.after_decode(runner)
+                still_running = self.harli_corun.after_decode(runner, runs=True)
             self._harli_keep(runner, still_running)
         return result
 
@@ -223,7 +247,10 @@ class HarliScheduler(Scheduler):
         with self.harli_stats.timed("idle"):
             self.harli_corun.interrupt()
         if self.is_fully_idle():
-            runner = self._harli_take_runner()
+            if self.harli_ranks is not None:
+                runner = self._harli_agreed_runner(True)
+            else:
+                runner = self._harli_take_runner()
             self._harli_lend(runner)
             with self.harli_stats.timed("finetune_quantum", overhead=False):
                 if runner is not None:
@@ -238,7 +265,10 @@ class HarliScheduler(Scheduler):
         # While a job trains, idle passes are its quanta; a paused job (the store does not
         # answer) lets SGLang sleep until a request comes, rather than spin.
         runner = self._harli_runner
-        if runner is None or runner.paused:
+        if self.harli_ranks is not None and not self.harli_ranks.leader:
+            if not self._harli_lead_trains:  # a follower keeps pace with rank 0's quanta
+                super().maybe_sleep_on_idle()
+        elif runner is None or runner.paused:
             super().maybe_sleep_on_idle()
 
     def _harli_take_runner(self) -> JobRunner | None:
@@ -247,8 +277,35 @@ class HarliScheduler(Scheduler):
         if self._harli_runner is None:
             self._harli_runner = self.harli_agent.take_runner()
             if self._harli_runner is not None:
+                self._harli_runner.ranks = self.harli_ranks
                 logger.info("fine-tuning job %s starts", self._harli_runner.job.id)
         return self._harli_runner
+
+    def _harli_agreed_runner(self, wants: bool) -> JobRunner | None:
+        """TP > 1, at a hook that may train, on every rank: this rank's runner if rank 0 wants
+        finetune now and all ranks hold a runner of its job (one exchange, ``corun/ranks.py``);
+        a follower without one has its agent build it meanwhile."""
+        ranks = self.harli_ranks
+        runner = self._harli_take_runner() if ranks.leader else self._harli_runner
+        held = None if runner is None else JobKey(runner.job.id, runner.started_at_step)
+        with self.harli_stats.timed("tp_sync"):
+            go, lead = ranks.hook(wants, held)
+        self._harli_lead_trains = lead is not None
+        if ranks.leader or held == lead:
+            return runner if go else None
+        # a follower: rank 0 trains another job, or none
+        if runner is not None:
+            logger.info("fine-tuning job %s: rank 0 no longer trains it", runner.job.id)
+            self._harli_runner = None
+        if lead is None:
+            self.harli_agent.forget()
+            return None
+        built = self.harli_agent.runner_for(lead.job_id, lead.step)
+        if built is not None:
+            built.ranks = ranks
+            self._harli_runner = built
+            logger.info("fine-tuning job %s: rank %d's shard ready", lead.job_id, ranks.rank)
+        return None  # it trains from the next hook, once every rank has said so
 
     def _harli_keep(self, runner: JobRunner | None, still_running: bool) -> None:
         if self.harli_lender is not None:
@@ -292,6 +349,13 @@ class HarliScheduler(Scheduler):
             "corun": self.harli_corun.to_dict(),
             "samples": self.harli_corun.samples(),
             "memory": self._harli_memory_status(runner),
+            "tensor_parallel": None
+            if self.harli_ranks is None
+            else {
+                "rank": self.harli_ranks.rank,
+                "size": self.harli_ranks.size,
+                "exchanges": self.harli_ranks.exchanges,
+            },
             **self.harli_stats.to_dict(),
         }
         return output

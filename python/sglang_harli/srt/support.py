@@ -38,9 +38,10 @@ def check_server_args(server_args) -> None:
         "the gRPC server (--smg-grpc-mode/--grpc-mode)": server_args.smg_grpc_mode
         or server_args.grpc_mode,
         "Ray launch (--use-ray)": server_args.use_ray,
-        # the engine trains on whole (unsharded) weights, and SGLang loads adapters at DP 1 only
-        "tensor, pipeline or data parallelism (--tp-size/--pp-size/--dp-size > 1)": max(
-            server_args.tp_size, server_args.pp_size, server_args.dp_size
+        # the engine trains on tensor-parallel shards; a pipeline stage or a data-parallel
+        # replica would hold a part of the model or of the requests the job knows nothing of
+        "pipeline or data parallelism (--pp-size/--dp-size > 1)": max(
+            server_args.pp_size, server_args.dp_size
         )
         > 1,
         # the fine-tuning API lives on the main process's app; extra tokenizer workers serve
@@ -54,10 +55,10 @@ def check_server_args(server_args) -> None:
             raise UnsupportedConfigError(
                 f"sglang-harli does not support {what}; run with --harli-mode off for plain SGLang"
             )
-    check_architecture(server_args.model_path, server_args.trust_remote_code)
+    check_architecture(server_args.model_path, server_args.trust_remote_code, server_args.tp_size)
 
 
-def check_architecture(model_path: str, trust_remote_code: bool = False) -> None:
+def check_architecture(model_path: str, trust_remote_code: bool = False, tp_size: int = 1) -> None:
     from transformers import AutoConfig
 
     try:
@@ -78,3 +79,13 @@ def check_architecture(model_path: str, trust_remote_code: bool = False) -> None
             f"{model_path} uses sliding-window attention, which needs SGLang's hybrid KV pool; "
             "sglang-harli supports full attention only. Run with --harli-mode off for plain SGLang"
         )
+    if tp_size > 1:
+        from sglang_harli.finetune.base_model import ModelConfig
+
+        try:
+            ModelConfig.from_hf_config(config).sharded(tp_size)
+        except ValueError as exc:  # SGLang would replicate KV heads: no shard to train on
+            raise UnsupportedConfigError(
+                f"{model_path} cannot be trained at --tp-size {tp_size}: {exc}. Choose a TP size "
+                "that divides them, or run with --harli-mode off for plain SGLang"
+            ) from exc
