@@ -124,6 +124,8 @@ class CoRun:
             return runner is not None
 
         def admit(spent_s: float, kind: str, cost: float) -> bool:
+            if not it.plan.runs_finetune:  # entered on another's word (TP): none of its units
+                return False
             elapsed = self.clock() - it.start
             if not self.policy.admit(it.plan, spent_s, kind, cost, elapsed):
                 return False

@@ -8,20 +8,23 @@ and built on one thread, a cancel flag read from the store, a store that stops a
 
 So those are decided once, by rank 0, and every rank acts on the same table. SGLang's TP ranks
 already run their event loops in lockstep (each loop pass starts with rank 0's requests
-broadcast to all), so each hook that may train, on every rank at the same pass, does one
-:meth:`RankSync.table` exchange (an ``all_gather`` of a few integers over SGLang's CPU group):
+broadcast to all), so the hooks that may train (a decode iteration, an idle pass) are called
+the same number of times on every rank, in the same order. On that shared count:
 
-- **the hook** (:meth:`RankSync.hook`): rank 0 says whether its plan runs finetune now and which
-  job (id and the step its runner starts from) it trains; the others say which runner they hold.
-  Finetune runs only if rank 0 wants it and every rank holds a runner of that job at that step;
-  a rank that does not yet builds one (its agent, off the scheduler thread) while the others
-  wait, serving as usual.
-- **each unit** (:meth:`RankSync.unit`): before every work unit rank 0 gives its verdict (run,
-  stop the slice, pause, cancel, drop the job) and each rank the kind of its own next unit. All
-  take rank 0's verdict; if any rank has no unit ready all wait; if the kinds differ the job
-  fails on every rank (a bug, said loudly, never a hang).
+- **which job** (:meth:`RankSync.agree_runner`): while no job is agreed, every ``POLL_EVERY``-th
+  hook is a poll: one :meth:`RankSync.table` exchange (an ``all_gather`` of a few integers over
+  SGLang's CPU group) of the runner each rank holds (job id, and the step it starts from). A
+  follower not holding rank 0's job has its agent build that job's runner (off the scheduler
+  thread) meanwhile; once every rank holds it, it is the agreed job, on every rank at once. Other
+  hooks cost nothing: the price of waiting for a job is one exchange per ``POLL_EVERY`` hooks.
+- **each unit** (:meth:`RankSync.unit`): while a job is agreed, every rank enters the job's
+  slice at every hook, and before each unit rank 0 gives its verdict (run, stop: its plan wants
+  no finetune now or the slice is spent, pause, cancel, drop the job) and each rank the kind of
+  its own next unit. All take rank 0's verdict; if any rank has no unit ready all wait; if the
+  kinds differ the job fails on every rank (a bug, said loudly, never a hang). The runner ends
+  on the same unit everywhere, and with it the agreement.
 
-Because every rank computes the outcome from the same gathered table, no rank's local timing
+Because every rank computes the outcome from the same gathered tables, no rank's local timing
 or state can make it enter a collective the others skip. No SGLang here: ``group`` is any
 ``torch.distributed`` group (SGLang's TP CPU group in a server).
 """
@@ -63,9 +66,14 @@ class RankDivergence(RuntimeError):
 
 
 class RankSync:
+    POLL_EVERY = 16  # hooks between polls while no job is agreed
+
     def __init__(self, rank: int, size: int, group: Any = None):
         self.rank, self.size, self.group = rank, size, group
         self.exchanges = 0
+        self.agreed: JobKey | None = None  # the job every rank holds a runner of
+        self.lead_holds = False  # at the last poll, rank 0 held a job
+        self._hooks = 0
 
     @property
     def leader(self) -> bool:
@@ -79,14 +87,34 @@ class RankSync:
         self.exchanges += 1
         return torch.stack(rows)
 
-    def hook(self, wants: bool, held: JobKey | None) -> tuple[bool, JobKey | None]:
-        """At a hook that may train: ``wants`` (rank 0's plan runs finetune) and the runner this
-        rank holds. Returns (train now, rank 0's job); a follower holding no runner of rank 0's
-        job builds one."""
-        table = self.table([int(wants), *_encode(held)]).tolist()
-        lead = _decode(table[0][1:])
-        together = lead is not None and all(_decode(row[1:]) == lead for row in table)
-        return bool(table[0][0]) and together, lead
+    def agree_runner(self, runner: Any, agent: Any) -> tuple[Any, bool]:
+        """At a hook that may train, on every rank: ``runner`` is the one this rank holds (a
+        ``jobs.runner.JobRunner``), ``agent`` a follower's ``jobs.agent.FollowerAgent``.
+        Returns (the runner this rank holds now, whether it enters the job's slice: then rank
+        0's verdicts decide each unit, :meth:`unit`)."""
+        self._hooks += 1
+        held = None if runner is None else JobKey(runner.job.id, runner.started_at_step)
+        if self.agreed is not None:
+            if held == self.agreed:
+                return runner, True
+            self.agreed = None  # its runner ended, on the same unit on every rank
+        if self._hooks % self.POLL_EVERY:
+            return runner, False
+        table = self.table(_encode(held)).tolist()
+        lead = _decode(table[0])
+        self.lead_holds = lead is not None
+        if lead is not None and all(_decode(row) == lead for row in table):
+            self.agreed = lead
+            return runner, True
+        if self.leader or held == lead:
+            return runner, False
+        if lead is None:  # a follower's runner of a job rank 0 no longer trains
+            agent.forget()
+            return None, False
+        built = agent.runner_for(lead.job_id, lead.step)
+        if built is not None:
+            built.ranks = self
+        return built, False
 
     def unit(self, verdict: Verdict, kind: str | None) -> Verdict:
         """Before a unit: this rank's verdict and next unit kind -> the verdict all act on."""

@@ -44,7 +44,7 @@ from sglang_harli.config import HarliConfig
 from sglang_harli.corun.controller import CoRun
 from sglang_harli.corun.policy import make_policy
 from sglang_harli.corun.predictor import MIN_SAMPLES, Predictor, ProfileKey, load_profile
-from sglang_harli.corun.ranks import JobKey, RankSync
+from sglang_harli.corun.ranks import RankSync
 from sglang_harli.corun.stats import DecodeStats, HookStats
 from sglang_harli.finetune.parallel import TensorParallel
 from sglang_harli.jobs.agent import AgentConfig, FollowerAgent, JobAgent
@@ -82,7 +82,6 @@ class HarliScheduler(Scheduler):
         if group.world_size > 1:
             tp = TensorParallel(group.rank_in_group, group.world_size, group.device_group)
             self.harli_ranks = RankSync(group.rank_in_group, group.world_size, group.cpu_group)
-        self._harli_lead_trains = False  # at the last hook, rank 0 held a job
         build = functools.partial(
             JobRunner.build,
             view=base_model_view(self.tp_worker.model_runner.model, tp),
@@ -228,8 +227,10 @@ class HarliScheduler(Scheduler):
                 self.harli_metrics.update(self.harli_corun)
         result = super().run_batch(batch, pp_proxy_tensors)
         runs = plan.runs_finetune
-        if self.harli_ranks is not None:  # every rank asks, whatever its own plan says
-            runner = self._harli_agreed_runner(runs)
+        if self.harli_ranks is not None:
+            # every rank enters the agreed job's slice, whatever its own plan: rank 0's plan
+            # decides its units there (its verdict stops the slice when its plan runs none)
+            runner = self._harli_agreed_runner()
             runs = runner is not None
         elif runs:
             runner = self._harli_take_runner()
@@ -248,7 +249,7 @@ class HarliScheduler(Scheduler):
             self.harli_corun.interrupt()
         if self.is_fully_idle():
             if self.harli_ranks is not None:
-                runner = self._harli_agreed_runner(True)
+                runner = self._harli_agreed_runner()
             else:
                 runner = self._harli_take_runner()
             self._harli_lend(runner)
@@ -265,8 +266,9 @@ class HarliScheduler(Scheduler):
         # While a job trains, idle passes are its quanta; a paused job (the store does not
         # answer) lets SGLang sleep until a request comes, rather than spin.
         runner = self._harli_runner
-        if self.harli_ranks is not None and not self.harli_ranks.leader:
-            if not self._harli_lead_trains:  # a follower keeps pace with rank 0's quanta
+        ranks = self.harli_ranks
+        if ranks is not None and not ranks.leader:
+            if ranks.agreed is None and not ranks.lead_holds:  # else keep pace with rank 0
                 super().maybe_sleep_on_idle()
         elif runner is None or runner.paused:
             super().maybe_sleep_on_idle()
@@ -281,31 +283,21 @@ class HarliScheduler(Scheduler):
                 logger.info("fine-tuning job %s starts", self._harli_runner.job.id)
         return self._harli_runner
 
-    def _harli_agreed_runner(self, wants: bool) -> JobRunner | None:
-        """TP > 1, at a hook that may train, on every rank: this rank's runner if rank 0 wants
-        finetune now and all ranks hold a runner of its job (one exchange, ``corun/ranks.py``);
-        a follower without one has its agent build it meanwhile."""
+    def _harli_agreed_runner(self) -> JobRunner | None:
+        """TP > 1, at a hook that may train, on every rank: this rank's runner if every rank
+        holds one of rank 0's job; then each unit is rank 0's verdict (``corun/ranks.py``). A
+        follower without one has its agent build it meanwhile."""
         ranks = self.harli_ranks
         runner = self._harli_take_runner() if ranks.leader else self._harli_runner
-        held = None if runner is None else JobKey(runner.job.id, runner.started_at_step)
         with self.harli_stats.timed("tp_sync"):
-            go, lead = ranks.hook(wants, held)
-        self._harli_lead_trains = lead is not None
-        if ranks.leader or held == lead:
-            return runner if go else None
-        # a follower: rank 0 trains another job, or none
-        if runner is not None:
-            logger.info("fine-tuning job %s: rank 0 no longer trains it", runner.job.id)
-            self._harli_runner = None
-        if lead is None:
-            self.harli_agent.forget()
-            return None
-        built = self.harli_agent.runner_for(lead.job_id, lead.step)
-        if built is not None:
-            built.ranks = ranks
-            self._harli_runner = built
-            logger.info("fine-tuning job %s: rank %d's shard ready", lead.job_id, ranks.rank)
-        return None  # it trains from the next hook, once every rank has said so
+            held, agreed = ranks.agree_runner(runner, self.harli_agent)
+        if held is not runner:
+            if runner is not None:
+                logger.info("fine-tuning job %s: rank 0 trains another job", runner.job.id)
+            if held is not None:
+                logger.info("fine-tuning job %s: rank %d's shard ready", held.job.id, ranks.rank)
+            self._harli_runner = held
+        return held if agreed else None
 
     def _harli_keep(self, runner: JobRunner | None, still_running: bool) -> None:
         if self.harli_lender is not None:
