@@ -57,10 +57,19 @@ def test_speculative_decoding_is_refused(tiny_model_dir):
     assert "speculative decoding" in result.stderr
 
 
-def test_parallelism_is_refused(tiny_model_dir):
-    result = launch("--model-path", str(tiny_model_dir), "--tp-size", "2")
+def test_pipeline_and_data_parallelism_are_refused(tiny_model_dir):
+    for flag in ("--pp-size", "--dp-size"):
+        result = launch("--model-path", str(tiny_model_dir), flag, "2")
+        assert result.returncode == 2
+        assert "pipeline or data parallelism" in result.stderr
+
+
+def test_a_tp_size_that_does_not_split_the_heads_is_refused(tiny_model_dir):
+    # the tiny model has 4 heads and 2 KV heads: SGLang would replicate KV heads at TP 4
+    result = launch("--model-path", str(tiny_model_dir), "--tp-size", "4")
     assert result.returncode == 2
-    assert "tensor, pipeline or data parallelism" in result.stderr
+    assert "cannot be trained at --tp-size 4" in result.stderr
+    assert "2 KV heads do not split evenly over 4" in result.stderr
 
 
 def test_help_shows_sglang_and_harli_flags():
@@ -87,6 +96,6 @@ def test_our_log_lines_follow_sglangs_log_level(tiny_model_dir, level, shown):
     if cpu.cuda_available():
         pytest.skip("the line checked is the CPU recipe's, logged only without a GPU")
     # refused after the launcher logged what it applied: quick, and starts nothing
-    result = launch("--model-path", str(tiny_model_dir), "--tp-size", "2", "--log-level", level)
+    result = launch("--model-path", str(tiny_model_dir), "--pp-size", "2", "--log-level", level)
     assert result.returncode == 2
     assert ("running SGLang on the CPU" in result.stderr) is shown

@@ -403,21 +403,26 @@ class Trainer:
         """Resume from :func:`read_checkpoint` output; raises (changing nothing the next
         restore would not replace) if it does not fit these adapters."""
         self.abandon_step()
-        if self.view.tp is not None:  # a checkpoint is whole: this rank takes its shards
-            saved = self._shards_of(saved)
+        # this rank's shards of a whole checkpoint, or copies: AdamW's load_state_dict keeps
+        # the very tensors it is given and updates them in place, which would change `saved`
+        saved = self._shards_of(saved)
         self.adapters.load_state_dict(saved["adapters"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.state = TrainerState(**saved["state"])
 
     def _shards_of(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """This rank's part of a whole checkpoint (whatever TP size wrote it)."""
+        """This rank's part of a whole checkpoint (whatever TP size wrote it), in new tensors."""
         tp, names = self.view.tp, [name for name, _ in self.adapters.named_parameters()]
-        adapters = {k: parallel.shard_tensor(k, t, tp) for k, t in saved["adapters"].items()}
+
+        def part(name: str, t: torch.Tensor) -> torch.Tensor:
+            return t.clone() if tp is None else parallel.shard_tensor(name, t, tp)
+
+        adapters = {k: part(k, t) for k, t in saved["adapters"].items()}
         state = {
             index: {
-                k: parallel.shard_tensor(names[int(index)], v, tp)
+                k: part(names[int(index)], v)
                 if isinstance(v, torch.Tensor) and v.dim() > 0
-                else v
+                else _detach(v)
                 for k, v in entry.items()
             }
             for index, entry in saved["optimizer"]["state"].items()

@@ -32,9 +32,19 @@ class Run:
     adapters: dict[str, torch.Tensor]  # whole (gathered) after the last step
     resumed_losses: list[float]  # steps 2.. again, from the whole checkpoint after step 1
     valid_loss: float
+    checkpoint: dict  # the whole checkpoint after step 1
+    resumed_from_given: list[float] | None  # steps 2.. from another run's checkpoint
 
 
-def train(view: BaseModelView) -> Run:
+def resume(view: BaseModelView, checkpoint: dict) -> list[float]:
+    examples = random_examples(8, view.config.vocab_size, seed=5)
+    adapters = shard_adapters(LoraAdapters.create(view.config, LORA), view.tp)
+    trainer = Trainer(view, adapters, examples, TRAIN)
+    trainer.restore(checkpoint)
+    return [trainer.run_step().loss for _ in range(STEPS - 1)]
+
+
+def train(view: BaseModelView, given: dict | None = None) -> Run:
     examples = random_examples(8, view.config.vocab_size, seed=5)
     adapters = shard_adapters(LoraAdapters.create(view.config, LORA), view.tp)
     trainer = Trainer(view, adapters, examples, TRAIN)
@@ -44,11 +54,7 @@ def train(view: BaseModelView) -> Run:
     rest = [trainer.run_step() for _ in range(STEPS - 1)]
     results = [first, *rest]
     whole = trainer.snapshot().adapters
-    again = Trainer(
-        view, shard_adapters(LoraAdapters.create(view.config, LORA), view.tp), examples, TRAIN
-    )
-    again.restore(checkpoint)
-    resumed = [again.run_step().loss for _ in range(STEPS - 1)]
+    resumed = resume(view, checkpoint)
     from sglang_harli.finetune import graph, pack
 
     batch = pack(examples[:3])
@@ -60,16 +66,18 @@ def train(view: BaseModelView) -> Run:
         {k: v.clone() for k, v in whole.items()},
         resumed,
         valid,
+        checkpoint,
+        None if given is None else resume(view, given),
     )
 
 
-def _rank(rank: int, model_dir: str, store: str, out: str) -> None:
+def _rank(rank: int, model_dir: str, store: str, out: str, given: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=TP)
     try:
         tp = TensorParallel(rank, TP)
         view = BaseModelView.from_hf(load_hf(model_dir)).shard(tp)
-        run = train(view)
+        run = train(view, torch.load(given))
         if rank == 0:
             torch.save(dataclasses.asdict(run), out)
     finally:
@@ -78,15 +86,20 @@ def _rank(rank: int, model_dir: str, store: str, out: str) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases sliced
 def test_tp2_trains_as_tp1(arch, model_dirs, tmp_path):
+    tp1 = dataclasses.asdict(train(BaseModelView.from_hf(load_hf(model_dirs[arch]))))
+    given = tmp_path / "tp1-checkpoint.pt"
+    torch.save(tp1["checkpoint"], given)
     out = tmp_path / "tp2.pt"
     mp.spawn(
         _rank,
-        args=(str(model_dirs[arch]), str(tmp_path / "store"), str(out)),
+        args=(str(model_dirs[arch]), str(tmp_path / "store"), str(out), str(given)),
         nprocs=TP,
         join=True,
     )
     tp2 = torch.load(out)
-    tp1 = dataclasses.asdict(train(BaseModelView.from_hf(load_hf(model_dirs[arch]))))
+    # a checkpoint is whole at any TP size: TP 2 resumes TP 1's, as TP 1 does
+    assert tp2["resumed_from_given"] == pytest.approx(tp1["resumed_losses"], rel=LOSS_RTOL)
+    assert tp2["checkpoint"]["adapters"].keys() == tp1["checkpoint"]["adapters"].keys()
 
     for key in ("losses", "grad_norms", "resumed_losses"):
         assert tp2[key] == pytest.approx(tp1[key], rel=LOSS_RTOL), key
