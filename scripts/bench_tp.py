@@ -100,7 +100,7 @@ def harli_at(model: Path, tp: int, objective_ms: float, args, workdir: Path) -> 
         server.wait_ready()
         stream_load(server.url, 3.0, args.streams)  # warm-up
         alone = measured(server, args.streams, args.seconds)
-        (workdir / f"job-tp{tp}").mkdir()
+        (workdir / f"job-tp{tp}").mkdir(exist_ok=True)
         job = start_training(server, str(model), workdir / f"job-tp{tp}")
         stream_load(server.url, 3.0, args.streams)  # the predictor learns this load's shape
         retractions: list[int] = []
@@ -128,11 +128,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--workdir", type=Path, help="keep the servers' logs and state here")
     args = parser.parse_args()
     model = ensure_tiny_model()
     report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "tp": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for tp in args.tp:
             gap_s = plain_gap_s(model, tp, args.streams, args.seconds, workdir)
             objective_ms = 2 * gap_s * 1e3

@@ -266,14 +266,8 @@ class JobRunner:
                 verdict = self._verdict(unit, admit, time.perf_counter() - start if ran else 0.0)
                 if self.ranks is not None:
                     verdict = self.ranks.unit(verdict, None if unit is None else unit[0])
-                if verdict == Verdict.DROP:  # lost to another server, or failed by the agent
-                    self.trainer.abandon_step()
-                    self._drop_encoding()
-                    self._done = True
-                    self.link.close()
-                    return False
-                if verdict == Verdict.CANCEL:
-                    self._end(JobStatus.CANCELLED, "Job cancelled")
+                if verdict in (Verdict.DROP, Verdict.CANCEL):
+                    self._stop(verdict)
                     return False
                 if verdict != Verdict.RUN:
                     # paused (decode goes on, the writes wait for the store), nothing to do
@@ -297,6 +291,25 @@ class JobRunner:
                 {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}"},
             )
             return False
+
+    def end_if_stopped(self) -> bool:
+        """Rank 0, before its ranks agree on this job (TP > 1): no unit has run, so none waits
+        for it, and a cancelled or lost job ends here alone; True if it ended."""
+        verdict = self._verdict(None, lambda *_: False, 0.0)
+        if verdict not in (Verdict.DROP, Verdict.CANCEL):
+            return False
+        self._stop(verdict)
+        return True
+
+    def _stop(self, verdict: Verdict) -> None:
+        if verdict == Verdict.CANCEL:
+            self._end(JobStatus.CANCELLED, "Job cancelled")
+            return
+        # lost to another server, or failed by the agent: drop it, writing nothing
+        self.trainer.abandon_step()
+        self._drop_encoding()
+        self._done = True
+        self.link.close()
 
     def _verdict(self, unit, admit: Admit, spent_s: float) -> Verdict:
         """This rank's say on the next unit; a follower only says whether it has one."""

@@ -90,6 +90,17 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+def _own_alias(t: torch.Tensor) -> torch.Tensor:
+    """The memory of ``t`` in a tensor of its own: a view would share the version counter of
+    the whole lent buffer, so the owner's in-place writes elsewhere in it (SGLang storing a
+    decode step's KV in other slots) would look to autograd like writes to this block, and the
+    backward of a graph that saved the block would refuse to run."""
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    with torch.no_grad():
+        alias.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+    return alias
+
+
 class Arena:
     def __init__(self, *, align: int = ALIGN, poison: bool = False):
         if align < 1 or align & (align - 1):
@@ -181,7 +192,7 @@ class Arena:
             span = start - offset + max(1, nbytes)  # an empty tensor still takes a byte
             if span > size:
                 continue
-            view = chunk.storage[start : start + nbytes].view(dtype).view(tuple(shape))
+            view = _own_alias(chunk.storage[start : start + nbytes].view(dtype).view(tuple(shape)))
             rest = [(offset + span, size - span)] if size > span else []
             chunk.free[k : k + 1] = rest  # only once the view exists: a failure loses nothing
             # the padding in front of `start` stays with the block: freed together

@@ -291,8 +291,10 @@ class HarliScheduler(Scheduler):
         runner = self._harli_take_runner() if ranks.leader else self._harli_runner
         with self.harli_stats.timed("tp_sync"):
             held, agreed = ranks.agree_runner(runner, self.harli_agent)
+        if ranks.leader and held is not None and not agreed and held.end_if_stopped():
+            held = None  # cancelled or lost while the followers were still building theirs
         if held is not runner:
-            if runner is not None:
+            if runner is not None and not ranks.leader:
                 logger.info("fine-tuning job %s: rank 0 trains another job", runner.job.id)
             if held is not None:
                 logger.info("fine-tuning job %s: rank %d's shard ready", held.job.id, ranks.rank)

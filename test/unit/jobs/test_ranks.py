@@ -36,7 +36,13 @@ TP = 2
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 
 
-def _rank(rank: int, state_dir: str, out: str, follower_checkpoint_every: int) -> None:
+def _unbuildable(*args, **kwargs):
+    raise OSError("this rank cannot read the job's files")
+
+
+def _rank(rank: int, state_dir: str, out: str, follower_checkpoint_every: int | None) -> None:
+    """``follower_checkpoint_every`` None: rank 1 cannot build the job's runner at all, and the
+    job is cancelled while rank 0 waits for it."""
     import transformers
 
     torch.set_num_threads(1)
@@ -57,18 +63,28 @@ def _rank(rank: int, state_dir: str, out: str, follower_checkpoint_every: int) -
             JobRunner.build, view=view, config=RunnerConfig(checkpoint_every=every)
         )
         config = AgentConfig(model=MODEL, poll_s=0.0, tick_s=0.0)
+        if rank > 0 and follower_checkpoint_every is None:
+            build = _unbuildable
         agent = (JobAgent if rank == 0 else FollowerAgent)(state_dir, build, config).start()
         ranks = RankSync(rank, TP)
         rng = random.Random(rank)
-        runner, units, hooks, ended = None, [], 0, None
+        runner, units, hooks, ended, job_id = None, [], 0, None, None
         deadline = time.monotonic() + 120
-        while ended is None and time.monotonic() < deadline:
+        # every rank leaves the loop at the same hook: when the job ends (on the same unit
+        # everywhere), or after a fixed count when rank 1 cannot build it
+        cannot_build = follower_checkpoint_every is None
+        while time.monotonic() < deadline and (hooks < 400 if cannot_build else ended is None):
             hooks += 1
             if rank == 0 and runner is None:
                 runner = agent.take_runner()
                 if runner is not None:
-                    runner.ranks = ranks
+                    runner.ranks, job_id = ranks, runner.job.id
             runner, go = ranks.agree_runner(runner, agent)
+            if rank == 0 and runner is not None and not go:
+                if cannot_build and hooks >= 200 and not runner.link.cancel_requested:
+                    JobStore(state_dir).request_cancel(runner.job.id)  # the agent reads it
+                if runner.end_if_stopped():  # as the scheduler does before an agreement
+                    ended, runner = runner.trainer.state.step, None
             if not go:
                 time.sleep(0.001)
                 continue
@@ -87,7 +103,6 @@ def _rank(rank: int, state_dir: str, out: str, follower_checkpoint_every: int) -
             if not runner.run_planned(admit, observe):
                 ended = runner.trainer.state.step
         if rank == 0:  # its agent's thread writes the job's end: let it
-            job_id = runner.job.id if runner is not None else None
             store = JobStore(state_dir)
             while job_id and time.monotonic() < deadline and not finished(store.get_job(job_id)):
                 time.sleep(0.05)
@@ -124,3 +139,9 @@ def test_ranks_whose_units_differ_fail_the_job_on_both_without_hanging(tmp_path)
     assert job.status == "failed"
     assert "ranks diverged" in job.error["message"]
     assert all(r["ended_at_step"] == 2 for r in ranks)
+
+
+def test_a_job_a_follower_cannot_build_waits_and_is_cancelled_on_rank_0_alone(tmp_path):
+    job, ranks = run_ranks(tmp_path, follower_checkpoint_every=None)
+    assert job.status == "cancelled"
+    assert ranks[0]["ended_at_step"] == 0 and ranks[0]["units"] == ranks[1]["units"] == []

@@ -126,6 +126,22 @@ def test_block_is_a_view_of_the_lent_buffer():
     assert block.tensor[0, 0].item() == -7.0
 
 
+def test_the_lenders_writes_elsewhere_do_not_break_a_backward_that_saved_a_block():
+    """SGLang stores each decode step's KV in other slots of the very buffer a block lives in;
+    autograd must not take that for a write to the block (a backward between two decode steps
+    failed with "modified by an inplace operation")."""
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    arena = Arena()
+    arena.add_lease([buf])
+    block = arena.alloc((4, 8), F32)
+    block.tensor.copy_(torch.randn(4, 8))
+    x = block.tensor.detach().requires_grad_()
+    y = (x * x).sum()  # saves x for the backward
+    buf[-64:].fill_(3)  # the lender writes its own slots, after the block's
+    y.backward()
+    assert torch.equal(x.grad, 2 * block.tensor)
+
+
 def test_bf16_chunks_hand_out_float32_tensors():
     k, v, chunks = kv_lease(layers=2, slots=64, lo=16, hi=48)
     arena = Arena()
