@@ -34,8 +34,8 @@ DTYPE = ["--dtype", "float32"]
 LOSS_RTOL = 1e-4  # per step, TP 2 against TP 1 (measured: 3e-6 over 30 steps)
 ADAPTER_RTOL = 0.01  # max |TP 2 - TP 1| over max |TP 1|, per tensor (measured: 2e-3)
 LOAD_S = 12.0
-# attainment with the job at least that without, less this (measured: 0.0-4.3 points)
-NOISE_MARGIN = 0.07
+# attainment with the job at least that without, less this (measured: 0.0-4.8 points)
+NOISE_MARGIN = 0.08
 
 
 @pytest.fixture(scope="module")
