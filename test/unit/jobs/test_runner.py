@@ -22,7 +22,7 @@ from sglang_harli.finetune.base_model import BaseModelView
 from sglang_harli.finetune.data import Example, save_examples
 from sglang_harli.finetune.peft_io import load_adapter
 from sglang_harli.jobs import hyperparameters as hp
-from sglang_harli.jobs.agent import AgentConfig, JobAgent
+from sglang_harli.jobs.agent import AgentConfig, FollowerAgent, FollowerLink, JobAgent
 from sglang_harli.jobs.runner import JobRunner, RunnerConfig
 from sglang_harli.jobs.store import JobStore, Owner
 from sglang_harli.tiny_model import TinyModelSpec, ensure_tiny_model
@@ -341,3 +341,25 @@ def test_a_checkpoint_the_disk_refuses_pauses_the_job_until_it_can_be_written(tm
     assert done.adapter_path and done.error is None
     assert metric_steps(store, job.id) == list(range(1, 7))
     assert max(scheduler.slices) < 0.25
+
+
+def test_a_tp_followers_runner_starts_where_rank_0s_did_and_writes_nothing(tmp_path, view):
+    """At TP > 1 a follower builds the job's runner from the checkpoint rank 0's runner started
+    from (not the newest), and its link drops what it submits (``corun/ranks.py``)."""
+    store = JobStore(tmp_path)
+    job = queue_job(store, examples(8, view.config.vocab_size), n_epochs=9)
+    agent = make_agent(tmp_path, view, checkpoint_every=2, keep=3)
+    run_until(store, job.id, lambda j: j.step >= 5, (agent, MiniScheduler(agent, budget_s=0.0)))
+    assert [c.step for c in store.list_checkpoints(job.id)[0]] == [4, 2]
+    events = len(store.list_events(job.id, limit=1000)[0])
+    follower = FollowerAgent(tmp_path, agent.build)
+    job = store.get_job(job.id)
+    build = functools.partial(agent.build, store, job, FollowerLink(follower, job))
+    at_2 = build(resume_step=2)
+    assert at_2.started_at_step == at_2.trainer.state.step == 2
+    assert build(resume_step=0).started_at_step == 0  # rank 0 started it afresh
+    with pytest.raises(ValueError, match="rank 0 resumed from step 3"):
+        build(resume_step=3)
+    assert at_2.run_for(0.05)  # trains; its progress and events go nowhere
+    assert len(store.list_events(job.id, limit=1000)[0]) == events
+    assert store.get_job(job.id).step == 5
