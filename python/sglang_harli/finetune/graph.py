@@ -157,27 +157,39 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     and keeps only that ([tokens, hidden]); backward scales it by the incoming gradient. So the
     lm_head GEMM runs twice per step (logits, gradient), not three times (logits, then the
     logits again in backward, then the gradient). ``weight`` is frozen: it gets no gradient.
+
+    With ``tp`` the vocabulary is split across tensor-parallel ranks: ``weight`` holds the rows
+    from ``vocab_start``, and per block the ranks agree on the logits' max (one all-reduce) and
+    on the sum of their exponentials and the target's logit (another), so every rank gets the
+    whole loss; the gradient of the (replicated) ``x`` is summed once at the end. Blocks are
+    sized by the whole vocabulary (``vocab_size``), so every rank runs as many.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_chunk, token_chunk, with_grad):
-        vocab = weight.shape[0]
+    def forward(ctx, x, weight, targets, vocab_start, vocab_size, chunks, with_grad, tp):
+        vocab_chunk, token_chunk = chunks
+        local = targets - vocab_start
+        inside = (local >= 0) & (local < weight.shape[0])
+        local = torch.where(inside, local, torch.zeros_like(local))[:, None]
         losses = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device) if with_grad else None
-        block = max(1, (token_chunk * vocab_chunk) // vocab)
+        grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if with_grad else None
+        block = max(1, (token_chunk * vocab_chunk) // vocab_size)
         for r0 in range(0, x.shape[0], block):
             rows = slice(r0, r0 + block)
-            logits = _logits(x[rows], weight, vocab_chunk)  # fp32 [rows, vocab]
-            t = targets[rows, None]
-            top = logits.amax(dim=-1, keepdim=True)
-            picked = logits.gather(1, t) - top
+            logits = _logits(x[rows], weight, vocab_chunk)  # fp32 [rows, (local) vocab]
+            top = _reduce(logits.amax(dim=-1, keepdim=True), tp, "max")
+            t, here = local[rows], inside[rows, None]
+            picked = logits.gather(1, t) * here  # the target's logit, on the rank that has it
             e = logits.sub_(top).exp_()  # in place: exp(logit - max)
-            total = e.sum(dim=-1, keepdim=True)
-            losses[rows] = (total.log() - picked)[:, 0]  # lse - logit[target]
+            sums = _reduce(torch.cat((e.sum(dim=-1, keepdim=True), picked), dim=1), tp, "sum")
+            total = sums[:, :1]
+            losses[rows] = (total.log() - (sums[:, 1:] - top))[:, 0]  # lse - logit[target]
             if with_grad:
                 prob = e.div_(total)  # softmax, in place
-                prob.scatter_add_(1, t, torch.full_like(picked, -1.0))  # - onehot
+                prob.scatter_add_(1, t, -here.to(prob.dtype))  # - onehot, where it is ours
                 grad_x[rows] = _times_weight(prob, weight, x.dtype, vocab_chunk)
+        if with_grad:
+            _reduce(grad_x, tp, "sum")
         ctx.save_for_backward(grad_x)
         ctx.x_dtype = x.dtype
         return losses.sum()
@@ -187,7 +199,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         (grad_x,) = ctx.saved_tensors
         if grad_x is None:
             raise RuntimeError("chunked_cross_entropy ran without with_grad: no gradient kept")
-        return (grad_x * grad_loss).to(ctx.x_dtype), None, None, None, None, None
+        return (grad_x * grad_loss).to(ctx.x_dtype), None, None, None, None, None, None, None
+
+
+def _reduce(t: torch.Tensor, tp: TensorParallel | None, op: str) -> torch.Tensor:
+    return t if tp is None else tp.all_reduce(t, op=op)
 
 
 def _logits(x: torch.Tensor, weight: torch.Tensor, vocab_chunk: int) -> torch.Tensor:
@@ -221,77 +237,19 @@ def chunked_cross_entropy(
     targets: torch.Tensor,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    *,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    tp: TensorParallel | None = None,
 ) -> torch.Tensor:
-    """Sum over rows of ``-log softmax(x @ weight^T)[target]``; every target must be valid."""
+    """Sum over rows of ``-log softmax(x @ weight^T)[target]``; every target must be valid.
+    With ``tp``, ``weight`` is this rank's rows of a ``vocab_size`` vocabulary, from
+    ``vocab_start``."""
     with_grad = torch.is_grad_enabled() and x.requires_grad
-    return _ChunkedCrossEntropy.apply(x, weight, targets, vocab_chunk, token_chunk, with_grad)
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """:class:`_ChunkedCrossEntropy` over a vocabulary split across tensor-parallel ranks.
-
-    Each rank's ``weight`` holds the rows ``vocab_start ..`` of the lm_head; per block of rows
-    the ranks agree on the logits' max (one all-reduce) and on the sum of their exponentials
-    and the target's logit (another), so every rank gets the whole loss. The gradient of ``x``
-    (replicated) is each rank's ``(softmax - onehot) @ weight`` over its rows, summed once at
-    the end. Blocks are sized by the whole vocabulary, so every rank runs as many.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_start, vocab_size, chunks, with_grad, tp):
-        vocab_chunk, token_chunk = chunks
-        local = targets - vocab_start
-        inside = (local >= 0) & (local < weight.shape[0])
-        local = torch.where(inside, local, torch.zeros_like(local))[:, None]
-        losses = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if with_grad else None
-        block = max(1, (token_chunk * vocab_chunk) // vocab_size)
-        for r0 in range(0, x.shape[0], block):
-            rows = slice(r0, r0 + block)
-            logits = _logits(x[rows], weight, vocab_chunk)  # fp32 [rows, local vocab]
-            top = tp.all_reduce(logits.amax(dim=-1, keepdim=True), op="max")
-            t, here = local[rows], inside[rows, None]
-            picked = logits.gather(1, t) * here  # the target's logit on the rank that has it
-            e = logits.sub_(top).exp_()
-            sums = tp.all_reduce(torch.cat((e.sum(dim=-1, keepdim=True), picked), dim=1))
-            total = sums[:, :1]
-            losses[rows] = (total.log() - (sums[:, 1:] - top))[:, 0]
-            if with_grad:
-                prob = e.div_(total)
-                prob.scatter_add_(1, t, -here.to(prob.dtype))  # - onehot, where it is ours
-                grad_x[rows] = _times_weight(prob, weight, x.dtype, vocab_chunk)
-        if with_grad:
-            tp.all_reduce(grad_x)
-        ctx.save_for_backward(grad_x)
-        ctx.x_dtype = x.dtype
-        return losses.sum()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad_x,) = ctx.saved_tensors
-        if grad_x is None:
-            raise RuntimeError("vocab-parallel cross-entropy ran without with_grad")
-        return (grad_x * grad_loss).to(ctx.x_dtype), None, None, None, None, None, None, None
-
-
-def vocab_parallel_cross_entropy(
-    x: torch.Tensor,
-    view: BaseModelView,
-    targets: torch.Tensor,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
-) -> torch.Tensor:
-    """:func:`chunked_cross_entropy` of a view whose lm_head is this rank's vocabulary shard."""
-    with_grad = torch.is_grad_enabled() and x.requires_grad
-    return _VocabParallelCrossEntropy.apply(
-        x,
-        view.lm_head,
-        targets,
-        view.vocab_start,
-        view.config.vocab_size,
-        (vocab_chunk, token_chunk),
-        with_grad,
-        view.tp,
+    vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+    chunks = (vocab_chunk, token_chunk)
+    return _ChunkedCrossEntropy.apply(
+        x, weight, targets, vocab_start, vocab_size, chunks, with_grad, tp
     )
 
 
@@ -417,9 +375,16 @@ def head_loss_sum(
     """Summed next-token loss over the batch's targets (final norm + chunked lm_head CE)."""
     valid = ctx.batch.targets != IGNORE_INDEX
     x = ctx.ops.rms_norm(h[valid], view.final_norm, view.config.rms_norm_eps)
-    if view.tp is not None:
-        return vocab_parallel_cross_entropy(
-            x, view, ctx.batch.targets[valid], vocab_chunk, token_chunk
+    if view.tp is not None:  # the vocabulary-parallel loss (the torch one, whatever the ops)
+        return chunked_cross_entropy(
+            x,
+            view.lm_head,
+            ctx.batch.targets[valid],
+            vocab_chunk,
+            token_chunk,
+            vocab_start=view.vocab_start,
+            vocab_size=view.config.vocab_size,
+            tp=view.tp,
         )
     return ctx.ops.cross_entropy_sum(
         x, view.lm_head, ctx.batch.targets[valid], vocab_chunk, token_chunk
