@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable, Generator, Sequence
@@ -412,7 +413,7 @@ class Trainer:
 
     def _shards_of(self, saved: dict[str, Any]) -> dict[str, Any]:
         """This rank's part of a whole checkpoint (whatever TP size wrote it), in new tensors."""
-        tp, names = self.view.tp, [name for name, _ in self.adapters.named_parameters()]
+        tp, names = self.view.tp, self._param_names
 
         def part(name: str, t: torch.Tensor) -> torch.Tensor:
             return t.clone() if tp is None else parallel.shard_tensor(name, t, tp)
@@ -500,8 +501,12 @@ class Trainer:
         """``adapters.{name}`` or ``optimizer.{index}.{moment}`` -> the parameter's name."""
         if key.startswith("adapters."):
             return key.removeprefix("adapters.")
-        index = int(key.split(".")[1])
-        return [name for name, _ in self.adapters.named_parameters()][index]
+        return self._param_names[int(key.split(".")[1])]
+
+    @functools.cached_property
+    def _param_names(self) -> list[str]:
+        """The adapters' parameter names, in the optimizer's index order."""
+        return [name for name, _ in self.adapters.named_parameters()]
 
     def _snapshot_tensors(self, with_optimizer_guess: bool = False):
         """``(key, tensor)`` of everything a snapshot copies: the fp32 masters and AdamW's

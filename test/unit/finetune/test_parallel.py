@@ -12,7 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sglang_harli.finetune import BaseModelView, LoraAdapters, LoraConfig, TrainConfig, Trainer
+from sglang_harli.finetune import (
+    BaseModelView,
+    LoraAdapters,
+    LoraConfig,
+    TrainConfig,
+    Trainer,
+    graph,
+    pack,
+)
 from sglang_harli.finetune.parallel import TensorParallel, shard_adapters
 
 from .helpers import ADAM_TOL, LOSS_RTOL, load_hf, random_examples
@@ -55,8 +63,6 @@ def train(view: BaseModelView, given: dict | None = None) -> Run:
     results = [first, *rest]
     whole = trainer.snapshot().adapters
     resumed = resume(view, checkpoint)
-    from sglang_harli.finetune import graph, pack
-
     batch = pack(examples[:3])
     with torch.no_grad():
         valid = float(graph.loss_sum(view, trainer.adapters, batch, training=False))
