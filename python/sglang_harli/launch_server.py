@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from sglang_harli.config import DefaultModel, HarliConfigError, add_harli_args, parse_harli_args
 from sglang_harli.srt import cpu
-from sglang_harli.srt.support import UnsupportedConfigError, check_model_path
+from sglang_harli.srt.support import UnsupportedConfigError, check_model_path, check_port_free
 
 logger = logging.getLogger("sglang_harli")
 PROG = "python -m sglang_harli.launch_server"
@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         load_plugins()
         server_args = prepare_server_args(sglang_argv)
+        check_port_free(server_args.host, server_args.port)
         if harli_config.enabled:
             from sglang_harli.srt.support import check_server_args
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -70,6 +71,21 @@ def test_a_tp_size_that_does_not_split_the_heads_is_refused(tiny_model_dir):
     assert result.returncode == 2
     assert "cannot be trained at --tp-size 4" in result.stderr
     assert "2 KV heads do not split evenly over 4" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["harli", "off"])
+def test_a_port_in_use_is_refused_before_anything_starts(tiny_model_dir, mode):
+    # SGLang itself would load the model, fail to bind and then hang in its shutdown
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = launch(
+            "--model-path", str(tiny_model_dir), "--harli-mode", mode,
+            "--host", "127.0.0.1", "--port", str(port),
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
 
 
 def test_help_shows_sglang_and_harli_flags():

@@ -10,7 +10,6 @@ adapter name must never get the base model. Clients verify the certificate (``ht
 from __future__ import annotations
 
 import ssl
-import time
 
 import httpx
 import openai
@@ -18,7 +17,7 @@ import pytest
 import requests
 
 from test.support.finetuning import LEARN, PAIRS, answer, wait_for, write_dataset
-from test.support.server_process import COMMON_FLAGS, REPO, START_TIMEOUT_S, Server
+from test.support.server_process import COMMON_FLAGS, REPO, Server
 from test.unit.test_publisher import self_signed_cert
 
 pytestmark = pytest.mark.server
@@ -29,28 +28,17 @@ API_KEY, ADMIN_KEY = "user-key", "admin-key"
 class TlsServer(Server):
     """Our launcher over https; requests verify the server's certificate."""
 
+    scheme = "https"
+
     def __init__(self, log_path, cert, *flags: str):
         script = str(REPO / "scripts" / "serve.sh")
-        super().__init__([script, *COMMON_FLAGS, *flags], log_path)
-        self.url = f"https://127.0.0.1:{self.port}"
         self.cert = str(cert)  # given on each call: REQUESTS_CA_BUNDLE would beat a session's
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {API_KEY}"
+        super().__init__([script, *COMMON_FLAGS, *flags], log_path)
 
-    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> TlsServer:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if self.session.get(self.url + "/health", verify=self.cert, timeout=5).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(2)
-        tail = self.log_tail()
-        self.stop()
-        raise TimeoutError(f"server not ready after {timeout_s}s:\n{tail}")
+    def healthy(self) -> bool:
+        return self.session.get(self.url + "/health", verify=self.cert, timeout=5).ok
 
     def post_raw(self, path: str, body: dict) -> requests.Response:
         return self.session.post(self.url + path, json=body, verify=self.cert, timeout=120)

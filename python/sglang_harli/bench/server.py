@@ -16,6 +16,10 @@ from pathlib import Path
 import requests
 
 START_TIMEOUT_S = 420
+# uvicorn's line when the HTTP port was taken between free_port() and the server's bind (another
+# process's ephemeral port): the launcher then hangs in SGLang's shutdown, so we start it again
+BIND_FAILED = "error while attempting to bind"
+START_ATTEMPTS = 3
 
 
 def free_port() -> int:
@@ -27,6 +31,8 @@ def free_port() -> int:
 class Server:
     """One server process group; ``stop()`` kills the launcher and every child it spawned."""
 
+    scheme = "http"
+
     def __init__(
         self,
         argv: list[str],
@@ -34,36 +40,54 @@ class Server:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
     ):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.argv = [*argv, "--host", "127.0.0.1", "--port", str(self.port)]
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ if env is None else env)
-        env.pop("TRITON_INTERPRET", None)  # set for the kernel tests; a server runs as users run it
+        self._command = argv
+        self._env = dict(os.environ if env is None else env)
+        self._env.pop("TRITON_INTERPRET", None)  # set for the kernel tests; servers run as users'
+        self._cwd = cwd
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.port = free_port()
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+        self.argv = [*self._command, "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(
             self.argv,
-            cwd=cwd,
-            env=env,
+            cwd=self._cwd,
+            env=self._env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
+    def healthy(self) -> bool:
+        return requests.get(self.url + "/health", timeout=5).status_code == 200
+
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> Server:
         deadline = time.monotonic() + timeout_s
+        attempts = 1
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                if self.healthy():
                     return self
             except requests.RequestException:
                 pass
+            if attempts < START_ATTEMPTS and self._bind_failures() >= attempts:
+                attempts += 1
+                self._kill()
+                self._spawn()  # same log, a fresh port
+                continue
             time.sleep(2)
         tail = self.log_tail()  # before stop() closes the log
         self.stop()
         raise TimeoutError(f"server not ready after {timeout_s}s:\n{tail}")
+
+    def _bind_failures(self) -> int:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace").count(BIND_FAILED)
 
     def post(self, path: str, body: dict, timeout: float = 120) -> dict:
         response = requests.post(self.url + path, json=body, timeout=timeout)
@@ -80,6 +104,10 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
+        self._kill()
+        self._log.close()
+
+    def _kill(self) -> None:
         if self.proc.poll() is None:
             for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
                 try:
@@ -95,4 +123,3 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self._log.close()

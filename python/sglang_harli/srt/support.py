@@ -8,6 +8,8 @@ runs plain SGLang and accepts every configuration SGLang does).
 
 from __future__ import annotations
 
+import errno
+import socket
 from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
@@ -27,6 +29,31 @@ def check_model_path(model_path: str) -> None:
     if looks_like_local_path(model_path) and not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
         raise UnsupportedConfigError(f"model path {model_path} {what}")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """The HTTP port must be free before anything starts.
+
+    SGLang binds it only after the model is loaded, and when that bind fails its shutdown waits
+    forever on its own scheduler processes: a server started on a taken port would hang with no
+    exit code. Binding as uvicorn does (``SO_REUSEADDR``, so a socket in TIME_WAIT is no
+    conflict) and closing again finds the common case; a port taken during start-up still hangs.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UnsupportedConfigError(f"--host {host}: {exc.strerror}") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UnsupportedConfigError(
+                    f"port {port} on {host} is already in use; pick another with --port"
+                ) from exc
+            raise UnsupportedConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 def check_server_args(server_args) -> None:
