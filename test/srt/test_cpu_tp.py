@@ -34,8 +34,12 @@ DTYPE = ["--dtype", "float32"]
 LOSS_RTOL = 1e-4  # per step, TP 2 against TP 1 (measured: 3e-6 over 30 steps)
 ADAPTER_RTOL = 0.01  # max |TP 2 - TP 1| over max |TP 1|, per tensor (measured: 2e-3)
 LOAD_S = 12.0
-# attainment with the job at least that without, less this (measured: 0.0-4.8 points)
-NOISE_MARGIN = 0.08
+# Attainment with the job at least that without, less this. Measured 0.0-4.8 points in three
+# runs, then 9.7 in a full-suite run (97.6% -> 87.9%, of which 0.7% missed with units in them):
+# on 2 cores the two ranks' units leave no core to the HTTP server, detokenizer and clients,
+# which then preempt the next decode iterations. The finetune-caused bound (ATTAINMENT) is the
+# TP 1 test's; this one only catches a job that ruins decode (time-sliced: 0% within S).
+NOISE_MARGIN = 0.15
 
 
 @pytest.fixture(scope="module")
