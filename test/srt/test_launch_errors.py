@@ -75,7 +75,7 @@ def test_a_tp_size_that_does_not_split_the_heads_is_refused(tiny_model_dir):
 
 @pytest.mark.parametrize("mode", ["harli", "off"])
 def test_a_port_in_use_is_refused_before_anything_starts(tiny_model_dir, mode):
-    # SGLang itself would load the model, fail to bind and then hang in its shutdown
+    # SGLang itself would load the model, fail to bind, then wait minutes in its shutdown
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -17,7 +17,7 @@ import requests
 
 START_TIMEOUT_S = 420
 # uvicorn's line when the HTTP port was taken between free_port() and the server's bind (another
-# process's ephemeral port): the launcher then hangs in SGLang's shutdown, so we start it again
+# process's port): SGLang's shutdown then waits minutes for its warmup, so we start it again
 BIND_FAILED = "error while attempting to bind"
 START_ATTEMPTS = 3
 

@@ -34,10 +34,11 @@ def check_model_path(model_path: str) -> None:
 def check_port_free(host: str, port: int) -> None:
     """The HTTP port must be free before anything starts.
 
-    SGLang binds it only after the model is loaded, and when that bind fails its shutdown waits
-    forever on its own scheduler processes: a server started on a taken port would hang with no
-    exit code. Binding as uvicorn does (``SO_REUSEADDR``, so a socket in TIME_WAIT is no
-    conflict) and closing again finds the common case; a port taken during start-up still hangs.
+    SGLang binds it only after the model is loaded, and when that bind fails its shutdown joins
+    its warmup thread, which polls the port 120 times (up to 5 s each when something else
+    listens there) before it kills the server: minutes of a server that neither answers nor
+    exits. Binding as uvicorn does (``SO_REUSEADDR``, so a socket in TIME_WAIT is no conflict)
+    and closing again finds the common case; a port taken during start-up still waits so.
     """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
