@@ -1,4 +1,4 @@
-"""Triton finetune kernels on SM-limited persistent grids (issue 5).
+"""Triton finetune kernels on SM-limited persistent grids.
 
 Every heavy kernel takes ``num_sms`` explicitly and launches ``min(num_sms, tiles)`` programs
 that loop over their tiles, so a finetune step never occupies more SMs than the co-location

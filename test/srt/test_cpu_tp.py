@@ -1,4 +1,4 @@
-"""Tensor parallelism on real SGLang servers (issue 12; CPU, tiny model, TP 2).
+"""Tensor parallelism on real SGLang servers (CPU, tiny model, TP 2).
 
 SGLang 0.5.23 cannot start ``--tp-size 2`` on a CPU by itself; with the launcher's CPU guards it
 does, and plain SGLang semantics hold: greedy outputs at TP 2 equal TP 1's, token for token. A
