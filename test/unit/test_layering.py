@@ -1,7 +1,9 @@
 """The house rules of the layout, checked on the source: who may import what, and no cycles.
 
-Module-level imports only (imports inside functions are deliberate late binding, e.g. the CLI's
-lazy engine names); read with ``ast`` so nothing is executed.
+Every import counts, at module level or inside a function (a late import still runs, and a
+circle hidden inside functions is still a circle); only ``if TYPE_CHECKING:`` blocks are left
+out of the layer rules, since they never run, but not out of the cycle check. Read with ``ast``
+so nothing is executed.
 """
 
 from __future__ import annotations
@@ -23,43 +25,59 @@ def module_name(package: str, root: Path, path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def top_level_imports(path: Path, module: str) -> set[str]:
-    """Absolute names of what ``module`` imports at module level (not inside functions)."""
+def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    if not node.level:
+        return node.module or ""
+    base = module.split(".")
+    base = base if is_package else base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
+def _type_checking_nodes(tree: ast.Module) -> set[int]:
+    """The import nodes under ``if TYPE_CHECKING:`` (annotations only; never executed)."""
+    ids: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            ids.update(id(child) for stmt in node.body for child in ast.walk(stmt))
+    return ids
+
+
+def imports(path: Path, module: str, *, type_checking: bool = True) -> set[str]:
+    """Absolute names of everything ``module`` imports, wherever the import statement sits."""
     tree = ast.parse(path.read_text())
+    skip = set() if type_checking else _type_checking_nodes(tree)
     is_package = path.name == "__init__.py"
     names: set[str] = set()
-    for node in tree.body:
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = module.split(".")
-                base = base if is_package else base[:-1]
-                base = base[: len(base) - (node.level - 1)]
-                target = ".".join([*base, node.module] if node.module else base)
-            else:
-                target = node.module or ""
+            target = _absolute(node, module, is_package)
             names.add(target)
             names.update(f"{target}.{alias.name}" for alias in node.names)
     return names
 
 
-def all_modules() -> dict[str, set[str]]:
+def all_modules(*, type_checking: bool) -> dict[str, set[str]]:
     modules = {}
     for package, root in ROOTS.items():
         for path in root.rglob("*.py"):
             if "cpu_boot" in path.parts:
                 continue
             name = module_name(package, root, path)
-            modules[name] = top_level_imports(path, name)
+            modules[name] = imports(path, name, type_checking=type_checking)
     return modules
 
 
-MODULES = all_modules()
+MODULES = all_modules(type_checking=True)  # for cycles
+RUNTIME = all_modules(type_checking=False)  # for the layers: what runs
 
 
 def imports_of(prefix: str) -> dict[str, set[str]]:
-    return {m: i for m, i in MODULES.items() if m == prefix or m.startswith(prefix + ".")}
+    return {m: i for m, i in RUNTIME.items() if m == prefix or m.startswith(prefix + ".")}
 
 
 @pytest.mark.parametrize(
@@ -137,3 +155,20 @@ def test_no_import_cycles_between_our_modules():
         if module not in state:
             visit(module, [module])
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_imports_inside_functions_count(tmp_path):
+    # a late import is how the bench circle (plots <-> replay <-> profile) once hid from this test
+    source = tmp_path / "late.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from sglang_harli.jobs import store\n"
+        "def f():\n"
+        "    from .replay import summarize\n"
+        "    import torch\n"
+    )
+    found = imports(source, "sglang_harli.bench.late")
+    assert {"sglang_harli.bench.replay.summarize", "torch", "sglang_harli.jobs"} <= found
+    runtime = imports(source, "sglang_harli.bench.late", type_checking=False)
+    assert "sglang_harli.jobs" not in runtime
