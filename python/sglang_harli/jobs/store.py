@@ -40,10 +40,10 @@ from typing import Any
 from sglang_harli import durable
 
 from .lifecycle import ACTIVE_STATES, ALLOWED_FROM, FINAL_STATES, JobStatus, adapter_name
-from .records import Checkpoint, Event, FileInUseError, FileRecord, Job, Owner, new_id
+from .records import CheckpointRecord, Event, FileInUseError, FileRecord, Job, Owner, new_id
 from .writes import (
+    AddCheckpointRecord,
     JobWrite,
-    NewCheckpoint,
     NewEvent,
     Outcome,
     Progress,
@@ -56,14 +56,14 @@ from .writes import (
 )
 
 __all__ = [  # the records and writes are imported from here by the service's users
-    "Checkpoint",
+    "AddCheckpointRecord",
+    "CheckpointRecord",
     "Event",
     "FileInUseError",
     "FileRecord",
     "Job",
     "JobStore",
     "JobWrite",
-    "NewCheckpoint",
     "NewEvent",
     "Outcome",
     "Owner",
@@ -74,7 +74,7 @@ __all__ = [  # the records and writes are imported from here by the service's us
 ]
 
 DB_NAME = "harli.db"
-CHECKPOINTS = "checkpoints"  # a job's checkpoint directories: jobs/<id>/checkpoints/step-<n>
+CHECKPOINTS_DIR = "checkpoints"  # a job's checkpoints: jobs/<id>/checkpoints/step-<n>
 DEFAULT_BUSY_TIMEOUT_MS = 30_000  # the API's writes wait this long for another writer
 LEASE_S = 30.0  # a running job's owner renews its lease well within this (see jobs/agent.py)
 # A job is `validating_files` only while its create request runs (seconds, minutes for a huge
@@ -508,7 +508,7 @@ class JobStore:
         if not job_dir.is_dir():
             return
         durable.remove_leftovers(job_dir)
-        checkpoints_dir = job_dir / CHECKPOINTS
+        checkpoints_dir = job_dir / CHECKPOINTS_DIR
         if not checkpoints_dir.is_dir():
             return
         durable.remove_leftovers(checkpoints_dir)
@@ -585,18 +585,18 @@ class JobStore:
         ]
         return events, more
 
-    def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict) -> Checkpoint:
-        self.apply(job_id, [NewCheckpoint(step, str(path), metrics)])
+    def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict) -> CheckpointRecord:
+        self.apply(job_id, [AddCheckpointRecord(step, str(path), metrics)])
         return self.list_checkpoints(job_id, limit=1)[0][0]
 
     def list_checkpoints(
         self, job_id: str, after: str | None = None, limit: int = 10
-    ) -> tuple[list[Checkpoint], bool]:
+    ) -> tuple[list[CheckpointRecord], bool]:
         """Newest first; ``after`` is the id of the last checkpoint already seen."""
         bound = self._seq_of("checkpoints", after)
         rows, more = self._newest_first("checkpoints", "job_id = ?", (job_id,), bound, limit)
         checkpoints = [
-            Checkpoint(
+            CheckpointRecord(
                 id=r["id"],
                 job_id=r["job_id"],
                 created_at=r["created_at"],

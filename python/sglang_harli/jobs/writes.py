@@ -55,7 +55,9 @@ class Progress(JobWrite):
 
 
 @dataclasses.dataclass(frozen=True)
-class NewCheckpoint(JobWrite):
+class AddCheckpointRecord(JobWrite):
+    """Record a checkpoint whose files are written (the row the API lists and resume reads)."""
+
     step: int
     path: str  # a directory (absolute, or relative to the state dir)
     metrics: dict[str, Any]
