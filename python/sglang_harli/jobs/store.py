@@ -39,7 +39,7 @@ from typing import Any
 
 from sglang_harli import durable
 
-from .lifecycle import ACTIVE_STATES, ALLOWED_FROM, FINAL_STATES, JobStatus, adapter_name
+from .lifecycle import ACTIVE_STATES, FINAL_STATES, JobStatus, adapter_name
 from .records import CheckpointRecord, Event, FileInUseError, FileRecord, Job, Owner, new_id
 from .writes import (
     AddCheckpointRecord,
@@ -49,9 +49,10 @@ from .writes import (
     Progress,
     Prune,
     Rewind,
+    change_status,
     from_db,
     insert_event,
-    to_db,
+    job_columns,
     update_job,
 )
 
@@ -314,27 +315,13 @@ class JobStore:
             fields.setdefault("started_at", now)
         if status in FINAL_STATES:
             fields.setdefault("finished_at", now)
-        columns = {"status": str(status), **self._columns(fields)}
-        assignments = ", ".join(f"{name} = ?" for name in columns)
-        sources = sorted(str(s) for s in ALLOWED_FROM[status])
-        marks = ", ".join("?" * len(sources))
+        columns = job_columns(fields, self.relative)
         with self._connect() as db:
-            cursor = db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN ({marks})",
-                (*columns.values(), job_id, *sources),
-            )
-        return cursor.rowcount == 1
+            return change_status(db, job_id, status, columns)
 
     def update_progress(self, job_id: str, **fields: Any) -> None:
         with self._connect() as db:
-            update_job(db, job_id, self._columns(fields))
-
-    def _columns(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """Column values as stored: dicts as JSON (non-finite numbers null), paths relative."""
-        columns = {k: to_db(v) for k, v in fields.items()}
-        if columns.get("adapter_path") is not None:
-            columns["adapter_path"] = self.relative(columns["adapter_path"])
-        return columns
+            update_job(db, job_id, job_columns(fields, self.relative))
 
     def request_cancel(self, job_id: str) -> Job | None:
         """Cancel a job: a queued one at once, a running one when its trainer next checks."""
@@ -480,7 +467,7 @@ class JobStore:
                 ).fetchone()
                 if row is None:
                     return False
-            removed = [path for write in writes for path in write.apply(self, db, job_id)]
+            removed = [path for write in writes for path in write.apply(db, job_id, self.relative)]
         for path in removed:
             _remove_tree(self.resolve(path))
         return True
