@@ -15,7 +15,7 @@ step does not depend on how it is sliced into micro-batches (only on float summa
 Until the optimizer unit runs, a step can be abandoned and is then redone from scratch, on
 the same sequences with the same dropout masks.
 
-The ops run on the backend ``TrainConfig.kernels`` names (``ops.py``): graph.py's torch
+The ops run on the backend ``TrainConfig.kernels`` names (``ops.py``): torch_ops.py's
 functions, or the ``harli_kernels`` Triton kernels on at most ``num_sms`` SMs, which
 :meth:`Trainer.set_num_sms` changes for the units that run next.
 
@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from sglang_harli.config import Kernels
 from sglang_harli.memory.arena import Arena, Block
 
 from . import checkpoint, graph, parallel
@@ -83,11 +84,12 @@ class TrainConfig:
     token_chunk: int = graph.DEFAULT_TOKEN_CHUNK
     shuffle: bool = True
     seed: int = 0  # data order and dropout masks
-    kernels: str = "torch"  # ops backend: "torch" (graph.py) or "triton" (harli_kernels, CUDA)
+    # the ops backend: TORCH (torch_ops.py) or TRITON (harli_kernels, CUDA); a string is taken
+    kernels: Kernels = Kernels.TORCH
     num_sms: int | None = None  # "triton": SMs per launch at first (None: all of the device's)
 
     def __post_init__(self) -> None:
-        ops_mod.check_kernels(self.kernels)
+        object.__setattr__(self, "kernels", ops_mod.check_kernels(self.kernels))
         ops_mod.check_num_sms(self.num_sms)
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: one of {SCHEDULES}")

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from sglang_harli.config import Kernels
 from sglang_harli.corun.ranks import RankSync, Verdict
 from sglang_harli.finetune.base_model import BaseModelView
 from sglang_harli.finetune.checkpoint import read_checkpoint
@@ -81,7 +82,7 @@ MIN_SKIPPED = 3  # ...and at least this many
 class RunnerConfig:
     checkpoint_every: int = 10  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3  # the newest checkpoints kept per job, besides the adapter
-    kernels: str = "torch"  # the ops backend (see ops.py): "torch", or "triton" on a GPU
+    kernels: Kernels = Kernels.TORCH  # the ops backend (finetune/ops.py): TRITON on a GPU
     base_model_name: str = ""  # written into the adapters' PEFT config
 
 
