@@ -139,6 +139,8 @@ class StepResult:
     num_sequences: int
     num_targets: int
     skipped: bool = False  # non-finite gradient norm: the update was not applied
+    # the largest |adapter weight| this step's loss was computed with (before its update)
+    weight_max: float = 0.0
 
 
 class MemoryWait(RuntimeError):
@@ -243,6 +245,15 @@ class Trainer:
     @property
     def num_sms(self) -> int | None:
         return self.ops.num_sms
+
+    def weight_max(self) -> float:
+        """The largest magnitude of any adapter weight (every rank's shards at TP > 1: a
+        collective): what tells a blown-up adapter whose weights are still finite."""
+        norms = torch._foreach_norm(self.adapters.parameters(), math.inf)
+        largest = torch.stack(norms).max()
+        if self.view.tp is not None:
+            largest = self.view.tp.all_reduce(largest, op="max")
+        return largest.item()
 
     @property
     def done(self) -> bool:
@@ -564,6 +575,7 @@ class Trainer:
                         p.grad.mul_(coef)
         lr = lr_at(self.config, step.index, self.total_steps)
         loss = (step.loss_sum / step.num_targets).item()
+        weight_max = self.weight_max()  # the weights this step's loss came from
         if math.isfinite(norm.item()):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -580,5 +592,12 @@ class Trainer:
         logger.debug("step %d: loss %.4f lr %.3g grad norm %.3g", step.index, loss, lr, norm)
         skipped = not math.isfinite(norm.item())
         return StepResult(
-            step.index, loss, lr, norm.item(), len(step.examples), step.num_targets, skipped
+            step.index,
+            loss,
+            lr,
+            norm.item(),
+            len(step.examples),
+            step.num_targets,
+            skipped,
+            weight_max,
         )

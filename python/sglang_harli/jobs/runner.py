@@ -15,9 +15,10 @@ only its work units, whatever the store or the disk are doing:
 - a store that does not answer: the runner pauses (no work units) until the agent's writes go
   through again, or the agent fails the job after ``AgentConfig.give_up_s``.
 
-A job ends here as cancelled, failed (``training_failed``, or ``training_diverged`` for a
-non-finite loss or mostly skipped steps), or with its adapter written for the publisher; a job
-another server took over is dropped without a write. No exception reaches the caller, which is
+A job ends here as cancelled, failed (``training_failed``; ``training_diverged`` for a
+non-finite loss or mostly skipped steps; ``training_blew_up`` for adapter weights beyond
+:data:`MAX_ADAPTER_WEIGHT`, finite but useless), or with its adapter written for the publisher;
+a job another server took over is dropped without a write. No exception reaches the caller, which is
 serving requests.
 """
 
@@ -74,6 +75,13 @@ from .store import (
 logger = logging.getLogger(__name__)
 
 DIVERGED = "training_diverged"
+BLEW_UP = "training_blew_up"
+# LoRA's weights start below 1 (A uniform within +-1/sqrt(in_features), B zero), and AdamW moves a
+# weight by about the learning rate per step at most, so a weight of 1e4 takes some 10^5 steps
+# at the largest learning rate the API accepts (0.02, hyperparameters.py): no real run gets
+# there. A run that does has destroyed its adapter while every number stays finite (with a
+# learning rate of 2e8 the weights reached 1e9 and the served adapter answered only <unk>).
+MAX_ADAPTER_WEIGHT = 1e4
 SKIP_WINDOW = 10  # divergence: more than half of the last SKIP_WINDOW steps skipped...
 MIN_SKIPPED = 3  # ...and at least this many
 
@@ -374,35 +382,52 @@ class JobRunner:
             "eta_seconds": eta_s,
         }
         self._skips.append(result.skipped)
-        diverged = self._diverged(step, result)
-        if diverged is not None:
+        failure = self._diverged(step, result) or self._blew_up(step, result, final=step >= total)
+        if failure is not None:
+            code, message = failure
             self.link.submit(metrics_event(metrics))
-            self._end(
-                JobStatus.FAILED,
-                f"Job failed: {diverged}",
-                {"code": DIVERGED, "message": diverged},
-            )
+            error = {"code": code, "message": message}
+            self._end(JobStatus.FAILED, f"Job failed: {message}", error)
             return
         if step % self.config.checkpoint_every == 0 or step >= total:
             self.checkpoints.start(step, result.loss, final=step >= total, metrics=metrics)
         else:
             self.link.submit(metrics_event(metrics))
 
-    def _diverged(self, step: int, result: StepResult) -> str | None:
-        hint = (
+    def _hint(self) -> str:
+        return (
             f"Try a lower learning_rate_multiplier (this job used "
             f"{self.job.hyperparameters.get('learning_rate_multiplier')}) or a smaller batch, "
             "and check the training data"
         )
+
+    def _diverged(self, step: int, result: StepResult) -> tuple[str, str] | None:
+        """(code, message) if the step's numbers are not finite: NaN first, it says more."""
         if not math.isfinite(result.loss):
-            return f"Training diverged at step {step}: the training loss is {result.loss}. {hint}"
+            message = f"the training loss is {result.loss}"
+            return DIVERGED, f"Training diverged at step {step}: {message}. {self._hint()}"
         skipped = sum(self._skips)
         if skipped >= MIN_SKIPPED and 2 * skipped > len(self._skips):
-            return (
+            return DIVERGED, (
                 f"Training diverged at step {step}: {skipped} of the last {len(self._skips)} "
-                f"steps had non-finite gradients and were skipped. {hint}"
+                f"steps had non-finite gradients and were skipped. {self._hint()}"
             )
         return None
+
+    def _blew_up(self, step: int, result: StepResult, final: bool) -> tuple[str, str] | None:
+        """(code, message) if the adapter's weights grew beyond :data:`MAX_ADAPTER_WEIGHT`: the
+        ones this step's loss came from, and at the end the ones that would be published."""
+        largest = result.weight_max
+        if final and largest <= MAX_ADAPTER_WEIGHT:
+            largest = self.trainer.weight_max()  # a collective at TP > 1: every rank is here
+        # not finite: the checkpoint's own check fails the job as diverged, as it always did
+        if not MAX_ADAPTER_WEIGHT < largest < math.inf:
+            return None
+        return BLEW_UP, (
+            f"Training blew up at step {step}: an adapter weight reached {largest:.3g} (a "
+            f"trained LoRA adapter stays far below {MAX_ADAPTER_WEIGHT:g}); the adapter would "
+            f"answer nothing useful. {self._hint()}"
+        )
 
     def _end(self, status: JobStatus, message: str, error: dict | None = None) -> None:
         """The job ends here (cancelled, failed): nothing is published."""
