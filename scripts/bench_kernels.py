@@ -2,7 +2,7 @@
 """GPU benchmark for harli_kernels (UNTESTED: written on a machine without a GPU).
 
 1. Throughput of each finetune kernel at several SM budgets (``--num-sms 8,16,33,66,all``)
-   against the engine's own torch op (``sglang_harli.finetune.graph``, what ``kernels="torch"``
+   against the engine's own torch op (``sglang_harli.finetune.torch_ops``, what ``kernels="torch"``
    runs: cuBLAS, SDPA, ...) on the whole GPU.
 2. Interference curve: latency of a decode-like batched GEMV kernel alone, and while finetune
    kernels (LoRA linear forward+backward) run concurrently on another stream limited to
@@ -56,7 +56,7 @@ def _time_ms(torch, fn, iters, stream=None):
 
 
 def throughput(torch, hk, args, budgets, total_sms):
-    from sglang_harli.finetune import graph
+    from sglang_harli.finetune import torch_ops
     from sglang_harli.finetune.lora import LoraPair
 
     dt = torch.bfloat16
@@ -96,27 +96,27 @@ def throughput(torch, hk, args, budgets, total_sms):
         ),
         "lora_linear fwd+bwd": (
             lambda n: fb(lambda: hk.lora_linear(x, w, a, b, 2.0, n)),
-            fb(lambda: graph.lora_linear(x, w, None, LoraPair(a, b), 2.0)),
+            fb(lambda: torch_ops.lora_linear(x, w, None, LoraPair(a, b), 2.0)),
             3 * gemm_flops,
         ),
         "fused_linear_ce fwd+bwd": (
             lambda n: fb(lambda: hk.fused_linear_cross_entropy(x, lm, labels, n, reduction="sum")),
-            fb(lambda: graph.chunked_cross_entropy(x, lm, labels)),
+            fb(lambda: torch_ops.chunked_cross_entropy(x, lm, labels)),
             3 * 2 * T * H * V,
         ),
         "attention fwd+bwd": (
             lambda n: fb(lambda: hk.causal_attention_varlen(q, k, v, cu, n, max_seqlen=T // 4)),
-            fb(lambda: graph.attention(q, k, v, cu_seqlens)),
+            fb(lambda: torch_ops.attention(q, k, v, cu_seqlens)),
             3.5 * attn_flops,
         ),
         "swiglu fwd+bwd": (
             lambda n: fb(lambda: hk.swiglu(g, u, n)),
-            fb(lambda: graph.swiglu(g, u)),
+            fb(lambda: torch_ops.swiglu(g, u)),
             None,
         ),
         "rms_norm fwd+bwd": (
             lambda n: fb(lambda: hk.rms_norm(x, nw, 1e-5, n)),
-            fb(lambda: graph.rms_norm(x, nw, 1e-5)),
+            fb(lambda: torch_ops.rms_norm(x, nw, 1e-5)),
             None,
         ),
     }

@@ -2,14 +2,14 @@
 
 Not run in CPU CI: every test is skipped with a reason when CUDA is absent.  Written without
 access to a GPU; see docs/kernels.md for what has and has not been verified.  The numerics are
-checked against the engine's own torch ops (``sglang_harli.finetune.graph``, what
+checked against the engine's own torch ops (``sglang_harli.finetune.torch_ops``, what
 ``kernels="torch"`` runs), on the same bf16 inputs.
 """
 
 import pytest
 import torch
 
-from sglang_harli.finetune import graph
+from sglang_harli.finetune import graph, torch_ops
 from sglang_harli.finetune.base_model import RopeConfig
 from sglang_harli.finetune.lora import LoraPair
 from sglang_harli.finetune.ops import rope_position_tables
@@ -57,7 +57,7 @@ def test_lora_linear_gpu(num_sms):
     gy = torch.randn_like(y)
     y.backward(gy)
     xr, ar, br = _leaf(x), _leaf(a), _leaf(b)
-    yr = graph.lora_linear(xr, w, None, LoraPair(ar, br), 2.0)
+    yr = torch_ops.lora_linear(xr, w, None, LoraPair(ar, br), 2.0)
     yr.backward(gy)
     assert _rel(y, yr) < REL[dt]
     for g, gr in ((x.grad, xr.grad), (a.grad, ar.grad), (b.grad, br.grad)):
@@ -70,9 +70,9 @@ def test_pointwise_and_norm_gpu():
     dt = torch.bfloat16
     x = torch.randn(777, 4096, device="cuda", dtype=dt)
     w = torch.randn(4096, device="cuda", dtype=dt)
-    assert _rel(rms_norm(x, w, 1e-5, 16), graph.rms_norm(x, w, 1e-5)) < REL[dt]
+    assert _rel(rms_norm(x, w, 1e-5, 16), torch_ops.rms_norm(x, w, 1e-5)) < REL[dt]
     g, u = torch.randn(2, 777, 11008, device="cuda", dtype=dt)
-    assert _rel(swiglu(g, u, 16), graph.swiglu(g, u)) < REL[dt]
+    assert _rel(swiglu(g, u, 16), torch_ops.swiglu(g, u)) < REL[dt]
     rope = RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0)
     inv_freq = graph.rope_inv_freq(rope, 128, torch.device("cuda"))
     q = torch.randn(777, 32, 128, device="cuda", dtype=dt)
@@ -80,7 +80,7 @@ def test_pointwise_and_norm_gpu():
     ours = apply_rope(q, pos, *rope_position_tables(4096, inv_freq), 16)
     # the engine rotates in bf16 with bf16 tables, the kernel in fp32 with one rounding: about
     # 6e-3 apart at this shape (the kernel's maths in fp32 torch on a CPU, three seeds)
-    assert _rel(ours, graph.apply_rope(q, *graph.rope_cos_sin(pos, inv_freq, dt))) < 1e-2
+    assert _rel(ours, torch_ops.apply_rope(q, *torch_ops.rope_cos_sin(pos, inv_freq, dt))) < 1e-2
 
 
 def test_fused_linear_cross_entropy_gpu():
@@ -95,7 +95,7 @@ def test_fused_linear_cross_entropy_gpu():
     loss.backward()
     hr = _leaf(h)
     valid = labels != -100  # the engine's loss head takes the valid targets only, and sums
-    ref = graph.chunked_cross_entropy(hr[valid], w, labels[valid], 4096) / valid.sum()
+    ref = torch_ops.chunked_cross_entropy(hr[valid], w, labels[valid], 4096) / valid.sum()
     ref.backward()
     assert abs(loss.item() - ref.item()) / abs(ref.item()) < 1e-2
     assert _rel(h.grad, hr.grad) < REL[dt]
@@ -116,7 +116,7 @@ def test_attention_varlen_gqa_gpu(d):
     go = torch.randn_like(o)
     o.backward(go)
     qr, kr, vr = _leaf(q), _leaf(k), _leaf(v)
-    orf = graph.attention(qr, kr, vr, tuple(cu.tolist())).view(o.shape)
+    orf = torch_ops.attention(qr, kr, vr, tuple(cu.tolist())).view(o.shape)
     orf.backward(go)
     assert _rel(o, orf) < REL[dt]
     for g, gr in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):

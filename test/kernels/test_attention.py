@@ -1,4 +1,4 @@
-"""The varlen attention kernel against the engine's torch attention (``graph.attention``: one
+"""The varlen attention kernel against the engine's torch attention (``torch_ops.attention``: one
 SDPA call per packed sequence)."""
 
 import math
@@ -9,7 +9,7 @@ from kernel_testutil import LaunchSpy, assert_close, fwd_bwd, leaf
 
 import harli_kernels.attention as attn_mod
 from harli_kernels import causal_attention_varlen
-from sglang_harli.finetune import graph
+from sglang_harli.finetune import torch_ops
 
 # packed lengths: 1 token, 7, an empty sequence, 19 (two 16-row blocks under the interpreter), 3
 SEQLENS = [1, 7, 0, 19, 3]
@@ -22,11 +22,11 @@ def _cu(seqlens, device):
 
 
 def _engine_attention(q, k, v, cu, softmax_scale=None):
-    """``graph.attention`` on the kernel's arguments: ``cu_seqlens`` as a tuple, the output back
+    """``torch_ops.attention`` on the kernel's arguments: ``cu_seqlens`` as a tuple, the output back
     to [T, Hq, D]; a custom scale is folded into q (SDPA's own scale is 1/sqrt(D))."""
     if softmax_scale is not None:
         q = q * (softmax_scale * math.sqrt(q.shape[-1]))
-    return graph.attention(q, k, v, tuple(cu.tolist())).view(q.shape)
+    return torch_ops.attention(q, k, v, tuple(cu.tolist())).view(q.shape)
 
 
 def _check(dtype, hq, hkv, d, num_sms, device, seqlens=SEQLENS, **kw):

@@ -1,5 +1,5 @@
 """The fused LM-head cross-entropy kernel against the engine's torch loss head
-(``graph.chunked_cross_entropy``, the summed loss over valid targets)."""
+(``torch_ops.chunked_cross_entropy``, the summed loss over valid targets)."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from kernel_testutil import LaunchSpy, assert_close, leaf
 
 import harli_kernels.cross_entropy as ce_mod
 from harli_kernels import fused_linear_cross_entropy
-from sglang_harli.finetune import graph
+from sglang_harli.finetune import torch_ops
 
 T, H, V = 21, 24, 50
 
@@ -24,10 +24,10 @@ def _data(dtype, device, n_ignored=3, label_dtype=torch.int64, ignore_index=-100
 
 
 def _engine_ce(hidden, w, labels, ignore_index=-100, reduction="mean", vocab_chunk=16):
-    """``graph.chunked_cross_entropy`` on the kernel's arguments: it takes valid targets only
+    """``torch_ops.chunked_cross_entropy`` on the kernel's arguments: it takes valid targets only
     (as ``graph.head_loss_sum`` selects them) and sums; the mean divides by their count."""
     valid = labels != ignore_index
-    total = graph.chunked_cross_entropy(hidden[valid], w, labels[valid].long(), vocab_chunk)
+    total = torch_ops.chunked_cross_entropy(hidden[valid], w, labels[valid].long(), vocab_chunk)
     return total if reduction == "sum" else total / valid.sum().clamp_min(1)
 
 

@@ -32,8 +32,8 @@ from sglang_harli.finetune import (
     LoraConfig,
     TrainConfig,
     Trainer,
-    graph,
     make_ops,
+    torch_ops,
 )
 from sglang_harli.tiny_model import ensure_tiny_model
 from test.unit.finetune.helpers import (
@@ -166,7 +166,8 @@ def test_qwen2_step_without_checkpointing_on_some_projections(device):
 
 def test_loss_head_falls_back_to_torch_only_for_fp32_over_a_16_bit_head(device):
     """The fused CE computes in the narrower operand dtype: fp32 states over a bf16 lm_head go
-    to graph.chunked_cross_entropy (same result, bit for bit); every other mix runs the kernel."""
+    to torch_ops.chunked_cross_entropy (same result, bit for bit); every other mix runs the
+    kernel."""
     ops = make_ops("triton", 3, device=device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 16, generator=gen).to(device)
@@ -176,11 +177,11 @@ def test_loss_head_falls_back_to_torch_only_for_fp32_over_a_16_bit_head(device):
         fallback = ops.cross_entropy_sum(x, w.bfloat16(), t, 16, 4096)
         assert not spy.grids
         torch.testing.assert_close(
-            fallback, graph.chunked_cross_entropy(x, w.bfloat16(), t, 16, 4096), rtol=0, atol=0
+            fallback, torch_ops.chunked_cross_entropy(x, w.bfloat16(), t, 16, 4096), rtol=0, atol=0
         )
         for xs, ws in ((x, w), (x.bfloat16(), w.bfloat16()), (x.bfloat16(), w)):
             loss = ops.cross_entropy_sum(xs, ws, t, 16, 4096)
-            ref = graph.chunked_cross_entropy(xs, ws, t, 16, 4096)
+            ref = torch_ops.chunked_cross_entropy(xs, ws, t, 16, 4096)
             tol = rel_tol(xs.dtype)
             torch.testing.assert_close(loss, ref.float(), rtol=tol, atol=0)
         assert len(spy.grids) == 3

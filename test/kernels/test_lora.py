@@ -1,4 +1,4 @@
-"""The fused LoRA linear kernel against the engine's torch projection (``graph.lora_linear``,
+"""The fused LoRA linear kernel against the engine's torch projection (``torch_ops.lora_linear``,
 adapters cast to x's dtype)."""
 
 import pytest
@@ -9,12 +9,12 @@ from kernel_testutil import LaunchSpy, assert_close, fwd_bwd, leaf
 import harli_kernels.lora as lora_mod
 from harli_kernels import fused_base_lowrank_matmul, lora_linear
 from harli_kernels.matmul import mm_config
-from sglang_harli.finetune import graph
+from sglang_harli.finetune import torch_ops
 from sglang_harli.finetune.lora import LoraPair
 
 
 def _engine_lora(x, w, a, b, scaling, bias=None, dropout_mask=None):
-    return graph.lora_linear(x, w, bias, LoraPair(a, b), scaling, dropout_mask)
+    return torch_ops.lora_linear(x, w, bias, LoraPair(a, b), scaling, dropout_mask)
 
 
 def _make(dtype, adapter_dtype, r, device, n_in=40, n_out=33, lead=(37,), bias=False):

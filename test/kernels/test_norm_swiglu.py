@@ -1,4 +1,4 @@
-"""RMSNorm and SwiGLU kernels against the engine's own torch ops (``finetune/graph.py``)."""
+"""RMSNorm and SwiGLU kernels against the engine's own torch ops (``finetune/torch_ops.py``)."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from kernel_testutil import LaunchSpy, assert_close, fwd_bwd, leaf
 import harli_kernels.activation as swiglu_mod
 import harli_kernels.norm as norm_mod
 from harli_kernels import rms_norm, swiglu
-from sglang_harli.finetune import graph
+from sglang_harli.finetune import torch_ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -21,7 +21,7 @@ def test_rms_norm(dtype, num_sms, device):
     with LaunchSpy(norm_mod, "_rmsnorm_fwd_kernel") as spy:
         y, (gx, gw), gy = fwd_bwd(lambda x, w: rms_norm(x, w, 1e-5, num_sms), [x, w])
     xr, wr = leaf(x), leaf(w)
-    yr, (gxr, gwr), _ = fwd_bwd(lambda x, w: graph.rms_norm(x, w, 1e-5), [xr, wr], gy)
+    yr, (gxr, gwr), _ = fwd_bwd(lambda x, w: torch_ops.rms_norm(x, w, 1e-5), [xr, wr], gy)
     assert y.shape == x.shape and y.dtype == dtype
     assert_close(y, yr, dtype, "y")
     assert_close(gx, gxr, dtype, "dx")
@@ -36,7 +36,7 @@ def test_rms_norm_frozen_weight_noncontiguous(device):
     # x = base.t() is [6, 24] with a non-unit last-dim stride
     y, (gx, _), gy = fwd_bwd(lambda b, w: rms_norm(b.t(), w, 1e-6, 2), [base, w])
     base_r = leaf(base)
-    yr, (gxr, _), _ = fwd_bwd(lambda b, w: graph.rms_norm(b.t(), w, 1e-6), [base_r, w], gy)
+    yr, (gxr, _), _ = fwd_bwd(lambda b, w: torch_ops.rms_norm(b.t(), w, 1e-6), [base_r, w], gy)
     assert_close(y, yr, torch.bfloat16, "y")
     assert_close(gx, gxr, torch.bfloat16, "dx")
 
@@ -61,7 +61,7 @@ def test_swiglu(dtype, num_sms, device):
     with LaunchSpy(swiglu_mod, "_swiglu_fwd_kernel") as spy:
         y, (gg, gu), gy = fwd_bwd(lambda g, u: swiglu(g, u, num_sms), [g, u])
     gr, ur = leaf(g), leaf(u)
-    yr, (ggr, gur), _ = fwd_bwd(graph.swiglu, [gr, ur], gy)
+    yr, (ggr, gur), _ = fwd_bwd(torch_ops.swiglu, [gr, ur], gy)
     assert y.shape == (13, 37) and y.dtype == dtype
     assert_close(y, yr, dtype, "y")
     assert_close(gg, ggr, dtype, "d_gate")
@@ -75,7 +75,7 @@ def test_swiglu_views_of_fused_gate_up(device):
     gu = leaf(torch.randn(2, 7, 2 * 21, dtype=torch.bfloat16, device=device))
     y, (g_gu,), gy = fwd_bwd(lambda t: swiglu(t[..., :21], t[..., 21:], 3), [gu])
     gur = leaf(gu)
-    yr, (g_gur,), _ = fwd_bwd(lambda t: graph.swiglu(t[..., :21], t[..., 21:]), [gur], gy)
+    yr, (g_gur,), _ = fwd_bwd(lambda t: torch_ops.swiglu(t[..., :21], t[..., 21:]), [gur], gy)
     assert y.shape == (2, 7, 21)
     assert_close(y, yr, torch.bfloat16, "y")
     assert_close(g_gu, g_gur, torch.bfloat16, "d gate_up")

@@ -1,7 +1,7 @@
 """The RoPE kernel against the engine's torch RoPE.
 
-The expected values are ``graph.apply_rope`` over ``graph.rope_cos_sin`` tables in x's dtype, as
-``TorchOps`` runs them; the kernel gets the fp32 position tables ``TritonOps`` gives it
+The expected values are ``torch_ops.apply_rope`` over ``torch_ops.rope_cos_sin`` tables in x's
+dtype, as ``TorchOps`` runs them; the kernel gets the fp32 position tables ``TritonOps`` gives it
 (``ops.rope_position_tables``), from the same ``graph.rope_inv_freq`` (itself checked against
 transformers in test/unit/finetune/test_base_model.py).
 """
@@ -12,7 +12,7 @@ from kernel_testutil import LaunchSpy, assert_close, fwd_bwd, leaf
 
 import harli_kernels.rope as rope_mod
 from harli_kernels import apply_rope
-from sglang_harli.finetune import graph
+from sglang_harli.finetune import graph, torch_ops
 from sglang_harli.finetune.base_model import RopeConfig
 from sglang_harli.finetune.ops import rope_position_tables
 
@@ -25,8 +25,8 @@ def _tables(num_positions, head_dim, device, **rope):
 
 
 def _engine_rope(x, positions, inv_freq):
-    cos, sin = graph.rope_cos_sin(positions, inv_freq, x.dtype)
-    return graph.apply_rope(x, cos, sin)
+    cos, sin = torch_ops.rope_cos_sin(positions, inv_freq, x.dtype)
+    return torch_ops.apply_rope(x, cos, sin)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -18,7 +18,7 @@ import requests
 
 from test.support.finetuning import LEARN, PAIRS, answer, wait_for, write_dataset
 from test.support.server_process import COMMON_FLAGS, REPO, Server
-from test.unit.test_publisher import self_signed_cert
+from test.unit.srt.test_publisher import self_signed_cert
 
 pytestmark = pytest.mark.server
 

@@ -66,7 +66,7 @@ def test_an_https_server_with_a_self_signed_certificate(tmp_path, capsys):
     import threading
 
     from sglang_harli import cli
-    from test.unit.test_publisher import self_signed_cert
+    from test.unit.srt.test_publisher import self_signed_cert
 
     cert, key = self_signed_cert(tmp_path)
 

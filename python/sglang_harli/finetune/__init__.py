@@ -15,6 +15,7 @@ from typing import Any
 _EXPORTS = {
     "graph": None,
     "ops": None,
+    "torch_ops": None,
     "BaseModelView": "base_model",
     "FusedLayerWeights": "base_model",
     "LayerWeights": "base_model",

@@ -3,10 +3,10 @@
 ``graph.py`` writes the model once, calling its ops through the :class:`Ops` object carried in
 its ``GraphContext``. Two backends:
 
-* ``"torch"`` (:class:`TorchOps`): ``graph.py``'s own torch functions, exact against PEFT. The
-  default, and the only choice on CPU (outside tests).
+* ``"torch"`` (:class:`TorchOps`): the reference torch functions of ``torch_ops.py``, exact
+  against PEFT. The default, and the only choice on CPU (outside tests).
 * ``"triton"`` (:class:`TritonOps`): the ``harli_kernels`` Triton kernels on persistent grids of
-  at most ``num_sms`` programs (issue 5). For CUDA; on CPU only under Triton's interpreter
+  at most ``num_sms`` programs. For CUDA; on CPU only under Triton's interpreter
   (``TRITON_INTERPRET=1`` set before ``harli_kernels`` is imported), which is how it is tested.
 
 The kernels (and Triton) are imported only when ``"triton"`` is chosen; the torch path uses
@@ -26,7 +26,7 @@ import torch
 from harli_kernels import launch
 from sglang_harli.config import Kernels
 
-from . import graph
+from . import torch_ops
 from .data import PackedBatch
 from .lora import LoraPair
 
@@ -36,7 +36,8 @@ KERNELS = tuple(k.value for k in Kernels if k != Kernels.AUTO)
 
 def check_kernels(kernels: object) -> Kernels:
     if kernels not in KERNELS:
-        raise ValueError(f"kernels {kernels!r}: choose one of {KERNELS}")
+        shown = kernels.value if isinstance(kernels, Kernels) else kernels
+        raise ValueError(f"kernels {shown!r}: choose one of {KERNELS}")
     return Kernels(kernels)
 
 
@@ -49,10 +50,10 @@ def rope_position_tables(
     num_positions: int, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The RoPE kernel's fp32 tables ``[num_positions, D/2]`` (row p: position p), from
-    ``graph.rope_cos_sin``: the first half of its rotate-half layout, where both halves are
+    ``torch_ops.rope_cos_sin``: the first half of its rotate-half layout, where both halves are
     equal."""
     positions = torch.arange(num_positions, device=inv_freq.device)
-    cos, sin = graph.rope_cos_sin(positions, inv_freq, torch.float32)
+    cos, sin = torch_ops.rope_cos_sin(positions, inv_freq, torch.float32)
     half = inv_freq.shape[0]
     return cos[:, :half], sin[:, :half]
 
@@ -107,7 +108,7 @@ class Ops(Protocol):
 
 
 class TorchOps:
-    """``graph.py``'s torch functions (the reference, exact against PEFT). Ignores ``num_sms``."""
+    """``torch_ops.py``'s functions (the reference, exact against PEFT). Ignores ``num_sms``."""
 
     name = "torch"
 
@@ -115,28 +116,28 @@ class TorchOps:
         self.num_sms = check_num_sms(num_sms)
 
     def rms_norm(self, x, weight, eps):
-        return graph.rms_norm(x, weight, eps)
+        return torch_ops.rms_norm(x, weight, eps)
 
     def rope_tables(self, batch, inv_freq, dtype):
-        return graph.rope_cos_sin(batch.positions, inv_freq, dtype)  # per-token (cos, sin)
+        return torch_ops.rope_cos_sin(batch.positions, inv_freq, dtype)  # per-token (cos, sin)
 
     def apply_rope(self, x, tables):
-        return graph.apply_rope(x, *tables)
+        return torch_ops.apply_rope(x, *tables)
 
     def sequences(self, batch):
         return batch.cu_seqlens
 
     def attention(self, q, k, v, seqs):
-        return graph.attention(q, k, v, seqs)
+        return torch_ops.attention(q, k, v, seqs)
 
     def lora_linear(self, x, weight, bias, lora, scaling, dropout_mask=None):
-        return graph.lora_linear(x, weight, bias, lora, scaling, dropout_mask)
+        return torch_ops.lora_linear(x, weight, bias, lora, scaling, dropout_mask)
 
     def swiglu(self, gate, up):
-        return graph.swiglu(gate, up)
+        return torch_ops.swiglu(gate, up)
 
     def cross_entropy_sum(self, x, weight, targets, vocab_chunk, token_chunk):
-        return graph.chunked_cross_entropy(x, weight, targets, vocab_chunk, token_chunk)
+        return torch_ops.chunked_cross_entropy(x, weight, targets, vocab_chunk, token_chunk)
 
     def prepare_backward(self, out):
         pass
@@ -226,7 +227,7 @@ class TritonOps:
         # No targets (not reachable from validated datasets) also goes to torch, which returns
         # a zero gradient where the kernel returns none.
         if (x.dtype == torch.float32 and weight.dtype != torch.float32) or x.shape[0] == 0:
-            return graph.chunked_cross_entropy(x, weight, targets, vocab_chunk, token_chunk)
+            return torch_ops.chunked_cross_entropy(x, weight, targets, vocab_chunk, token_chunk)
         # Tiles are [64 tokens x vocab_chunk] (token_chunk does not apply); every target given
         # is valid, so the sum over tokens is graph.head_loss_sum's summed loss.
         return self._k.fused_linear_cross_entropy(
@@ -254,7 +255,7 @@ class TritonOps:
 
 
 def make_ops(
-    kernels: str = "torch",
+    kernels: Kernels | str = Kernels.TORCH,
     num_sms: int | None = None,
     device: torch.device | str | None = None,
 ) -> TorchOps | TritonOps:

@@ -15,7 +15,7 @@ step does not depend on how it is sliced into micro-batches (only on float summa
 Until the optimizer unit runs, a step can be abandoned and is then redone from scratch, on
 the same sequences with the same dropout masks.
 
-The ops run on the backend ``TrainConfig.kernels`` names (``ops.py``): graph.py's torch
+The ops run on the backend ``TrainConfig.kernels`` names (``ops.py``): torch_ops.py's
 functions, or the ``harli_kernels`` Triton kernels on at most ``num_sms`` SMs, which
 :meth:`Trainer.set_num_sms` changes for the units that run next.
 
@@ -31,41 +31,36 @@ activations inside one unit, the gradient flowing back between units, the adapte
 state stay in ordinary memory: small (one layer, one activation, rank-r matrices), and the last
 two must never be lost.
 
-Checkpoints come in two halves so that a server's scheduler thread does only the cheap one:
-:meth:`Trainer.snapshot` copies the adapters, the AdamW state and the counters into host memory
-(asynchronously on a GPU, into pinned buffers reserved ahead), and :func:`write_checkpoint`
-writes such a snapshot durably (temporary directory, fsync, rename), from any thread.
+Checkpoints (``checkpoint.py``, the format) come in two halves so that a server's scheduler
+thread does only the cheap one: :meth:`Trainer.snapshot` copies the adapters, the AdamW state and
+the counters into host memory (asynchronously on a GPU, into pinned buffers reserved ahead), and
+:func:`~.checkpoint.write_checkpoint` writes such a snapshot durably, from any thread.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import logging
 import math
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sglang_harli import durable
+from sglang_harli.config import Kernels
 from sglang_harli.memory.arena import Arena, Block
 
-from . import graph, parallel
+from . import checkpoint, graph, parallel
 from . import ops as ops_mod
 from .base_model import BaseModelView
+from .checkpoint import TrainerSnapshot
 from .data import Example, PackedBatch, pack
-from .lora import LoraAdapters, LoraConfig, sequence_seed
-from .peft_io import encoding_adapter, write_adapter
-from .tensor_io import Encoded, EncodedTree, drain, encoding_tree, load_tree
+from .lora import LoraAdapters, sequence_seed
 
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "linear", "cosine")
-STATE_FILE = "trainer_state.pt"  # the structure and counters (torch.save)
-STATE_TENSORS = "trainer_state.safetensors"  # fp32 masters and AdamW tensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,11 +84,12 @@ class TrainConfig:
     token_chunk: int = graph.DEFAULT_TOKEN_CHUNK
     shuffle: bool = True
     seed: int = 0  # data order and dropout masks
-    kernels: str = "torch"  # ops backend: "torch" (graph.py) or "triton" (harli_kernels, CUDA)
+    # the ops backend: TORCH (torch_ops.py) or TRITON (harli_kernels, CUDA); a string is taken
+    kernels: Kernels = Kernels.TORCH
     num_sms: int | None = None  # "triton": SMs per launch at first (None: all of the device's)
 
     def __post_init__(self) -> None:
-        ops_mod.check_kernels(self.kernels)
+        object.__setattr__(self, "kernels", ops_mod.check_kernels(self.kernels))
         ops_mod.check_num_sms(self.num_sms)
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: one of {SCHEDULES}")
@@ -143,6 +139,8 @@ class StepResult:
     num_sequences: int
     num_targets: int
     skipped: bool = False  # non-finite gradient norm: the update was not applied
+    # the largest |adapter weight| this step's loss was computed with (before its update)
+    weight_max: float = 0.0
 
 
 class MemoryWait(RuntimeError):
@@ -157,90 +155,6 @@ class MemoryUse:
     blocks_lost: int = 0  # checkpointed inputs taken back by a revoke before their backward
     recomputed_layers: int = 0  # layer forwards rerun to rebuild lost inputs
     micro_batch_tokens: int | None = None  # the token cap memory set at the last step's plan
-
-
-class NonFiniteError(ValueError):
-    """Training diverged: a loss, a gradient or a weight is NaN or infinite."""
-
-    code = "training_diverged"
-
-
-@dataclasses.dataclass(eq=False)
-class CheckpointSnapshot:
-    """A trainer's state at one step, in host memory: what :func:`write_checkpoint` writes.
-
-    On a GPU the copies are enqueued asynchronously; :meth:`wait` blocks until they landed (the
-    writer calls it, not the scheduler). :meth:`release` hands the host buffers back to the
-    trainer for its next snapshot."""
-
-    step: int
-    lora: LoraConfig
-    adapters: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    state: dict[str, Any]
-    copied: Any = None  # a torch.cuda.Event recorded after the copies, or None (synchronous)
-    _release: Callable[[], None] | None = dataclasses.field(default=None, repr=False)
-    # the files' bytes, once encoded (encode()): writing them is then I/O alone
-    encoded: tuple[Encoded, EncodedTree] | None = dataclasses.field(default=None, repr=False)
-
-    def wait(self) -> None:
-        if self.copied is not None:
-            self.copied.synchronize()
-
-    def release(self) -> None:
-        if self._release is not None:
-            self._release()
-            self._release = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"adapters": self.adapters, "optimizer": self.optimizer, "state": self.state}
-
-    def encode(self, dtype: torch.dtype) -> None:
-        """Check and encode the files (adapter in ``dtype``, trainer state): the torch and
-        Python work of a checkpoint, done where the caller chooses (a server does it in work
-        units, :meth:`encoding`, so the writer thread holds the GIL only briefly)."""
-        drain(self.encoding(dtype))
-
-    def encoding(self, dtype: torch.dtype) -> Generator[None, None, None]:
-        """:meth:`encode`, a tensor per step; raises :class:`NonFiniteError` first if a weight
-        is not finite."""
-        self.wait()
-        for name, t in self.adapters.items():
-            if not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(f"adapter weight {name} is not finite at step {self.step}")
-            yield
-        adapter = yield from encoding_adapter(self.adapters.items(), dtype)
-        state = yield from encoding_tree(self.to_dict())
-        self.encoded = (adapter, state)
-
-
-def write_checkpoint(
-    path: str | Path,
-    snapshot: CheckpointSnapshot,
-    *,
-    dtype: torch.dtype,
-    base_model_name_or_path: str = "",
-    adapter_only: bool = False,
-) -> None:
-    """Write ``snapshot`` as a PEFT adapter directory plus ``trainer_state.pt`` (fp32 masters,
-    AdamW state, counters), or the adapter alone; durably: a crash leaves the old directory or
-    the whole new one. Raises :class:`NonFiniteError` (writing nothing) on non-finite weights."""
-    if snapshot.encoded is None:
-        snapshot.encode(dtype)
-    adapter, state = snapshot.encoded
-    with durable.new_directory(path) as tmp:
-        write_adapter(tmp, snapshot.lora, adapter, base_model_name_or_path)
-        if not adapter_only:
-            state.save(tmp / STATE_FILE, tmp / STATE_TENSORS)
-
-
-def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """What :func:`write_checkpoint` wrote, for :meth:`Trainer.restore`; raises if the files
-    are missing, truncated or not a trainer state."""
-    saved = load_tree(Path(path) / STATE_FILE, Path(path) / STATE_TENSORS, device)
-    if not isinstance(saved, dict) or not {"adapters", "optimizer", "state"} <= set(saved):
-        raise ValueError(f"{path}: not a trainer checkpoint")
-    return saved
 
 
 @dataclasses.dataclass(eq=False)
@@ -315,7 +229,7 @@ class Trainer:
         self.state = TrainerState()
         self._step: _Step | None = None
         self._orders: dict[int, list[int]] = {}
-        self._host: dict[str, torch.Tensor] | None = {}  # snapshot buffers; None while lent out
+        self._buffers = checkpoint.SnapshotBuffers()  # what snapshots copy into
 
     # --- scheduler-facing API ----------------------------------------------------------------
 
@@ -331,6 +245,15 @@ class Trainer:
     @property
     def num_sms(self) -> int | None:
         return self.ops.num_sms
+
+    def weight_max(self) -> float:
+        """The largest magnitude of any adapter weight (every rank's shards at TP > 1: a
+        collective): what tells a blown-up adapter whose weights are still finite."""
+        norms = torch._foreach_norm(self.adapters.parameters(), math.inf)
+        largest = torch.stack(norms).max()
+        if self.view.tp is not None:
+            largest = self.view.tp.all_reduce(largest, op="max")
+        return largest.item()
 
     @property
     def done(self) -> bool:
@@ -384,10 +307,11 @@ class Trainer:
 
     def save_checkpoint(self, path: str | Path, base_model_name_or_path: str = "") -> None:
         """A PEFT adapter directory plus ``trainer_state.pt`` (fp32 masters, AdamW, counters),
-        written durably; :meth:`snapshot` and :func:`write_checkpoint` in one call."""
+        written durably; :meth:`snapshot` and :func:`~.checkpoint.write_checkpoint` in one
+        call."""
         snapshot = self.snapshot()
         try:
-            write_checkpoint(
+            checkpoint.write_checkpoint(
                 path,
                 snapshot,
                 dtype=self.view.dtype,
@@ -398,132 +322,42 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from :meth:`save_checkpoint` output (same dataset and config)."""
-        self.restore(read_checkpoint(path, self.view.device))
+        self.restore(checkpoint.read_checkpoint(path, self.view.device))
 
     def restore(self, saved: dict[str, Any]) -> None:
-        """Resume from :func:`read_checkpoint` output; raises (changing nothing the next
-        restore would not replace) if it does not fit these adapters."""
+        """Resume from :func:`~.checkpoint.read_checkpoint` output; raises (changing nothing
+        the next restore would not replace) if it does not fit these adapters."""
         self.abandon_step()
-        # this rank's shards of a whole checkpoint, or copies: AdamW's load_state_dict keeps
-        # the very tensors it is given and updates them in place, which would change `saved`
-        saved = self._shards_of(saved)
+        saved = checkpoint.shards_of(saved, self.adapters, self.view.tp)
         self.adapters.load_state_dict(saved["adapters"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.state = TrainerState(**saved["state"])
 
-    def _shards_of(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """This rank's part of a whole checkpoint (whatever TP size wrote it), in new tensors."""
-        tp, names = self.view.tp, self._param_names
-
-        def part(name: str, t: torch.Tensor) -> torch.Tensor:
-            return t.clone() if tp is None else parallel.shard_tensor(name, t, tp)
-
-        adapters = {k: part(k, t) for k, t in saved["adapters"].items()}
-        state = {
-            index: {
-                k: part(names[int(index)], v)
-                if isinstance(v, torch.Tensor) and v.dim() > 0
-                else _detach(v)
-                for k, v in entry.items()
-            }
-            for index, entry in saved["optimizer"]["state"].items()
-        }
-        return {**saved, "adapters": adapters, "optimizer": {**saved["optimizer"], "state": state}}
-
     def reserve_snapshot_memory(self) -> None:
         """Allocate the host buffers snapshots copy into (pinned on a GPU, which is slow to
         allocate: call this off the serving thread, before the first snapshot)."""
-        host = self._host if self._host is not None else {}
-        for key, t in self._snapshot_tensors(with_optimizer_guess=True):
-            if key not in host:
-                host[key] = _host_like(t)
-        self._host = host
+        tensors = checkpoint.snapshot_tensors(self.adapters, self.optimizer, True)
+        self._buffers.reserve(tensors)
 
     @property
     def can_snapshot(self) -> bool:
         """False while the previous snapshot's buffers are still being written."""
-        return self._host is not None
+        return self._buffers.available
 
-    def snapshot(self) -> CheckpointSnapshot:
+    def snapshot(self) -> TrainerSnapshot:
         """Copy the trainer's state to host memory (cheap: copies into reserved buffers,
-        asynchronous on a GPU); the returned snapshot is what :func:`write_checkpoint` writes.
-        Its buffers are this trainer's until :meth:`CheckpointSnapshot.release`."""
+        asynchronous on a GPU); the returned snapshot is what
+        :func:`~.checkpoint.write_checkpoint` writes. Its buffers are this trainer's until
+        :meth:`~.checkpoint.TrainerSnapshot.release`."""
         if self._step is not None:
             raise RuntimeError("a step is open: finish or abandon it before saving")
-        host = self._host if self._host is not None else {}  # lent out: copy to fresh buffers
-        lent = self._host is not None
-        self._host = None
-        copies: dict[str, torch.Tensor] = {}
-        for key, t in self._snapshot_tensors():
-            t = self._whole(key, t)  # at TP > 1, gathered: a checkpoint is the whole model's
-            buffer = host.get(key)
-            if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
-                buffer = host[key] = _host_like(t)
-            buffer.copy_(t.detach(), non_blocking=t.device.type == "cuda")
-            copies[key] = buffer
-        copied = None
-        if self.view.device.type == "cuda":
-            copied = torch.cuda.Event()
-            copied.record()
-        optimizer = self.optimizer.state_dict()  # references: replaced by the copies below
-        state = {
-            index: {
-                name: copies[f"optimizer.{index}.{name}"] if _copied(value) else _detach(value)
-                for name, value in entry.items()
-            }
-            for index, entry in optimizer["state"].items()
-        }
-
-        def release() -> None:
-            if lent:
-                self._host = host
-
-        return CheckpointSnapshot(
-            step=self.state.step,
-            lora=self.adapters.config,
-            adapters={
-                name: copies[f"adapters.{name}"] for name, _ in self.adapters.named_parameters()
-            },
-            optimizer={"state": state, "param_groups": copy.deepcopy(optimizer["param_groups"])},
-            state=dataclasses.asdict(self.state),
-            copied=copied,
-            _release=release,
+        return checkpoint.take_snapshot(
+            self.adapters,
+            self.optimizer,
+            dataclasses.asdict(self.state),
+            self._buffers,
+            self.view.tp,
         )
-
-    def _whole(self, key: str, t: torch.Tensor) -> torch.Tensor:
-        """The whole tensor of snapshot ``key`` from this rank's shard (a collective at TP > 1;
-        AdamW's moments are sharded as their parameter)."""
-        if self.view.tp is None:
-            return t
-        return parallel.gather_tensor(self._param_name(key), t, self.view.tp)
-
-    def _param_name(self, key: str) -> str:
-        """``adapters.{name}`` or ``optimizer.{index}.{moment}`` -> the parameter's name."""
-        if key.startswith("adapters."):
-            return key.removeprefix("adapters.")
-        return self._param_names[int(key.split(".")[1])]
-
-    @functools.cached_property
-    def _param_names(self) -> list[str]:
-        """The adapters' parameter names, in the optimizer's index order."""
-        return [name for name, _ in self.adapters.named_parameters()]
-
-    def _snapshot_tensors(self, with_optimizer_guess: bool = False):
-        """``(key, tensor)`` of everything a snapshot copies: the fp32 masters and AdamW's
-        per-parameter tensors (before the first step AdamW has none: with
-        ``with_optimizer_guess``, its moments are assumed shaped like the parameters)."""
-        params = self.adapters.parameters()
-        for name, p in self.adapters.named_parameters():
-            yield f"adapters.{name}", p
-        state = self.optimizer.state
-        for index, p in enumerate(params):
-            if p in state:
-                for name, value in state[p].items():
-                    if _copied(value):
-                        yield f"optimizer.{index}.{name}", value
-            elif with_optimizer_guess:
-                yield f"optimizer.{index}.exp_avg", p
-                yield f"optimizer.{index}.exp_avg_sq", p
 
     # --- planning ----------------------------------------------------------------------------
 
@@ -741,6 +575,7 @@ class Trainer:
                         p.grad.mul_(coef)
         lr = lr_at(self.config, step.index, self.total_steps)
         loss = (step.loss_sum / step.num_targets).item()
+        weight_max = self.weight_max()  # the weights this step's loss came from
         if math.isfinite(norm.item()):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -757,19 +592,12 @@ class Trainer:
         logger.debug("step %d: loss %.4f lr %.3g grad norm %.3g", step.index, loss, lr, norm)
         skipped = not math.isfinite(norm.item())
         return StepResult(
-            step.index, loss, lr, norm.item(), len(step.examples), step.num_targets, skipped
+            step.index,
+            loss,
+            lr,
+            norm.item(),
+            len(step.examples),
+            step.num_targets,
+            skipped,
+            weight_max,
         )
-
-
-def _copied(value: Any) -> bool:
-    """Optimizer state a snapshot copies into a buffer (not AdamW's scalar CPU step count)."""
-    return isinstance(value, torch.Tensor) and (value.dim() > 0 or value.device.type != "cpu")
-
-
-def _detach(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
-
-
-def _host_like(t: torch.Tensor) -> torch.Tensor:
-    """A host tensor shaped like ``t``; pinned when ``t`` is on a GPU (asynchronous copies)."""
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")

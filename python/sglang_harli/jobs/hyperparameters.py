@@ -14,6 +14,8 @@ names the parameter):
   one micro-batch and keeps each layer's input for it, so this bounds its memory beside decode.
   ``max_seq_length`` is also at most the model's context length; ``"auto"`` is the longest
   example of the job's files, and an ``"auto"`` batch size shrinks to fit the budget;
+* ``learning_rate_multiplier`` <= :data:`MAX_LEARNING_RATE_MULTIPLIER`: a larger one does not
+  train, it destroys the adapter (see there);
 * ``lora_rank`` <= the server's ``--max-lora-rank``, ``lora_target_modules`` among the ones it
   serves (an adapter beyond them could not be served);
 * ``seed`` (a job field, not a hyperparameter) in ``0 .. MAX_SEED``.
@@ -30,6 +32,12 @@ from sglang_harli.finetune.base_model import PROJECTIONS
 
 # AdamW learning rate that learning_rate_multiplier scales: a common LoRA choice.
 BASE_LEARNING_RATE = 2e-4
+# At most 100 x 2e-4 = 0.02. LoRA recipes use 1e-5 to 1e-3 (5e-3 at the very most, rsLoRA); AdamW
+# moves every weight by about the learning rate each step whatever the gradient, so 0.02 already
+# ruins most runs, and far beyond it the adapter's weights grow without bound: at 1e12 the job
+# "succeeded" with weights near 1e9 and an adapter that answered nothing but <unk>, at 1e300 it
+# failed mid-run. A 400 at creation says so before any time is spent.
+MAX_LEARNING_RATE_MULTIPLIER = 100.0
 AUTO = "auto"
 MAX_EPOCHS = 10_000
 MICRO_BATCH_TOKENS = 32_768  # tokens per micro-batch: about 8 GB of layer inputs for an 8B model
@@ -131,7 +139,7 @@ def resolve(
     return Hyperparameters(
         n_epochs=_int(raw, "n_epochs", auto=auto_epochs(num_examples), maximum=MAX_EPOCHS),
         batch_size=batch_size,
-        learning_rate_multiplier=_positive_float(raw, "learning_rate_multiplier", auto=1.0),
+        learning_rate_multiplier=_learning_rate_multiplier(raw),
         lora_rank=rank,
         lora_alpha=_positive_float(raw, "lora_alpha", auto=2.0 * rank),
         lora_dropout=_dropout(raw),
@@ -184,6 +192,19 @@ def _positive_float(raw: Mapping[str, Any], name: str, auto: float) -> float:
             f"{name} must be a positive number or 'auto', got {_shown(value)}",
         )
     return as_float
+
+
+def _learning_rate_multiplier(raw: Mapping[str, Any]) -> float:
+    value = _positive_float(raw, "learning_rate_multiplier", auto=1.0)
+    if value > MAX_LEARNING_RATE_MULTIPLIER:
+        most = MAX_LEARNING_RATE_MULTIPLIER
+        raise InvalidParameter(
+            "hyperparameters.learning_rate_multiplier",
+            f"learning_rate_multiplier must be at most {most:g} (a learning rate of "
+            f"{most * BASE_LEARNING_RATE:g}; beyond it training destroys the adapter), "
+            f"got {_shown(value)}",
+        )
+    return value
 
 
 def _small_int(value: Any) -> bool:

@@ -70,7 +70,9 @@ class Event:
 
 
 @dataclasses.dataclass(frozen=True)
-class Checkpoint:
+class CheckpointRecord:
+    """A written checkpoint as the store records it (one row of ``checkpoints``)."""
+
     id: str
     job_id: str
     created_at: int

@@ -9,14 +9,16 @@ only its work units, whatever the store or the disk are doing:
 
 - starting a job: :meth:`JobRunner.build` reads the tokenized dataset and the newest readable
   checkpoint on the agent's thread; the scheduler only takes the finished runner;
-- a checkpoint: the slice copies the adapters and the AdamW state into host buffers reserved
-  ahead (:meth:`Trainer.snapshot`); the agent writes them (durably) while training goes on;
+- a checkpoint (``checkpointing.py``): the slice copies the adapters and the AdamW state into
+  host buffers reserved ahead (:meth:`Trainer.snapshot`); the agent writes them (durably, through
+  the format module ``finetune/checkpoint.py``) while training goes on;
 - a store that does not answer: the runner pauses (no work units) until the agent's writes go
   through again, or the agent fails the job after ``AgentConfig.give_up_s``.
 
-A job ends here as cancelled, failed (``training_failed``, or ``training_diverged`` for a
-non-finite loss or mostly skipped steps), or with its adapter written for the publisher; a job
-another server took over is dropped without a write. No exception reaches the caller, which is
+A job ends here as cancelled, failed (``training_failed``; ``training_diverged`` for a
+non-finite loss or mostly skipped steps; ``training_blew_up`` for adapter weights beyond
+:data:`MAX_ADAPTER_WEIGHT`, finite but useless), or with its adapter written for the publisher;
+a job another server took over is dropped without a write. No exception reaches the caller, which is
 serving requests.
 """
 
@@ -28,55 +30,58 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sglang_harli.config import Kernels
 from sglang_harli.corun.ranks import RankSync, Verdict
-from sglang_harli.finetune import graph
 from sglang_harli.finetune.base_model import BaseModelView
-from sglang_harli.finetune.data import Example, load_examples, pack
+from sglang_harli.finetune.checkpoint import read_checkpoint
+from sglang_harli.finetune.data import Example, load_examples
 from sglang_harli.finetune.lora import LoraAdapters, LoraConfig
 from sglang_harli.finetune.parallel import shard_adapters
 from sglang_harli.finetune.trainer import (
-    STATE_FILE,
-    STATE_TENSORS,
-    CheckpointSnapshot,
     MemoryWait,
-    NonFiniteError,
     StepResult,
     TrainConfig,
     Trainer,
     WorkUnit,
-    read_checkpoint,
-    write_checkpoint,
 )
 from sglang_harli.memory.arena import Arena
 
 from .agent import JobLink
+from .checkpointing import (
+    ENCODE_TENSORS,  # noqa: F401 - bench/job_shape.py reads the encode unit's size here
+    Checkpointing,
+    drop_trainer_states,
+    metrics_event,
+)
 from .hyperparameters import Hyperparameters
 from .lifecycle import JobStatus
 from .store import (
-    CHECKPOINTS,
     STORE_ERRORS,
-    Checkpoint,
+    CheckpointRecord,
     Job,
     JobStore,
-    NewCheckpoint,
     NewEvent,
     Outcome,
     Progress,
-    Prune,
     Rewind,
 )
 
 logger = logging.getLogger(__name__)
 
-ADAPTER = "adapter"
 DIVERGED = "training_diverged"
-ENCODE_TENSORS = 16  # tensors of a checkpoint encoded per work unit
+BLEW_UP = "training_blew_up"
+# LoRA's weights start below 1 (A uniform within +-1/sqrt(in_features), B zero), and AdamW moves a
+# weight by about the learning rate per step at most, so a weight of 1e4 takes some 10^5 steps
+# at the largest learning rate the API accepts (0.02, hyperparameters.py): no real run gets
+# there. A run that does has destroyed its adapter while every number stays finite (with a
+# learning rate of 2e8 the weights reached 1e9 and the served adapter answered only <unk>).
+MAX_ADAPTER_WEIGHT = 1e4
 SKIP_WINDOW = 10  # divergence: more than half of the last SKIP_WINDOW steps skipped...
 MIN_SKIPPED = 3  # ...and at least this many
 
@@ -85,7 +90,7 @@ MIN_SKIPPED = 3  # ...and at least this many
 class RunnerConfig:
     checkpoint_every: int = 10  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3  # the newest checkpoints kept per job, besides the adapter
-    kernels: str = "torch"  # the ops backend (see ops.py): "torch", or "triton" on a GPU
+    kernels: Kernels = Kernels.TORCH  # the ops backend (finetune/ops.py): TRITON on a GPU
     base_model_name: str = ""  # written into the adapters' PEFT config
 
 
@@ -99,20 +104,6 @@ _GONE = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 class DatasetUnavailable(ValueError):
     """The job's training or validation data cannot be read: the job fails (no retry)."""
-
-
-@dataclasses.dataclass
-class _Checkpoint:
-    """A checkpoint being made: its validation pass runs as work units first. The metrics event
-    of its step waits for it, so that one event per step carries both losses."""
-
-    step: int
-    train_loss: float | None
-    final: bool
-    validation_left: list[Example]
-    metrics: dict[str, Any] | None = None  # the step's metrics event data, if a step ran
-    valid_sum: float = 0.0
-    valid_targets: int = 0
 
 
 class JobRunner:
@@ -130,17 +121,20 @@ class JobRunner:
         self.job, self.trainer, self.link, self.dir = job, trainer, link, job_dir
         self.validation, self.config = validation, config
         self.view = trainer.view
-        self._making: _Checkpoint | None = None
-        # a checkpoint being encoded: (what it is, its snapshot, the encoding's steps)
-        self._encoding: tuple[_Checkpoint, CheckpointSnapshot, Iterator[None]] | None = None
-        self._done = False  # the job ended here, or its adapter is handed over
+        self.checkpoints = Checkpointing(
+            trainer,
+            link,
+            job_dir,
+            validation,
+            keep=config.keep_checkpoints,
+            base_model_name=config.base_model_name,
+        )
+        self._ended = False  # the job ended here, or its adapter is handed over
         self._skips: collections.deque[bool] = collections.deque(maxlen=SKIP_WINDOW)
         self._step_times: list[float] = []
         self._last_step_end = time.monotonic()
         self.tokens_trained = 0  # target tokens of the optimizer steps this runner finished
         self.waiting_for_memory = False  # the last unit found no room in the arena
-        # a snapshot copies every adapter and optimizer element: its cost, for the predictor
-        self._snapshot_elements = float(3 * sum(p.numel() for p in trainer.adapters.parameters()))
         # at tensor parallel size > 1: the ranks' one decision before each unit (the scheduler's)
         self.ranks: RankSync | None = None
         self.started_at_step = trainer.state.step  # its ranks' runners all start here
@@ -242,8 +236,12 @@ class JobRunner:
     @property
     def paused(self) -> bool:
         """Waiting for the store, or for the previous checkpoint's write: no work to do."""
-        waiting = self._making is not None and not self._making.validation_left
-        return self.link.store_failing or (waiting and not self.trainer.can_snapshot)
+        return self.link.store_failing or self.checkpoints.waiting
+
+    @property
+    def _done(self) -> bool:
+        """The job ended here, or its adapter is handed over."""
+        return self._ended or self.checkpoints.finished
 
     def run_for(self, budget_s: float) -> bool:
         """Run work units for about ``budget_s`` seconds (at least one); False when done."""
@@ -307,8 +305,8 @@ class JobRunner:
             return
         # lost to another server, or failed by the agent: drop it, writing nothing
         self.trainer.abandon_step()
-        self._drop_encoding()
-        self._done = True
+        self.checkpoints.drop()
+        self._ended = True
         self.link.close()
 
     def _verdict(self, unit, admit: Admit, spent_s: float) -> Verdict:
@@ -335,32 +333,18 @@ class JobRunner:
 
     def _next_unit(self) -> tuple[str, float, Callable[[], None]] | None:
         """The next unit of work as (kind, cost, run), or None if there is none now (done, or
-        waiting for the previous checkpoint's write). Kinds: the trainer's units, plus ``plan``
-        (packing a step's micro-batches), ``validation`` (one example) and ``checkpoint`` (the
-        host copy of a snapshot)."""
-        if self._encoding is not None:
-            return "encode", float(ENCODE_TENSORS), self._encode_some
-        making = self._making
-        if making is not None:
-            if making.validation_left:
-                tokens = len(making.validation_left[-1].input_ids)
-                cost = self._validation_flops(tokens)
-                return "validation", cost, functools.partial(self._validate_one, making)
-            if not self.trainer.can_snapshot:
-                return None  # the previous checkpoint is still being written: wait for it
-            return (
-                "checkpoint",
-                self._snapshot_elements,
-                functools.partial(self._checkpoint, making),
-            )
+        waiting for the previous checkpoint's write). Kinds: the trainer's units, ``plan``
+        (packing a step's micro-batches), and a checkpoint's (``checkpointing.py``):
+        ``validation`` (one example), ``checkpoint`` (the host copy of a snapshot) and
+        ``encode`` (its files, on a CPU)."""
+        if self.checkpoints.busy:
+            return self.checkpoints.next_unit()
         if not self.trainer.step_planned:  # packing a step's micro-batches is work too
             return "plan", float(self.trainer.config.global_batch_size), self.trainer.pending_work
         unit = self.trainer.next_unit()
         if unit is None:  # trained: the final checkpoint (and validation) are what is left
             state = self.trainer.state
-            self._making = _Checkpoint(
-                state.step, state.last_loss, final=True, validation_left=list(self.validation)
-            )
+            self.checkpoints.start(state.step, state.last_loss, final=True)
             return self._next_unit()
         return unit.kind, unit.cost, functools.partial(self._trainer_unit, unit)
 
@@ -369,15 +353,6 @@ class JobRunner:
         if result is not None:
             self.tokens_trained += result.num_targets
             self._on_step(result)
-
-    def _checkpoint(self, making: _Checkpoint) -> None:
-        self._making = None
-        self._write(making)
-
-    def _validation_flops(self, tokens: int) -> float:
-        c, lora = self.view.config, self.trainer.adapters.config
-        layer = graph.layer_forward_flops(c, lora, [tokens])
-        return c.num_layers * layer + graph.head_forward_flops(c, tokens)
 
     def _on_step(self, result: StepResult) -> None:
         now = time.monotonic()
@@ -407,135 +382,67 @@ class JobRunner:
             "eta_seconds": eta_s,
         }
         self._skips.append(result.skipped)
-        diverged = self._diverged(step, result)
-        if diverged is not None:
-            self.link.submit(_metrics_event(metrics))
-            self._end(
-                JobStatus.FAILED,
-                f"Job failed: {diverged}",
-                {"code": DIVERGED, "message": diverged},
-            )
+        failure = self._diverged(step, result) or self._blew_up(step, result, final=step >= total)
+        if failure is not None:
+            code, message = failure
+            self.link.submit(metrics_event(metrics))
+            error = {"code": code, "message": message}
+            self._end(JobStatus.FAILED, f"Job failed: {message}", error)
             return
         if step % self.config.checkpoint_every == 0 or step >= total:
-            final = step >= total
-            self._making = _Checkpoint(step, result.loss, final, list(self.validation), metrics)
+            self.checkpoints.start(step, result.loss, final=step >= total, metrics=metrics)
         else:
-            self.link.submit(_metrics_event(metrics))
+            self.link.submit(metrics_event(metrics))
 
-    def _diverged(self, step: int, result: StepResult) -> str | None:
-        hint = (
+    def _hint(self) -> str:
+        return (
             f"Try a lower learning_rate_multiplier (this job used "
             f"{self.job.hyperparameters.get('learning_rate_multiplier')}) or a smaller batch, "
             "and check the training data"
         )
+
+    def _diverged(self, step: int, result: StepResult) -> tuple[str, str] | None:
+        """(code, message) if the step's numbers are not finite: NaN first, it says more."""
         if not math.isfinite(result.loss):
-            return f"Training diverged at step {step}: the training loss is {result.loss}. {hint}"
+            message = f"the training loss is {result.loss}"
+            return DIVERGED, f"Training diverged at step {step}: {message}. {self._hint()}"
         skipped = sum(self._skips)
         if skipped >= MIN_SKIPPED and 2 * skipped > len(self._skips):
-            return (
+            return DIVERGED, (
                 f"Training diverged at step {step}: {skipped} of the last {len(self._skips)} "
-                f"steps had non-finite gradients and were skipped. {hint}"
+                f"steps had non-finite gradients and were skipped. {self._hint()}"
             )
         return None
 
-    def _validate_one(self, making: _Checkpoint) -> None:
-        example = making.validation_left.pop()
-        batch = pack([example], device=self.view.device)
-        with torch.no_grad():
-            loss = graph.loss_sum(
-                self.view, self.trainer.adapters, batch, self.trainer.dtype, training=False
-            )
-        making.valid_sum += float(loss)
-        making.valid_targets += batch.num_targets
-
-    def _write(self, making: _Checkpoint) -> None:
-        """Take the checkpoint's host copy. On a CPU its files are then encoded in ``encode``
-        units here, in budgeted slices (on the agent's thread that torch and Python work would
-        contend with decode for the GIL); on a GPU the copy is still landing, and the agent's
-        thread encodes it."""
-        snapshot = self.trainer.snapshot()
-        if self.view.device.type != "cpu":
-            self._hand_over(making, snapshot)
-            return
-        self._encoding = (making, snapshot, snapshot.encoding(self.view.dtype))
-
-    def _encode_some(self) -> None:
-        making, snapshot, steps = self._encoding
-        try:
-            for _ in range(ENCODE_TENSORS):
-                next(steps)
-            return
-        except StopIteration:
-            pass
-        except NonFiniteError:  # the agent's writer raises it again: the job fails as diverged
-            snapshot.encoded = None
-        self._encoding = None
-        self._hand_over(making, snapshot)
-
-    def _drop_encoding(self) -> None:
-        if self._encoding is not None:
-            self._encoding[1].release()  # its buffers go back to the trainer
-            self._encoding = None
-
-    def _hand_over(self, making: _Checkpoint, snapshot: CheckpointSnapshot) -> None:
-        """Hand the checkpoint (and at the end the adapter) to the agent, which writes the
-        files on its thread."""
-        step = making.step
-        path = self.dir / CHECKPOINTS / f"step-{step}"
-        metrics: dict[str, Any] = {"step": step, "train_loss": making.train_loss}
-        if self.validation:
-            metrics["valid_loss"] = making.valid_sum / max(making.valid_targets, 1)
-        rows: list = []
-        if making.metrics is not None:
-            rows.append(_metrics_event({**making.metrics, **metrics}))
-        rows += [NewCheckpoint(step, str(path), metrics), Prune(self.config.keep_checkpoints)]
-        write = functools.partial(
-            write_checkpoint,
-            snapshot=snapshot,
-            dtype=self.view.dtype,
-            base_model_name_or_path=self.config.base_model_name,
+    def _blew_up(self, step: int, result: StepResult, final: bool) -> tuple[str, str] | None:
+        """(code, message) if the adapter's weights grew beyond :data:`MAX_ADAPTER_WEIGHT`: the
+        ones this step's loss came from, and at the end the ones that would be published."""
+        largest = result.weight_max
+        if final and largest <= MAX_ADAPTER_WEIGHT:
+            largest = self.trainer.weight_max()  # a collective at TP > 1: every rank is here
+        # not finite: the checkpoint's own check fails the job as diverged, as it always did
+        if not MAX_ADAPTER_WEIGHT < largest < math.inf:
+            return None
+        return BLEW_UP, (
+            f"Training blew up at step {step}: an adapter weight reached {largest:.3g} (a "
+            f"trained LoRA adapter stays far below {MAX_ADAPTER_WEIGHT:g}); the adapter would "
+            f"answer nothing useful. {self._hint()}"
         )
-        if not making.final:
-            self.link.submit(*rows, files=lambda: write(path), release=snapshot.release)
-            return
-        adapter = self.dir / ADAPTER
-
-        def write_both() -> None:
-            write(path)
-            write(adapter, adapter_only=True)
-
-        rows += [
-            Progress({"adapter_path": str(adapter)}),
-            NewEvent("Training finished; loading the adapter for serving"),
-        ]
-        self.link.submit(
-            *rows, files=write_both, after=self._drop_trainer_states, release=snapshot.release
-        )
-        self._done = True
-        self.link.close()
 
     def _end(self, status: JobStatus, message: str, error: dict | None = None) -> None:
         """The job ends here (cancelled, failed): nothing is published."""
         self.trainer.abandon_step()
-        self._drop_encoding()
-        self._making = None
-        self._done = True
+        self.checkpoints.drop()
+        self._ended = True
         level = "error" if status == JobStatus.FAILED else "info"
         if error is not None:
             error = {"param": None, **error}
         self.link.submit(
             Outcome(status, error),
             NewEvent(message, level=level),
-            after=self._drop_trainer_states,
+            after=functools.partial(drop_trainer_states, self.dir),
         )
         self.link.close()
-
-    def _drop_trainer_states(self) -> None:
-        """A job that will not resume needs no optimizer state: its checkpoints keep their
-        adapters (servable) and lose the 2/3 of their bytes that only resuming reads."""
-        for name in (STATE_FILE, STATE_TENSORS):
-            for state in (self.dir / CHECKPOINTS).glob(f"*/{name}"):
-                state.unlink(missing_ok=True)
 
 
 def _examples(store: JobStore, job: Job, split: str) -> list[Example]:
@@ -557,15 +464,7 @@ def _examples(store: JobStore, job: Job, split: str) -> list[Example]:
         raise DatasetUnavailable(f"the {split} set cannot be read: {exc}") from exc
 
 
-def _metrics_event(data: dict[str, Any]) -> NewEvent:
-    """One event per step: OpenAI's ``metrics`` event shape."""
-    message = f"Step {data['step']}/{data['total_steps']}: training loss={data['train_loss']:.4f}"
-    if "valid_loss" in data:
-        message += f", validation loss={data['valid_loss']:.4f}"
-    return NewEvent(message, type="metrics", data=data)
-
-
-def _unreadable(checkpoint: Checkpoint, exc: BaseException) -> NewEvent:
+def _unreadable(checkpoint: CheckpointRecord, exc: BaseException) -> NewEvent:
     return NewEvent(
         f"The checkpoint at step {checkpoint.step} could not be read ({type(exc).__name__}:"
         f" {exc}); resuming from an older one",

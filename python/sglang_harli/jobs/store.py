@@ -39,31 +39,32 @@ from typing import Any
 
 from sglang_harli import durable
 
-from .lifecycle import ACTIVE_STATES, ALLOWED_FROM, FINAL_STATES, JobStatus, adapter_name
-from .records import Checkpoint, Event, FileInUseError, FileRecord, Job, Owner, new_id
+from .lifecycle import ACTIVE_STATES, FINAL_STATES, JobStatus, adapter_name
+from .records import CheckpointRecord, Event, FileInUseError, FileRecord, Job, Owner, new_id
 from .writes import (
+    AddCheckpointRecord,
     JobWrite,
-    NewCheckpoint,
     NewEvent,
     Outcome,
     Progress,
     Prune,
     Rewind,
+    change_status,
     from_db,
     insert_event,
-    to_db,
+    job_columns,
     update_job,
 )
 
 __all__ = [  # the records and writes are imported from here by the service's users
-    "Checkpoint",
+    "AddCheckpointRecord",
+    "CheckpointRecord",
     "Event",
     "FileInUseError",
     "FileRecord",
     "Job",
     "JobStore",
     "JobWrite",
-    "NewCheckpoint",
     "NewEvent",
     "Outcome",
     "Owner",
@@ -74,7 +75,7 @@ __all__ = [  # the records and writes are imported from here by the service's us
 ]
 
 DB_NAME = "harli.db"
-CHECKPOINTS = "checkpoints"  # a job's checkpoint directories: jobs/<id>/checkpoints/step-<n>
+CHECKPOINTS_DIR = "checkpoints"  # a job's checkpoints: jobs/<id>/checkpoints/step-<n>
 DEFAULT_BUSY_TIMEOUT_MS = 30_000  # the API's writes wait this long for another writer
 LEASE_S = 30.0  # a running job's owner renews its lease well within this (see jobs/agent.py)
 # A job is `validating_files` only while its create request runs (seconds, minutes for a huge
@@ -314,27 +315,13 @@ class JobStore:
             fields.setdefault("started_at", now)
         if status in FINAL_STATES:
             fields.setdefault("finished_at", now)
-        columns = {"status": str(status), **self._columns(fields)}
-        assignments = ", ".join(f"{name} = ?" for name in columns)
-        sources = sorted(str(s) for s in ALLOWED_FROM[status])
-        marks = ", ".join("?" * len(sources))
+        columns = job_columns(fields, self.relative)
         with self._connect() as db:
-            cursor = db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN ({marks})",
-                (*columns.values(), job_id, *sources),
-            )
-        return cursor.rowcount == 1
+            return change_status(db, job_id, status, columns)
 
     def update_progress(self, job_id: str, **fields: Any) -> None:
         with self._connect() as db:
-            update_job(db, job_id, self._columns(fields))
-
-    def _columns(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """Column values as stored: dicts as JSON (non-finite numbers null), paths relative."""
-        columns = {k: to_db(v) for k, v in fields.items()}
-        if columns.get("adapter_path") is not None:
-            columns["adapter_path"] = self.relative(columns["adapter_path"])
-        return columns
+            update_job(db, job_id, job_columns(fields, self.relative))
 
     def request_cancel(self, job_id: str) -> Job | None:
         """Cancel a job: a queued one at once, a running one when its trainer next checks."""
@@ -480,7 +467,7 @@ class JobStore:
                 ).fetchone()
                 if row is None:
                     return False
-            removed = [path for write in writes for path in write.apply(self, db, job_id)]
+            removed = [path for write in writes for path in write.apply(db, job_id, self.relative)]
         for path in removed:
             _remove_tree(self.resolve(path))
         return True
@@ -508,7 +495,7 @@ class JobStore:
         if not job_dir.is_dir():
             return
         durable.remove_leftovers(job_dir)
-        checkpoints_dir = job_dir / CHECKPOINTS
+        checkpoints_dir = job_dir / CHECKPOINTS_DIR
         if not checkpoints_dir.is_dir():
             return
         durable.remove_leftovers(checkpoints_dir)
@@ -585,18 +572,18 @@ class JobStore:
         ]
         return events, more
 
-    def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict) -> Checkpoint:
-        self.apply(job_id, [NewCheckpoint(step, str(path), metrics)])
+    def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict) -> CheckpointRecord:
+        self.apply(job_id, [AddCheckpointRecord(step, str(path), metrics)])
         return self.list_checkpoints(job_id, limit=1)[0][0]
 
     def list_checkpoints(
         self, job_id: str, after: str | None = None, limit: int = 10
-    ) -> tuple[list[Checkpoint], bool]:
+    ) -> tuple[list[CheckpointRecord], bool]:
         """Newest first; ``after`` is the id of the last checkpoint already seen."""
         bound = self._seq_of("checkpoints", after)
         rows, more = self._newest_first("checkpoints", "job_id = ?", (job_id,), bound, limit)
         checkpoints = [
-            Checkpoint(
+            CheckpointRecord(
                 id=r["id"],
                 job_id=r["job_id"],
                 created_at=r["created_at"],

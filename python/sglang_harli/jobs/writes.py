@@ -2,8 +2,12 @@
 transaction that holds only while the writer still owns the job (``jobs/agent.py`` queues them,
 retries them while the store is locked or the disk fails).
 
-Also how values are stored: JSON with every non-finite number (a diverged loss) as null, so
-every reader gets valid JSON.
+A write sees only the open transaction, the job's id and how the store spells a path (relative
+to its state directory): ``JobWrite.apply(db, job_id, relative)``, nothing else of the store.
+
+Also how values are stored, for these writes and the store's own alike: JSON with every
+non-finite number (a diverged loss) as null, so every reader gets valid JSON
+(:func:`job_columns`); and the one status change the lifecycle allows (:func:`change_status`).
 """
 
 from __future__ import annotations
@@ -13,20 +17,22 @@ import json
 import math
 import sqlite3
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from .lifecycle import ALLOWED_FROM, JobStatus
 from .records import new_id
 
-if TYPE_CHECKING:
-    from .store import JobStore
+# how the store spells a path in the database: relative to its state directory
+Relative = Callable[[str | Path], str]
 
 
 class JobWrite:
     """One change to a job's records; ``apply`` returns stored paths of directories it took
     out of the database, for the store to delete once the transaction commits."""
 
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
+    def apply(self, db: sqlite3.Connection, job_id: str, relative: Relative) -> list[str]:
         raise NotImplementedError
 
 
@@ -38,7 +44,7 @@ class NewEvent(JobWrite):
     data: dict[str, Any] | None = None
     created_at: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
+    def apply(self, db: sqlite3.Connection, job_id: str, relative: Relative) -> list[str]:
         insert_event(db, job_id, self)
         return []
 
@@ -49,19 +55,21 @@ class Progress(JobWrite):
 
     fields: dict[str, Any]
 
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
-        update_job(db, job_id, store._columns(self.fields))
+    def apply(self, db: sqlite3.Connection, job_id: str, relative: Relative) -> list[str]:
+        update_job(db, job_id, job_columns(self.fields, relative))
         return []
 
 
 @dataclasses.dataclass(frozen=True)
-class NewCheckpoint(JobWrite):
+class AddCheckpointRecord(JobWrite):
+    """Record a checkpoint whose files are written (the row the API lists and resume reads)."""
+
     step: int
     path: str  # a directory (absolute, or relative to the state dir)
     metrics: dict[str, Any]
     created_at: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
+    def apply(self, db: sqlite3.Connection, job_id: str, relative: Relative) -> list[str]:
         db.execute(
             "INSERT INTO checkpoints (id, job_id, created_at, step, path, metrics)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -70,7 +78,7 @@ class NewCheckpoint(JobWrite):
                 job_id,
                 self.created_at,
                 self.step,
-                store.relative(self.path),
+                relative(self.path),
                 json_text(self.metrics),
             ),
         )
@@ -83,7 +91,7 @@ class Prune(JobWrite):
 
     keep: int
 
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
+    def apply(self, db: sqlite3.Connection, job_id: str, relative: Relative) -> list[str]:
         rows = db.execute(
             "SELECT seq, path FROM checkpoints WHERE job_id = ? ORDER BY step DESC, seq DESC"
             " LIMIT -1 OFFSET ?",
@@ -100,7 +108,7 @@ class Rewind(JobWrite):
 
     step: int
 
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
+    def apply(self, db: sqlite3.Connection, job_id: str, relative: Relative) -> list[str]:
         db.execute(
             "DELETE FROM events WHERE job_id = ? AND type = 'metrics'"
             " AND json_extract(data, '$.step') > ?",
@@ -121,14 +129,36 @@ class Outcome(JobWrite):
     status: JobStatus
     error: dict[str, Any] | None = None
 
-    def apply(self, store: JobStore, db: sqlite3.Connection, job_id: str) -> list[str]:
-        sources = sorted(str(s) for s in ALLOWED_FROM[JobStatus(self.status)])
-        db.execute(
-            f"UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_expires = NULL"
-            f" WHERE id = ? AND status IN ({', '.join('?' * len(sources))})",
-            (str(self.status), to_db(self.error), int(time.time()), job_id, *sources),
-        )
+    def apply(self, db: sqlite3.Connection, job_id: str, relative: Relative) -> list[str]:
+        fields = {"error": self.error, "finished_at": int(time.time()), "lease_expires": None}
+        change_status(db, job_id, JobStatus(self.status), job_columns(fields, relative))
         return []
+
+
+def change_status(
+    db: sqlite3.Connection, job_id: str, status: JobStatus, columns: dict[str, Any]
+) -> bool:
+    """Move a job to ``status``, setting ``columns`` (as :func:`job_columns` encodes them), if
+    the lifecycle allows that move from its current state; False (nothing written) if not. The
+    one status change: ``JobStore.set_status`` and :class:`Outcome` both make it."""
+    columns = {"status": str(status), **columns}
+    assignments = ", ".join(f"{name} = ?" for name in columns)
+    sources = sorted(str(s) for s in ALLOWED_FROM[status])
+    marks = ", ".join("?" * len(sources))
+    cursor = db.execute(
+        f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN ({marks})",
+        (*columns.values(), job_id, *sources),
+    )
+    return cursor.rowcount == 1
+
+
+def job_columns(fields: dict[str, Any], relative: Relative) -> dict[str, Any]:
+    """Column values of a job's row as stored: dicts as JSON (non-finite numbers null), the
+    adapter's path relative to the state directory."""
+    columns = {k: to_db(v) for k, v in fields.items()}
+    if columns.get("adapter_path") is not None:
+        columns["adapter_path"] = relative(columns["adapter_path"])
+    return columns
 
 
 def insert_event(db: sqlite3.Connection, job_id: str, event: NewEvent) -> None:

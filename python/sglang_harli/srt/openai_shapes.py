@@ -4,7 +4,7 @@ so the official ``openai`` client parses what the fine-tuning routes return."""
 from __future__ import annotations
 
 from sglang_harli.jobs.lifecycle import JobStatus, checkpoint_model_name
-from sglang_harli.jobs.records import Checkpoint, Event, FileRecord, Job
+from sglang_harli.jobs.records import CheckpointRecord, Event, FileRecord, Job
 
 
 def file_json(f: FileRecord) -> dict:
@@ -66,7 +66,7 @@ def event_json(e: Event) -> dict:
     }
 
 
-def checkpoint_json(c: Checkpoint, job: Job) -> dict:
+def checkpoint_json(c: CheckpointRecord, job: Job) -> dict:
     return {
         "id": c.id,
         "object": "fine_tuning.job.checkpoint",

@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sglang_harli.finetune import BaseModelView, LoraConfig, TrainConfig, Trainer, graph, pack
+from sglang_harli.finetune import (
+    BaseModelView,
+    LoraConfig,
+    TrainConfig,
+    Trainer,
+    graph,
+    pack,
+    torch_ops,
+)
 
 from .helpers import load_hf, random_examples, view_and_adapters
 
@@ -18,7 +26,7 @@ def test_chunked_cross_entropy_equals_full(vocab_chunk, token_chunk):
     x = torch.randn(23, 16, generator=gen, requires_grad=True)
     weight = torch.randn(61, 16, generator=gen)
     targets = torch.randint(0, 61, (23,), generator=gen)
-    ours = graph.chunked_cross_entropy(x, weight, targets, vocab_chunk, token_chunk)
+    ours = torch_ops.chunked_cross_entropy(x, weight, targets, vocab_chunk, token_chunk)
     (grad_ours,) = torch.autograd.grad(ours * 0.3, x)
     ref = F.cross_entropy(x @ weight.T, targets, reduction="sum")
     (grad_ref,) = torch.autograd.grad(ref * 0.3, x)
@@ -34,14 +42,14 @@ def test_chunked_cross_entropy_casts_a_narrower_lm_head_by_chunks(token_chunk):
     x = torch.randn(23, 16, generator=gen, requires_grad=True)
     weight = torch.randn(61, 16, generator=gen).bfloat16()
     targets = torch.randint(0, 61, (23,), generator=gen)
-    ours = graph.chunked_cross_entropy(x, weight, targets, 7, token_chunk)
+    ours = torch_ops.chunked_cross_entropy(x, weight, targets, 7, token_chunk)
     (grad_ours,) = torch.autograd.grad(ours, x)
     ref = F.cross_entropy(x @ weight.float().T, targets, reduction="sum")
     (grad_ref,) = torch.autograd.grad(ref, x)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(grad_ours, grad_ref)
     with torch.no_grad():
-        torch.testing.assert_close(graph.chunked_cross_entropy(x, weight, targets, 7, 5), ref)
+        torch.testing.assert_close(torch_ops.chunked_cross_entropy(x, weight, targets, 7, 5), ref)
 
 
 def test_attention_batches_runs_of_equal_lengths_exactly():
@@ -60,7 +68,7 @@ def test_attention_batches_runs_of_equal_lengths_exactly():
         .reshape(e - s, 4 * 8)
         for s, e in zip(cu[:-1], cu[1:], strict=True)
     ]
-    torch.testing.assert_close(graph.attention(q, k, v, cu), torch.cat(one_by_one))
+    torch.testing.assert_close(torch_ops.attention(q, k, v, cu), torch.cat(one_by_one))
 
 
 def test_chunked_cross_entropy_never_holds_full_logits(monkeypatch):
@@ -74,7 +82,9 @@ def test_chunked_cross_entropy_never_holds_full_logits(monkeypatch):
 
     monkeypatch.setattr(graph.F, "linear", spy)
     x = torch.randn(40, 8, requires_grad=True)
-    loss = graph.chunked_cross_entropy(x, torch.randn(100, 8), torch.randint(0, 100, (40,)), 32, 16)
+    loss = torch_ops.chunked_cross_entropy(
+        x, torch.randn(100, 8), torch.randint(0, 100, (40,)), 32, 16
+    )
     loss.backward()
     assert shapes and max(r * c for r, c in shapes) <= 16 * 32
 

@@ -8,10 +8,22 @@ import sys
 
 import pytest
 
+from sglang_harli.config import Kernels
 from sglang_harli.finetune import LoraConfig, TrainConfig, Trainer, make_ops
 from sglang_harli.finetune.ops import TorchOps
+from sglang_harli.jobs.runner import RunnerConfig
 
 from .helpers import load_hf, random_examples, view_and_adapters
+
+
+def test_kernels_is_the_enum_of_the_flag():
+    """One definition of the backends: the configs hold ``config.Kernels`` (a string is taken
+    and becomes the enum), and ``auto`` (resolved at start-up) is not a backend."""
+    assert TrainConfig().kernels is Kernels.TORCH
+    assert TrainConfig(kernels="triton").kernels is Kernels.TRITON
+    assert RunnerConfig(kernels=Kernels.TRITON).kernels is Kernels.TRITON
+    with pytest.raises(ValueError, match="kernels 'auto': choose one of"):
+        TrainConfig(kernels=Kernels.AUTO)
 
 
 def test_unknown_backend_and_bad_num_sms_raise(monkeypatch):

@@ -97,6 +97,19 @@ def test_absurd_sizes_are_refused_by_name(raw, param):
     assert len(str(refused.value)) < 300  # a huge value is not echoed whole
 
 
+@pytest.mark.parametrize("multiplier", [1e12, 1e300, 101])
+def test_a_learning_rate_that_destroys_the_adapter_is_refused_by_name(multiplier):
+    """Finite but absurd: refused at creation (a 400 naming it), not trained into an adapter
+    that answers <unk>, nor failed half way; the bound itself is allowed."""
+    with pytest.raises(hp.InvalidParameter) as refused:
+        hp.resolve({"learning_rate_multiplier": multiplier}, num_examples=100, limits=LIMITS)
+    assert refused.value.param == "hyperparameters.learning_rate_multiplier"
+    assert "learning_rate_multiplier must be at most 100" in str(refused.value)
+    most = hp.MAX_LEARNING_RATE_MULTIPLIER
+    raw = {"learning_rate_multiplier": most}
+    assert hp.resolve(raw, num_examples=100, limits=LIMITS).learning_rate_multiplier == most
+
+
 def test_a_micro_batch_fits_the_token_budget():
     long_context = hp.ServingLimits(max_lora_rank=16, max_seq_length=131_072)
     # auto: the longest example, and as many sequences of it as the budget holds

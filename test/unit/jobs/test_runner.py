@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sqlite3
 import time
 
@@ -57,9 +58,14 @@ def examples(n: int, vocab: int, length: int = 12, seed: int = 0) -> list[Exampl
 
 
 def queue_job(store: JobStore, data: list[Example], validation=None, **hyper):
-    """A queued job whose tokenized datasets are on disk, as the API leaves it."""
+    """A queued job whose tokenized datasets are on disk, as the API leaves it; a
+    ``learning_rate_multiplier`` goes in as given, past the API's bound (the engine's own
+    checks are what these tests exercise)."""
     upload = store.add_file("train.jsonl", "fine-tune", b"{}\n")
+    multiplier = hyper.pop("learning_rate_multiplier", None)
     resolved = hp.resolve({"batch_size": len(data), **hyper}, len(data), LIMITS).to_dict()
+    if multiplier is not None:
+        resolved["learning_rate_multiplier"] = float(multiplier)
     job = store.create_job(
         MODEL,
         upload.id,
@@ -219,6 +225,26 @@ def test_a_diverged_job_fails_with_a_reason_and_publishes_nothing(tmp_path, view
 
     body = JSONResponse({"data": [event_json(e) for e in events]}).body  # the API's encoder
     assert json.loads(body)["data"][0]["level"] == "error"
+
+
+def test_a_blown_up_but_finite_adapter_fails_the_job_and_is_not_published(tmp_path, view):
+    """A learning rate of 2e8 (multiplier 1e12, past the API's bound): every loss and weight
+    stays finite (the loss sits at ln(vocab), the weights near 1e9), so only a bound on the
+    weights tells; the job fails at the first step that ran with them, publishing nothing."""
+    store = JobStore(tmp_path)
+    job = queue_job(
+        store, examples(8, view.config.vocab_size), n_epochs=20, learning_rate_multiplier=1e12
+    )
+    agent = make_agent(tmp_path, view, checkpoint_every=5)
+    done = run_until(store, job.id, finished, (agent, MiniScheduler(agent)))
+    assert done.status == "failed" and done.adapter_path is None
+    assert done.error["code"] == "training_blew_up"
+    message = done.error["message"]
+    assert "at step 2" in message and "learning_rate_multiplier" in message
+    assert not (store.job_dir(job.id) / "adapter").exists()
+    events, _ = store.list_events(job.id, limit=100)
+    losses = [e.data["train_loss"] for e in events if e.type == "metrics"]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
 
 
 def test_resume_skips_an_unreadable_checkpoint_and_lists_each_step_once(tmp_path, view):

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from sglang_harli.jobs.store import (
+    AddCheckpointRecord,
     JobStore,
-    NewCheckpoint,
     NewEvent,
     Owner,
     Progress,
@@ -274,7 +274,7 @@ def test_rewind_forgets_what_a_lost_run_recorded_after_its_checkpoint(tmp_path):
     store = JobStore(tmp_path)
     job = make_job(store)
     writes = [NewEvent(f"Step {s}", type="metrics", data={"step": s}) for s in range(1, 6)]
-    writes += [NewCheckpoint(s, str(tmp_path / f"c{s}"), {"step": s}) for s in (2, 4)]
+    writes += [AddCheckpointRecord(s, str(tmp_path / f"c{s}"), {"step": s}) for s in (2, 4)]
     store.apply(job.id, [*writes, NewEvent("a message")])
     store.apply(job.id, [Rewind(2)])
     events = store.list_events(job.id, limit=20)[0]

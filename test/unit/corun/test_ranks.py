@@ -29,8 +29,7 @@ from sglang_harli.jobs.agent import AgentConfig, FollowerAgent, JobAgent
 from sglang_harli.jobs.runner import JobRunner, RunnerConfig
 from sglang_harli.jobs.store import JobStore
 from sglang_harli.tiny_model import ensure_tiny_model
-
-from .test_runner import MODEL, SPEC, examples, finished, queue_job
+from test.unit.jobs.test_runner import MODEL, SPEC, examples, finished, queue_job
 
 TP = 2
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
