@@ -51,12 +51,18 @@ from sglang_harli.finetune.data import (
 from sglang_harli.jobs import hyperparameters as hp
 from sglang_harli.jobs.lifecycle import FINAL_STATES, JobStatus
 from sglang_harli.jobs.store import (
+    STORE_ERRORS,
+    AdapterNameTaken,
     Event,
     FileInUseError,
     FileRecord,
     Job,
     JobStore,
+    StoreUnavailable,
+    open_store,
+    store_status,
 )
+from sglang_harli.jobs.store_errors import classify
 from sglang_harli.srt import uploads
 from sglang_harli.srt.openai_shapes import (
     checkpoint_json,
@@ -112,28 +118,84 @@ class ServedModel:
 def mount_routes(app: FastAPI, harli_config: HarliConfig, limits: hp.ServingLimits | None) -> None:
     """Add our routes to SGLang's app (before the server starts)."""
 
+    store = None
+    if harli_config.enabled and limits is not None:
+        store = open_store(harli_config.state_dir)  # serving starts even if it cannot open
+        max_upload_bytes = int(harli_config.max_upload_mb * 2**20)
+        FineTuningApi(store, limits, max_upload_bytes).mount(app)
+
     @app.get("/harli/status")
-    async def harli_status() -> dict:
-        """Mode, decode iterations seen and hook overhead, per scheduler (DP rank)."""
+    async def harli_status(request: Request) -> dict:
+        """Mode, decode iterations seen and hook overhead, per scheduler (DP rank); whether the
+        job store is open. The host and pid of each scheduler only to a client that may write
+        (see :func:`status_view`)."""
         if not harli_config.enabled:
             return {"mode": harli_config.mode, "schedulers": []}
         from sglang.srt.entrypoints.http_server import get_global_state
 
-        internal_states = await get_global_state().tokenizer_manager.get_internal_state()
+        manager = get_global_state().tokenizer_manager
+        internal_states = await manager.get_internal_state()
         schedulers = [state["harli"] for state in internal_states if "harli" in state]
-        return {
+        status = {
             "mode": harli_config.mode,
             "decode_iterations": sum(s["decode_iterations"] for s in schedulers),
+            "job_store": None if store is None else await run_in_threadpool(store_status, store),
             "schedulers": schedulers,
         }
+        return status_view(status, _may_write(request, manager.server_args))
 
-    if harli_config.enabled and limits is not None:
-        max_upload_bytes = int(harli_config.max_upload_mb * 2**20)
-        FineTuningApi(JobStore(harli_config.state_dir), limits, max_upload_bytes).mount(app)
+
+def status_view(status: dict, privileged: bool) -> dict:
+    """``/harli/status`` as a client sees it: no object reprs (memory addresses), and the
+    scheduler processes' host and pid (``jobs.owner``) only to a client that may write, the
+    one who could act on them (with no key configured, everyone)."""
+    status = _plain(status)
+    if not privileged:
+        for scheduler in status.get("schedulers") or []:
+            if isinstance(scheduler.get("jobs"), dict):
+                scheduler["jobs"].pop("owner", None)
+    return status
+
+
+def _plain(value: Any) -> Any:
+    """JSON values as they are; anything else (an object FastAPI would show as its repr, with
+    its memory address) as its type's name."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return _without_address(value) if isinstance(value, str) else value
+    return type(value).__name__
+
+
+_ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
+
+
+def _without_address(text: str) -> str:
+    return _ADDRESS.sub("", text)
+
+
+def _may_write(request: Request, server_args: Any) -> bool:
+    """Whether ``request`` carries the key SGLang asks of the write routes (ADMIN_OPTIONAL:
+    the admin key if set, else the api key if set, else none)."""
+    from sglang.srt.utils.auth import AuthLevel, decide_request_auth
+
+    decision = decide_request_auth(
+        method=request.method,
+        path=request.url.path,
+        authorization_header=request.headers.get("authorization"),
+        api_key=getattr(server_args, "api_key", None),
+        admin_api_key=getattr(server_args, "admin_api_key", None),
+        auth_level=AuthLevel.ADMIN_OPTIONAL,
+    )
+    return decision.allowed
 
 
 def _route(handler: Callable) -> Callable:
-    """Any failure of ours becomes OpenAI's error body (500, logged), never a bare trace."""
+    """Any failure of ours becomes OpenAI's error body, never a bare trace: the job store's
+    (busy, disk full, unreadable) a 503 or 507 saying which (``jobs/store_errors.py``), a name
+    another job holds a 409, anything else a 500, logged."""
 
     @functools.wraps(handler)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -141,6 +203,14 @@ def _route(handler: Callable) -> Callable:
             return await handler(*args, **kwargs)
         except (ApiError, ClientDisconnect):
             raise
+        except AdapterNameTaken as exc:
+            raise ApiError(409, str(exc), param="suffix", code="suffix_in_use") from None
+        except (*STORE_ERRORS, StoreUnavailable) as exc:
+            failure = classify(exc)
+            logger.warning("fine-tuning API: %s: %s", handler.__name__, failure.message)
+            raise ApiError(
+                failure.status, failure.message, code=failure.kind, type="server_error"
+            ) from None
         except Exception:
             logger.exception("fine-tuning API: %s failed", handler.__name__)
             raise ApiError(500, "internal error; see the server log", type="server_error") from None
@@ -438,9 +508,7 @@ class FineTuningApi:
             except DatasetError as exc:
                 raise ApiError(400, str(exc), param=param, code="invalid_file") from None
         if request.suffix and self.store.adapter_name_taken(request.suffix):
-            raise ApiError(
-                400, f"suffix {request.suffix!r} is already used by another job", "suffix"
-            )
+            raise AdapterNameTaken(request.suffix)  # a 409; the store checks again as it writes
 
         job = self.store.create_job(
             model=model.name,
