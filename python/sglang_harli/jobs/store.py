@@ -777,8 +777,10 @@ def _remove_tree(path: Path) -> None:
 
 
 def _event_seq(event_id: str | None) -> int | None:
-    """Events are numbered, not random: ``ftevent-<seq>``."""
+    """Events are numbered, not random: ``ftevent-<seq>``; anything else (``ftevent-²``: a
+    digit to ``isdigit`` that ``int`` refuses) pages from the newest."""
     prefix = "ftevent-"
-    if event_id and event_id.startswith(prefix) and event_id[len(prefix) :].isdigit():
-        return int(event_id[len(prefix) :])
+    number = (event_id or "").removeprefix(prefix)
+    if event_id and event_id.startswith(prefix) and number.isascii() and number.isdigit():
+        return int(number)
     return None

@@ -63,7 +63,7 @@ from sglang_harli.jobs.store import (
     store_status,
 )
 from sglang_harli.jobs.store_errors import classify
-from sglang_harli.srt import uploads
+from sglang_harli.srt import model_ids, uploads
 from sglang_harli.srt.openai_shapes import (
     checkpoint_json,
     event_json,
@@ -293,7 +293,7 @@ class FineTuningApi:
         @app.get("/v1/fine_tuning/jobs/{job_id}/events")
         @_route
         async def list_events(job_id: str, request: Request):
-            after, limit = _after(request), _limit(request, 20)
+            after, limit = _after(request, EVENT_CURSOR), _limit(request, 20)
 
             def page():
                 self.job(job_id)
@@ -622,6 +622,8 @@ def _check_job_request(body: Any, model: ServedModel) -> JobRequest:
     suffix = body.get("suffix")
     if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.fullmatch(suffix)):
         raise ApiError(400, "suffix: 1-64 letters, digits, '-' or '_'", param="suffix")
+    if suffix is not None and (reserved := model_ids.suffix_refusal(suffix)):
+        raise ApiError(400, reserved, param="suffix", code="suffix_reserved")
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbelow(hp.MAX_SEED + 1)
@@ -671,5 +673,15 @@ def _limit(request: Request, default: int) -> int:
     return int(raw)
 
 
-def _after(request: Request) -> str | None:
-    return request.query_params.get("after") or None
+# what a page cursor (an id we handed out) can look like; anything else is a 400, not a lookup
+CURSOR = re.compile(r"[A-Za-z0-9_-]{1,128}")
+EVENT_CURSOR = re.compile(r"ftevent-[0-9]{1,18}")  # events are numbered (store._event_seq)
+
+
+def _after(request: Request, pattern: re.Pattern = CURSOR) -> str | None:
+    """``?after=``: an id of the previous page's last record; a malformed one is a 400 (an
+    unknown well-formed id pages from the newest, as before)."""
+    raw = request.query_params.get("after") or None
+    if raw is not None and not (raw.isascii() and pattern.fullmatch(raw)):
+        raise ApiError(400, f"after must be an id from a previous page, got {_shown(raw)}", "after")
+    return raw
