@@ -69,7 +69,11 @@ def test_inference_is_served_without_the_job_store(server, tiny_model_dir):
 @pytest.mark.parametrize(
     ("method", "path", "kwargs"),
     [
-        ("POST", "/v1/files", {"files": {"file": ("t.jsonl", b"{}\n")}, "data": {"purpose": "batch"}}),
+        (
+            "POST",
+            "/v1/files",
+            {"files": {"file": ("t.jsonl", b"{}\n")}, "data": {"purpose": "batch"}},
+        ),
         ("GET", "/v1/files", {}),
         ("GET", "/v1/fine_tuning/jobs", {}),
         ("GET", "/v1/fine_tuning/jobs/ftjob-x/events", {}),
@@ -102,7 +106,10 @@ def test_status_says_the_store_is_unavailable_and_the_scheduler_logs_it_once(ser
 
 
 def test_status_shows_host_and_pid_only_to_the_admin_key_and_no_addresses(server):
-    anonymous, admin = call(server, "GET", "/harli/status"), call(server, "GET", "/harli/status", ADMIN)
+    anonymous, admin = (
+        call(server, "GET", "/harli/status"),
+        call(server, "GET", "/harli/status", ADMIN),
+    )
     assert anonymous.status_code == admin.status_code == 200
     for response in (anonymous, admin):
         assert not re.search(r"0x[0-9a-fA-F]{6,}", response.text), response.text
