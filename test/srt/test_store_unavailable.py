@@ -5,8 +5,8 @@ chat completions answer; every fine-tuning route answers 503 naming the reason; 
 says the store is unavailable, in the main process and in the scheduler, which logs it once.
 The same server (``--admin-api-key`` only: ordinary routes are open, writes need the key) shows
 the rest of what a client may and may not learn or do: status shows the scheduler's host and pid
-only to the admin key and no memory addresses; a suffix that names the base model is refused; a
-malformed event cursor is a 400.
+and the K/V buffers' memory addresses only to the admin key; a suffix that names the base model
+is refused; a malformed event cursor is a 400.
 """
 
 from __future__ import annotations
@@ -105,16 +105,19 @@ def test_status_says_the_store_is_unavailable_and_the_scheduler_logs_it_once(ser
     assert "Traceback" not in log
 
 
-def test_status_shows_host_and_pid_only_to_the_admin_key_and_no_addresses(server):
-    anonymous, admin = (
-        call(server, "GET", "/harli/status"),
-        call(server, "GET", "/harli/status", ADMIN),
-    )
+def test_status_shows_host_pid_and_addresses_only_to_the_admin_key(server):
+    anonymous = call(server, "GET", "/harli/status")
+    admin = call(server, "GET", "/harli/status", ADMIN)
     assert anonymous.status_code == admin.status_code == 200
     for response in (anonymous, admin):
         assert not re.search(r"0x[0-9a-fA-F]{6,}", response.text), response.text
-    assert "owner" not in anonymous.json()["schedulers"][0]["jobs"]
-    assert " pid " in admin.json()["schedulers"][0]["jobs"]["owner"]
+    [seen] = anonymous.json()["schedulers"]
+    assert "owner" not in seen["jobs"]
+    assert "kv_buffers" not in seen["memory"] and "arena_blocks" not in seen["memory"]
+    assert seen["memory"]["kv_pool_slots"] > 0  # the rest is shown
+    [full] = admin.json()["schedulers"]
+    assert " pid " in full["jobs"]["owner"]
+    assert len(full["memory"]["kv_buffers"]) == 4  # K and V of the tiny model's 2 layers
 
 
 @pytest.mark.parametrize("suffix", ["default", "Default", "gpt-4", "gpt-4o-mini", "o1", "tiny"])

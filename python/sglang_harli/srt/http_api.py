@@ -145,15 +145,23 @@ def mount_routes(app: FastAPI, harli_config: HarliConfig, limits: hp.ServingLimi
         return status_view(status, _may_write(request, manager.server_args))
 
 
+# What only a client that may write sees of each scheduler in /harli/status: its host and pid,
+# and the raw memory addresses of SGLang's K/V buffers and of the job's blocks in them (a check
+# that the job's tensors lie inside the lent slots reads them).
+PRIVILEGED_STATUS = {"jobs": ("owner",), "memory": ("kv_buffers", "arena_blocks")}
+
+
 def status_view(status: dict, privileged: bool) -> dict:
-    """``/harli/status`` as a client sees it: no object reprs (memory addresses), and the
-    scheduler processes' host and pid (``jobs.owner``) only to a client that may write, the
-    one who could act on them (with no key configured, everyone)."""
+    """``/harli/status`` as a client sees it: no object reprs (they carry memory addresses),
+    and :data:`PRIVILEGED_STATUS` only to a client that may write, who could act on them (with
+    no key configured, everyone; with ``--admin-api-key``, its holders)."""
     status = _plain(status)
     if not privileged:
         for scheduler in status.get("schedulers") or []:
-            if isinstance(scheduler.get("jobs"), dict):
-                scheduler["jobs"].pop("owner", None)
+            for section, keys in PRIVILEGED_STATUS.items():
+                if isinstance(scheduler.get(section), dict):
+                    for key in keys:
+                        scheduler[section].pop(key, None)
     return status
 
 

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from sglang_harli.jobs import store as store_module
+from sglang_harli.jobs.lifecycle import reserved_name_reason
 from sglang_harli.jobs.store import (
     AdapterNameTaken,
     JobStore,
@@ -311,6 +312,44 @@ def test_a_job_a_stopped_server_left_validating_fails_and_frees_its_file(tmp_pat
     young = make_job(store, status="validating_files")
     assert store.fail_abandoned_validations(now=young.created_at + 5) == []
     assert store.get_job(young.id).status == "validating_files"
+
+
+def test_an_event_cursor_with_a_non_ascii_digit_pages_from_the_newest(tmp_path):
+    store = JobStore(tmp_path)
+    job = make_job(store)
+    store.add_event(job.id, "newest")
+    for cursor in ("ftevent-\u00b2", "ftevent-\u0661", "ftevent-", "ftevent-x"):
+        events, _ = store.list_events(job.id, after=cursor)  # "²".isdigit(), int("²") fails
+        assert events[0].message == "newest"
+
+
+@pytest.mark.parametrize(
+    ("name", "reserved"),
+    [
+        ("default", True),
+        ("DEFAULT", True),
+        ("gpt-4", True),
+        ("gpt-4o-mini", True),
+        ("gpt-3.5-turbo", True),
+        ("chatgpt-4o-latest", True),
+        ("o1", True),
+        ("o3-mini", True),
+        ("text-davinci-003", True),
+        ("davinci-002", True),
+        ("tiny-llama-abc", True),  # the served model's directory name
+        ("Tiny-Llama-ABC", True),
+        ("support-bot", False),
+        ("o1x", False),
+        ("gpt4all-tuned", False),
+        ("defaults", False),
+        ("my-default", False),
+    ],
+)
+def test_names_that_mean_the_base_model_cannot_name_an_adapter(name, reserved):
+    reason = reserved_name_reason(name, frozenset({"/models/tiny-llama-abc", "tiny-llama-abc"}))
+    assert (reason is not None) == reserved
+    if reserved:
+        assert name in reason and "base model" in reason
 
 
 # --- adapter names are unique, under concurrency too -----------------------------------------
