@@ -4,6 +4,7 @@ non-finite numbers, relative paths, pruning and rewinding."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import multiprocessing
@@ -475,3 +476,41 @@ def test_a_full_database_or_disk_is_a_507_naming_the_disk(tmp_path):
     nospace = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "files" / "x"))
     failure = classify(nospace)
     assert failure.status == 507 and str(tmp_path) not in failure.message
+
+
+def test_the_api_maps_store_failures_in_one_place(tmp_path, write_lock):
+    """The wrapper around every fine-tuning route: a full disk on a write is a 507, a lock held
+    past the busy timeout a 503 to retry, a name another job holds a 409; never a 500."""
+    from sglang_harli.srt.http_api import ApiError, _route
+
+    store = JobStore(tmp_path)
+    job = make_job(store, suffix="held")
+
+    async def fill_the_database():
+        with sqlite3.connect(store.db_path) as db:
+            db.execute("PRAGMA max_page_count = 1")
+            db.execute(
+                "INSERT INTO events (job_id, created_at, level, message, type)"
+                " VALUES (?, 0, 'info', ?, 'message')",
+                (job.id, "x" * 100_000),
+            )
+
+    async def write_while_locked():
+        JobStore(tmp_path, busy_timeout_ms=5).add_event(job.id, "blocked")
+
+    async def take_a_held_name():
+        make_job(store, suffix="held")
+
+    def answer(route) -> tuple[int, str | None]:
+        with pytest.raises(ApiError) as refused:
+            asyncio.run(_route(route)())
+        return refused.value.status, refused.value.code
+
+    answers = {"full": answer(fill_the_database), "held": answer(take_a_held_name)}
+    write_lock(store, seconds=5)
+    answers["busy"] = answer(write_while_locked)
+    assert answers == {
+        "full": (507, "disk_full"),
+        "busy": (503, "store_busy"),
+        "held": (409, "suffix_in_use"),
+    }
