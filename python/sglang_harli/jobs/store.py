@@ -87,10 +87,12 @@ __all__ = [  # the records and writes are imported from here by the service's us
     "Owner",
     "Progress",
     "Prune",
+    "ReopeningStore",
     "Rewind",
     "StoreUnavailable",
     "new_id",
     "open_store",
+    "store_status",
 ]
 
 logger = logging.getLogger(__name__)
@@ -181,13 +183,14 @@ class JobStore:
             for table, column, declaration in _ADDED_COLUMNS:
                 if column not in _columns(db, table):
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-            if _held_duplicate(db) is None:
+            duplicate = _held_duplicate(db)
+            if duplicate is None:
                 db.execute(_NAME_INDEX_SQL)
             else:
                 logger.warning(
                     "job store: jobs that share adapter name %r are active; adapter names are "
                     "kept unique by transaction alone until they end",
-                    _held_duplicate(db),
+                    duplicate,
                 )
 
     @contextmanager
