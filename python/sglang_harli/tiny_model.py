@@ -19,6 +19,7 @@ import os
 import shutil
 import sysconfig
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,12 @@ logger = logging.getLogger(__name__)
 
 # Bump when the build itself changes, so stale caches are not reused.
 BUILD_VERSION = 1
+
+STAGING = ".build-"  # a build's temporary directory: .build-<builder pid>-<random>
+# A staging directory of a builder that may still run (its pid is alive: or reused) is left
+# alone until it is this old; one without a pid (older builds) after an hour.
+STALE_LIVE_S = 24 * 3600.0
+STALE_UNKNOWN_S = 3600.0
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<pad>"]
 CHAT_TEMPLATE = (
@@ -63,12 +70,14 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     """``target``, a model directory that ``build`` fills, built only if it is not there yet.
 
     ``build`` fills a temporary sibling directory, renamed to ``target`` once whole: a crash or
-    an error leaves no half-built model under the name later starts trust.
+    an error leaves no half-built model under the name later starts trust. What a killed build
+    left (its builder is gone) is deleted by the next build in the same directory.
     """
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    remove_stale_builds(target.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=target.parent))
     try:
         build(staging)
         try:
@@ -79,6 +88,42 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def remove_stale_builds(directory: Path, now: float | None = None) -> list[Path]:
+    """Delete the staging directories under ``directory`` whose builder is dead (a build killed
+    before it could clean up), or that are too old to be a live build's; the ones deleted."""
+    now = time.time() if now is None else now
+    removed = []
+    for child in directory.glob(f"{STAGING}*"):
+        pid_text = child.name[len(STAGING) :].split("-", 1)[0]
+        pid = int(pid_text) if pid_text.isascii() and pid_text.isdigit() else None
+        try:
+            age = now - child.stat().st_mtime
+        except FileNotFoundError:  # its builder finished meanwhile
+            continue
+        if pid is None:
+            stale = age > STALE_UNKNOWN_S
+        else:
+            stale = not _alive(pid) or age > STALE_LIVE_S
+        if stale and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    if removed:
+        logger.info("removed %d unfinished model build(s) under %s", len(removed), directory)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def ensure_tiny_model(spec: TinyModelSpec = TinyModelSpec(), cache_dir: Path | None = None) -> Path:

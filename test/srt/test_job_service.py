@@ -1,10 +1,11 @@
 """The job service on real servers (CPU, tiny model): two servers share one state directory.
 
 What an operator observes: each job is trained by exactly one server and lists each step once;
-another process locking the job store does not slow decode or stop the server, and the job goes
-on afterwards; a server restarted while another one trains a job does not take it; a server
-killed (-9) mid-training leaves a job that the other server resumes, past a torn checkpoint, to
-success.
+concurrent creates with one suffix, on both servers at once, create one job and refuse the rest
+with a 409; another process locking the job store does not slow decode or stop the server, and
+the job goes on afterwards; a server restarted while another one trains a job does not take it;
+a server killed (-9) mid-training leaves a job that the other server resumes, past a torn
+checkpoint, to success.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -141,6 +144,38 @@ def test_two_servers_train_each_job_exactly_once(servers, upload, tiny_model_dir
         assert not any(m.startswith("Resumed") for m in messages)
         owners.append(started.rsplit("(on ", 1)[1])
     assert owners[0] != owners[1]  # one job each: the idle server took the second
+
+
+def test_concurrent_creates_with_one_suffix_on_two_servers_accept_exactly_one(
+    servers, upload, tiny_model_dir
+):
+    """Eight creates at once, half on each server, one suffix: one job, seven 409s."""
+    targets = [servers["first"], servers["second"]] * 4
+    start = threading.Barrier(len(targets))
+    body = {
+        "model": str(tiny_model_dir),
+        "training_file": upload.id,
+        "suffix": "twin",
+        "hyperparameters": {**HYPER, "n_epochs": 1},
+    }
+
+    def post(server) -> requests.Response:
+        start.wait()
+        return requests.post(server.url + "/v1/fine_tuning/jobs", json=body, timeout=120)
+
+    before = {j.id for j in client_of(servers["first"]).fine_tuning.jobs.list(limit=100)}
+    with ThreadPoolExecutor(len(targets)) as pool:
+        responses = list(pool.map(post, targets))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] + [409] * 7, [r.text for r in responses]
+    [accepted] = [r.json() for r in responses if r.status_code == 200]
+    for refused in (r for r in responses if r.status_code == 409):
+        error = refused.json()["error"]
+        assert error["param"] == "suffix" and "twin" in error["message"]
+    after = {j.id for j in client_of(servers["first"]).fine_tuning.jobs.list(limit=100)}
+    assert after - before == {accepted["id"]}  # the refused ones wrote nothing
+    done = wait_for(servers["first"], accepted["id"], ended)
+    assert done.status == "succeeded", done.error  # and its adapter loads: no duplicate name
 
 
 def test_a_locked_store_slows_no_request_and_the_job_goes_on(

@@ -158,3 +158,38 @@ def test_a_bare_adapter_name_never_gets_the_base_model(client, server, trained, 
         {"model": f"{base}:nope", "messages": [{"role": "user", "content": "hi"}]},
     )
     assert unknown.status_code == 400 and "nope" in unknown.text
+
+
+def test_an_adapter_named_like_the_base_never_answers_for_it(client, server, trained, cert):
+    """An adapter stored under a name clients send for the base model (loaded here as SGLang
+    would load one from before suffixes were checked): ``"model": "default"`` still gets the
+    base model; the adapter answers as ``<base>:default``."""
+    base = trained.fine_tuned_model.rsplit(":", 1)[0]
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    loaded = requests.post(
+        server.url + "/load_lora_adapter",
+        json={"lora_name": "default", "lora_path": trained_adapter_path(server, trained)},
+        headers=admin,
+        verify=server.cert,
+        timeout=120,
+    )
+    assert loaded.status_code == 200, loaded.text
+    try:
+        for question, _ in PAIRS:
+            assert answer(client, "default", question) == answer(client, base, question)
+            assert answer(client, f"{base}:default", question) == answer(
+                client, trained.fine_tuned_model, question
+            )
+    finally:
+        requests.post(
+            server.url + "/unload_lora_adapter",
+            json={"lora_name": "default"},
+            headers=admin,
+            verify=server.cert,
+            timeout=120,
+        )
+
+
+def trained_adapter_path(server, trained) -> str:
+    """The adapter's directory, as ``/v1/models`` shows it (``root``)."""
+    return server.get(f"/v1/models/{trained.fine_tuned_model}")["root"]

@@ -18,6 +18,7 @@ scheduler process) holding a lease it renews; a job whose lease expired goes bac
 from __future__ import annotations
 
 import enum
+import re
 
 
 class JobStatus(enum.StrEnum):
@@ -40,6 +41,32 @@ ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.FAILED: frozenset({JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING}),
     JobStatus.CANCELLED: frozenset(ACTIVE_STATES),
 }
+
+
+# Model names that clients send without meaning an adapter: SGLang's default ``model`` ("default",
+# what a request without one gets), and the OpenAI model names that OpenAI-written clients and
+# tools send by default (GPT, ChatGPT, the o-series reasoning models, the legacy completion
+# models that OpenAI's own fine-tuning started from). SGLang answers each with the base model;
+# an adapter named so would capture their requests. Compared case-insensitively.
+CLIENT_ALIASES = re.compile(
+    r"default|gpt-.*|chatgpt.*|o[0-9]+(-.*)?|text-(davinci|curie|babbage|ada).*|davinci.*|babbage.*",
+    re.IGNORECASE,
+)
+
+
+def reserved_name_reason(name: str, base_names: set[str] | frozenset[str]) -> str | None:
+    """Why ``name`` may not name an adapter (None if it may): it is one of ``base_names`` (what
+    the served model goes by: its served name, path, the path's last part) or a name clients
+    send for the base model (:data:`CLIENT_ALIASES`). Case-insensitive: "Default" too."""
+    folded = name.casefold()
+    if any(folded == base.casefold() for base in base_names):
+        return f"{name!r} names the served base model"
+    if CLIENT_ALIASES.fullmatch(name):
+        return (
+            f"{name!r} is a model name clients send for the base model (SGLang's default, or an "
+            "OpenAI model name)"
+        )
+    return None
 
 
 def adapter_name(suffix: str | None, job_id: str) -> str:

@@ -18,6 +18,20 @@ a move only from a state it allows. A running job has an owner (one scheduler pr
 expired (its server stopped, or lost the store for longer than the lease) goes back to queued
 and resumes from its last checkpoint on whichever server claims it next.
 
+Adapter names are unique among the jobs that hold one (every job but failed and cancelled
+ones): :meth:`JobStore.create_job` checks and inserts in one ``BEGIN IMMEDIATE`` transaction and
+raises :class:`AdapterNameTaken` for a name held already, and a partial unique index
+(``jobs_adapter_name_held``) backs it. A database written before the index, in which concurrent
+creates already left two held jobs with one name, opens without it (the transaction alone keeps
+new names unique) and gets it at the first open after those jobs end.
+
+A full disk must not hide the jobs: SQLite's readers need the WAL's shared-memory index, and a
+reader that has to create or grow it on a full disk gets "disk I/O error". Each store keeps one
+idle connection open for its lifetime, so the index exists (sized) while the process lives and
+reads keep working when the disk fills. What a failure means to a client is
+``store_errors.classify``'s; :func:`open_store` stands in for a store that cannot be opened (a
+corrupt ``harli.db``, a read-only state dir), so that serving starts without it.
+
 Non-finite numbers (a diverged loss) are stored and returned as null: JSON has no NaN, and every
 reader (the API, the CLI) gets valid JSON. Paths are stored relative to the state dir.
 """
@@ -26,11 +40,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +57,7 @@ from sglang_harli import durable
 
 from .lifecycle import ACTIVE_STATES, FINAL_STATES, JobStatus, adapter_name
 from .records import CheckpointRecord, Event, FileInUseError, FileRecord, Job, Owner, new_id
+from .store_errors import AdapterNameTaken, StoreUnavailable, describe_open_failure
 from .writes import (
     AddCheckpointRecord,
     JobWrite,
@@ -57,6 +74,7 @@ from .writes import (
 )
 
 __all__ = [  # the records and writes are imported from here by the service's users
+    "AdapterNameTaken",
     "AddCheckpointRecord",
     "CheckpointRecord",
     "Event",
@@ -70,9 +88,15 @@ __all__ = [  # the records and writes are imported from here by the service's us
     "Owner",
     "Progress",
     "Prune",
+    "ReopeningStore",
     "Rewind",
+    "StoreUnavailable",
     "new_id",
+    "open_store",
+    "store_status",
 ]
+
+logger = logging.getLogger(__name__)
 
 DB_NAME = "harli.db"
 CHECKPOINTS_DIR = "checkpoints"  # a job's checkpoints: jobs/<id>/checkpoints/step-<n>
@@ -113,6 +137,16 @@ CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, seq);
 """
 
+# Adapter names held by jobs are unique (see the module docstring); created apart from _SCHEMA
+# because a database may hold duplicates from before it (then it waits until they end).
+_HELD = "status NOT IN ('failed', 'cancelled')"
+_NAME_INDEX = "jobs_adapter_name_held"
+_NAME_INDEX_SQL = (
+    f"CREATE UNIQUE INDEX IF NOT EXISTS {_NAME_INDEX} ON jobs (adapter_name) WHERE {_HELD}"
+)
+# a store that could not be opened is tried again at most this often (open_store)
+REOPEN_S = 5.0
+
 # Columns added to a table after databases were first written: (table, column, declaration). An
 # older database gets them when it is opened; new ones go at the end of this list.
 _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -132,6 +166,9 @@ class JobStore:
             d.mkdir(parents=True, exist_ok=True)
         self.db_path = self.state_dir / DB_NAME
         self._migrate()
+        # Never used again: it keeps the WAL index in place, so reads work on a full disk.
+        self._keeper = sqlite3.connect(self.db_path, check_same_thread=False)
+        self._keeper.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
 
     def _migrate(self) -> None:
         """Create the tables, or add what an older database lacks. A current database is only
@@ -147,6 +184,15 @@ class JobStore:
             for table, column, declaration in _ADDED_COLUMNS:
                 if column not in _columns(db, table):
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            duplicate = _held_duplicate(db)
+            if duplicate is None:
+                db.execute(_NAME_INDEX_SQL)
+            else:
+                logger.warning(
+                    "job store: jobs that share adapter name %r are active; adapter names are "
+                    "kept unique by transaction alone until they end",
+                    duplicate,
+                )
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -261,28 +307,37 @@ class JobStore:
         suffix: str | None = None,
         status: JobStatus = JobStatus.VALIDATING_FILES,
     ) -> Job:
-        """A new job; its adapter is named after its suffix, or else after the job itself."""
+        """A new job; its adapter is named after its suffix, or else after the job itself.
+        Raises :class:`AdapterNameTaken`, writing nothing, if a job that has not failed or been
+        cancelled holds that name: the check and the insert are one transaction."""
         job_id = new_id("ftjob")
+        name = adapter_name(suffix, job_id)
         with self._transaction() as db:
+            if _name_held(db, name):
+                raise AdapterNameTaken(name)
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            db.execute(
-                "INSERT INTO jobs (id, seq, created_at, model, training_file, validation_file,"
-                " suffix, adapter_name, seed, hyperparameters, status)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job_id,
-                    seq,
-                    int(time.time()),
-                    model,
-                    training_file,
-                    validation_file,
-                    suffix,
-                    adapter_name(suffix, job_id),
-                    seed,
-                    json.dumps(hyperparameters),
-                    str(status),
-                ),
+            row = (
+                job_id,
+                seq,
+                int(time.time()),
+                model,
+                training_file,
+                validation_file,
+                suffix,
+                name,
+                seed,
+                json.dumps(hyperparameters),
+                str(status),
             )
+            try:
+                db.execute(
+                    "INSERT INTO jobs (id, seq, created_at, model, training_file,"
+                    " validation_file, suffix, adapter_name, seed, hyperparameters, status)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+            except sqlite3.IntegrityError:  # the unique index: a held name (belt and braces)
+                raise AdapterNameTaken(name) from None
         self.add_event(job_id, f"Created fine-tuning job: {job_id}")
         return self.get_job(job_id)
 
@@ -299,12 +354,7 @@ class JobStore:
     def adapter_name_taken(self, adapter_name: str) -> bool:
         """Whether a job that has not failed or been cancelled already claims this name."""
         with self._connect() as db:
-            row = db.execute(
-                "SELECT 1 FROM jobs WHERE adapter_name = ?"
-                " AND status NOT IN ('failed', 'cancelled')",
-                (adapter_name,),
-            ).fetchone()
-        return row is not None
+            return _name_held(db, adapter_name)
 
     def set_status(self, job_id: str, status: JobStatus, **fields: Any) -> bool:
         """Move a job to ``status`` and set other columns (dicts are stored as JSON), if the
@@ -617,6 +667,65 @@ class JobStore:
         return rows[:limit], len(rows) > limit
 
 
+class ReopeningStore:
+    """Stands in for a :class:`JobStore` that could not be opened (a corrupt ``harli.db``, a
+    read-only or vanished state dir): serving goes on without it. Every use tries to open the
+    store again, at most every :data:`REOPEN_S` seconds, and delegates to it once it opens; until
+    then every use raises :class:`StoreUnavailable` with the reason (the API answers 503)."""
+
+    def __init__(self, state_dir: str | Path, reason: str, busy_timeout_ms: int):
+        self.state_dir = Path(state_dir)
+        self.files_dir, self.jobs_dir = self.state_dir / "files", self.state_dir / "jobs"
+        self.reason = reason
+        self._busy_timeout_ms = busy_timeout_ms
+        self._store: JobStore | None = None
+        self._next_try = time.monotonic() + REOPEN_S
+        self._lock = threading.Lock()
+
+    def opened(self) -> JobStore | None:
+        """The store, if it opens now (tried at most every :data:`REOPEN_S` seconds)."""
+        with self._lock:
+            if self._store is None and time.monotonic() >= self._next_try:
+                self._next_try = time.monotonic() + REOPEN_S
+                try:
+                    self._store = JobStore(self.state_dir, self._busy_timeout_ms)
+                    logger.warning("job store %s opens again", self.state_dir)
+                except STORE_ERRORS as exc:
+                    self.reason = describe_open_failure(exc)
+            return self._store
+
+    def __getattr__(self, name: str) -> Any:
+        store = self.opened()
+        if store is None:
+            raise StoreUnavailable(self.reason)
+        return getattr(store, name)
+
+
+def open_store(
+    state_dir: str | Path, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS
+) -> JobStore | ReopeningStore:
+    """The store, or, if it cannot be opened, a stand-in that says why (logged once, no
+    traceback) and opens it once it can."""
+    try:
+        return JobStore(state_dir, busy_timeout_ms)
+    except STORE_ERRORS as exc:
+        reason = describe_open_failure(exc)
+        logger.error(
+            "job store %s cannot be opened (%s): serving goes on; fine-tuning is unavailable "
+            "until it can be",
+            state_dir,
+            reason,
+        )
+        return ReopeningStore(state_dir, reason, busy_timeout_ms)
+
+
+def store_status(store: JobStore | ReopeningStore) -> dict[str, Any]:
+    """For ``/harli/status``: whether the store is open, and why not."""
+    if isinstance(store, ReopeningStore) and store.opened() is None:
+        return {"available": False, "error": store.reason}
+    return {"available": True, "error": None}
+
+
 _SCHEMA_NAMES = re.compile(r"CREATE (TABLE|INDEX) IF NOT EXISTS (\w+)")
 
 
@@ -625,13 +734,31 @@ def _columns(db: sqlite3.Connection, table: str) -> set[str]:
 
 
 def _schema_is_current(db: sqlite3.Connection) -> bool:
-    """Whether the database has every table, index and column (read-only: takes no lock)."""
+    """Whether the database has every table, index and column (read-only: takes no lock). The
+    adapter-name index may be missing while duplicates from before it are active."""
     if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
         return False
     existing = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
     if any(name not in existing for _, name in _SCHEMA_NAMES.findall(_SCHEMA)):
         return False
-    return all(column in _columns(db, table) for table, column, _ in _ADDED_COLUMNS)
+    if not all(column in _columns(db, table) for table, column, _ in _ADDED_COLUMNS):
+        return False
+    return _NAME_INDEX in existing or _held_duplicate(db) is not None
+
+
+def _name_held(db: sqlite3.Connection, adapter_name: str) -> bool:
+    query = f"SELECT 1 FROM jobs WHERE adapter_name = ? AND {_HELD} LIMIT 1"
+    return db.execute(query, (adapter_name,)).fetchone() is not None
+
+
+def _held_duplicate(db: sqlite3.Connection) -> str | None:
+    """An adapter name that two jobs holding names share (left by concurrent creates before
+    names were unique), if any."""
+    row = db.execute(
+        f"SELECT adapter_name FROM jobs WHERE {_HELD} GROUP BY adapter_name"
+        " HAVING COUNT(*) > 1 LIMIT 1"
+    ).fetchone()
+    return row[0] if row else None
 
 
 def _remove_tree(path: Path) -> None:
@@ -640,8 +767,10 @@ def _remove_tree(path: Path) -> None:
 
 
 def _event_seq(event_id: str | None) -> int | None:
-    """Events are numbered, not random: ``ftevent-<seq>``."""
+    """Events are numbered, not random: ``ftevent-<seq>``; anything else (``ftevent-²``: a
+    digit to ``isdigit`` that ``int`` refuses) pages from the newest."""
     prefix = "ftevent-"
-    if event_id and event_id.startswith(prefix) and event_id[len(prefix) :].isdigit():
-        return int(event_id[len(prefix) :])
+    number = (event_id or "").removeprefix(prefix)
+    if event_id and event_id.startswith(prefix) and number.isascii() and number.isdigit():
+        return int(number)
     return None

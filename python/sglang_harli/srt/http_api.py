@@ -51,13 +51,19 @@ from sglang_harli.finetune.data import (
 from sglang_harli.jobs import hyperparameters as hp
 from sglang_harli.jobs.lifecycle import FINAL_STATES, JobStatus
 from sglang_harli.jobs.store import (
+    STORE_ERRORS,
+    AdapterNameTaken,
     Event,
     FileInUseError,
     FileRecord,
     Job,
     JobStore,
+    StoreUnavailable,
+    open_store,
+    store_status,
 )
-from sglang_harli.srt import uploads
+from sglang_harli.jobs.store_errors import classify
+from sglang_harli.srt import model_ids, uploads
 from sglang_harli.srt.openai_shapes import (
     checkpoint_json,
     event_json,
@@ -65,6 +71,7 @@ from sglang_harli.srt.openai_shapes import (
     job_json,
     list_json,
 )
+from sglang_harli.srt.status import may_write, status_view
 
 logger = logging.getLogger(__name__)
 
@@ -112,28 +119,37 @@ class ServedModel:
 def mount_routes(app: FastAPI, harli_config: HarliConfig, limits: hp.ServingLimits | None) -> None:
     """Add our routes to SGLang's app (before the server starts)."""
 
+    store = None
+    if harli_config.enabled and limits is not None:
+        store = open_store(harli_config.state_dir)  # serving starts even if it cannot open
+        max_upload_bytes = int(harli_config.max_upload_mb * 2**20)
+        FineTuningApi(store, limits, max_upload_bytes).mount(app)
+
     @app.get("/harli/status")
-    async def harli_status() -> dict:
-        """Mode, decode iterations seen and hook overhead, per scheduler (DP rank)."""
+    async def harli_status(request: Request) -> dict:
+        """Mode, decode iterations seen and hook overhead, per scheduler (DP rank); whether the
+        job store is open. The host and pid of each scheduler only to a client that may write
+        (see :func:`status_view`)."""
         if not harli_config.enabled:
             return {"mode": harli_config.mode, "schedulers": []}
         from sglang.srt.entrypoints.http_server import get_global_state
 
-        internal_states = await get_global_state().tokenizer_manager.get_internal_state()
+        manager = get_global_state().tokenizer_manager
+        internal_states = await manager.get_internal_state()
         schedulers = [state["harli"] for state in internal_states if "harli" in state]
-        return {
+        status = {
             "mode": harli_config.mode,
             "decode_iterations": sum(s["decode_iterations"] for s in schedulers),
+            "job_store": None if store is None else await run_in_threadpool(store_status, store),
             "schedulers": schedulers,
         }
-
-    if harli_config.enabled and limits is not None:
-        max_upload_bytes = int(harli_config.max_upload_mb * 2**20)
-        FineTuningApi(JobStore(harli_config.state_dir), limits, max_upload_bytes).mount(app)
+        return status_view(status, may_write(request, manager.server_args))
 
 
 def _route(handler: Callable) -> Callable:
-    """Any failure of ours becomes OpenAI's error body (500, logged), never a bare trace."""
+    """Any failure of ours becomes OpenAI's error body, never a bare trace: the job store's
+    (busy, disk full, unreadable) a 503 or 507 saying which (``jobs/store_errors.py``), a name
+    another job holds a 409, anything else a 500, logged."""
 
     @functools.wraps(handler)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -141,6 +157,14 @@ def _route(handler: Callable) -> Callable:
             return await handler(*args, **kwargs)
         except (ApiError, ClientDisconnect):
             raise
+        except AdapterNameTaken as exc:
+            raise ApiError(409, str(exc), param="suffix", code="suffix_in_use") from None
+        except (*STORE_ERRORS, StoreUnavailable) as exc:
+            failure = classify(exc)
+            logger.warning("fine-tuning API: %s: %s", handler.__name__, failure.message)
+            raise ApiError(
+                failure.status, failure.message, code=failure.kind, type="server_error"
+            ) from None
         except Exception:
             logger.exception("fine-tuning API: %s failed", handler.__name__)
             raise ApiError(500, "internal error; see the server log", type="server_error") from None
@@ -223,7 +247,7 @@ class FineTuningApi:
         @app.get("/v1/fine_tuning/jobs/{job_id}/events")
         @_route
         async def list_events(job_id: str, request: Request):
-            after, limit = _after(request), _limit(request, 20)
+            after, limit = _after(request, EVENT_CURSOR), _limit(request, 20)
 
             def page():
                 self.job(job_id)
@@ -438,9 +462,7 @@ class FineTuningApi:
             except DatasetError as exc:
                 raise ApiError(400, str(exc), param=param, code="invalid_file") from None
         if request.suffix and self.store.adapter_name_taken(request.suffix):
-            raise ApiError(
-                400, f"suffix {request.suffix!r} is already used by another job", "suffix"
-            )
+            raise AdapterNameTaken(request.suffix)  # a 409; the store checks again as it writes
 
         job = self.store.create_job(
             model=model.name,
@@ -554,6 +576,8 @@ def _check_job_request(body: Any, model: ServedModel) -> JobRequest:
     suffix = body.get("suffix")
     if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.fullmatch(suffix)):
         raise ApiError(400, "suffix: 1-64 letters, digits, '-' or '_'", param="suffix")
+    if suffix is not None and (reserved := model_ids.suffix_refusal(suffix)):
+        raise ApiError(400, reserved, param="suffix", code="suffix_reserved")
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbelow(hp.MAX_SEED + 1)
@@ -603,5 +627,15 @@ def _limit(request: Request, default: int) -> int:
     return int(raw)
 
 
-def _after(request: Request) -> str | None:
-    return request.query_params.get("after") or None
+# what a page cursor (an id we handed out) can look like; anything else is a 400, not a lookup
+CURSOR = re.compile(r"[A-Za-z0-9_-]{1,128}")
+EVENT_CURSOR = re.compile(r"ftevent-[0-9]{1,18}")  # events are numbered (store._event_seq)
+
+
+def _after(request: Request, pattern: re.Pattern = CURSOR) -> str | None:
+    """``?after=``: an id of the previous page's last record; a malformed one is a 400 (an
+    unknown well-formed id pages from the newest, as before)."""
+    raw = request.query_params.get("after") or None
+    if raw is not None and not (raw.isascii() and pattern.fullmatch(raw)):
+        raise ApiError(400, f"after must be an id from a previous page, got {_shown(raw)}", "after")
+    return raw

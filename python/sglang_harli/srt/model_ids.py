@@ -21,12 +21,16 @@ What we change (Harli mode only; ``--harli-mode off`` is plain SGLang), and why:
   demand (``lora_ref_cache``, after an LRU eviction under ``--max-loaded-loras``): each listed
   id answers. One id per model, the one a job reports, as OpenAI lists fine-tuned models.
 - A bare adapter name resolves to its adapter (``_parse_model_parameter`` is wrapped once in this
-  process): the base model's own name still wins, names with a colon are SGLang's as before, and
-  any other unknown name keeps reaching the base model as SGLang intends. We resolve rather than
-  refuse with a 404 because the bare name is what SGLang's own list used to show and what SGLang's
-  Responses API already treats as naming the adapter (``_known_model_names``): a client that
-  asks for it means the adapter, and now gets it instead of the base. It is accepted but not
-  listed, and ``/v1/models/{bare name}`` stays 404, so the list and lookups agree on one id.
+  process): names with a colon are SGLang's as before, any other unknown name keeps reaching the
+  base model as SGLang intends, and a name that means the base model never resolves to an
+  adapter (:func:`base_names` and ``lifecycle.CLIENT_ALIASES``: the served name, the model path
+  and its last part, SGLang's default ``"default"``, the OpenAI model names clients send by
+  default). A job cannot take such a suffix (:func:`suffix_refusal`, a 400 at creation); this
+  keeps an adapter stored under one before the rule from capturing those requests. We resolve
+  rather than refuse with a 404 because the bare name is what SGLang's own list used to show and
+  what SGLang's Responses API already treats as naming the adapter (``_known_model_names``): a
+  client that asks for it means the adapter, and now gets it instead of the base. It is accepted
+  but not listed, and ``/v1/models/{bare name}`` stays 404, so the list and lookups agree on one id.
 
 Both read the TokenizerManager's dicts (microseconds): nothing here blocks SGLang's event loop.
 """
@@ -34,18 +38,38 @@ Both read the TokenizerManager's dicts (microseconds): nothing here blocks SGLan
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 from fastapi.routing import APIRoute
 
-from sglang_harli.jobs.lifecycle import fine_tuned_model_name
+from sglang_harli.jobs.lifecycle import fine_tuned_model_name, reserved_name_reason
 
 logger = logging.getLogger(__name__)
 
 LIST_PATH = "/v1/models"
 RETRIEVE_PATH = "/v1/models/{model:path}"
+
+
+def base_names(manager: Any) -> frozenset[str]:
+    """What the served model goes by: its served name, its path, the path's last part, and
+    SGLang's default ``model`` (all reach the base model in SGLang's OpenAI routes)."""
+    from sglang.srt.entrypoints.openai.protocol import DEFAULT_MODEL_NAME
+
+    names = {manager.served_model_name, DEFAULT_MODEL_NAME}
+    path = getattr(getattr(manager, "server_args", None), "model_path", None)
+    if path:
+        names |= {path, os.path.basename(os.path.normpath(path))}
+    return frozenset(n for n in names if n)
+
+
+def suffix_refusal(suffix: str) -> str | None:
+    """Why a job may not take ``suffix`` as its adapter's name (a name that means the base
+    model), or None. Reads the TokenizerManager's settings only."""
+    reason = reserved_name_reason(suffix, base_names(_manager()))
+    return None if reason is None else f"suffix {reason}; choose another"
 
 
 def served_adapters(manager: Any) -> dict[str, str]:
@@ -146,6 +170,7 @@ def _resolve_bare_adapter_names() -> None:
             and isinstance(model, str)
             and model != manager.served_model_name
             and is_served_adapter(manager, model)
+            and reserved_name_reason(model, base_names(manager)) is None
         ):
             return manager.served_model_name, model
         return base, adapter

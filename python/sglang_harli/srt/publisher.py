@@ -28,7 +28,7 @@ import threading
 import time
 
 from sglang_harli.jobs.lifecycle import JobStatus, fine_tuned_model_name
-from sglang_harli.jobs.store import Job, JobStore
+from sglang_harli.jobs.store import STORE_ERRORS, Job, JobStore, StoreUnavailable
 from sglang_harli.srt.loopback import Reply, ServerEndpoint
 
 logger = logging.getLogger(__name__)
@@ -84,10 +84,16 @@ class AdapterPublisher:
             self._thread.join()
 
     def _run(self) -> None:
+        store_down = False
         while not self._stop.is_set():
             try:
                 self.publish_pending()
-            except Exception:  # noqa: BLE001 - e.g. the store is briefly unreadable: next pass
+                store_down = False
+            except (*STORE_ERRORS, StoreUnavailable) as exc:  # said once, tried every pass
+                if not store_down:
+                    logger.warning("adapter publisher: the job store cannot answer (%s)", exc)
+                store_down = True
+            except Exception:  # noqa: BLE001 - the next pass tries again
                 logger.exception("adapter publisher pass failed")
             self._stop.wait(self.poll_s)
 

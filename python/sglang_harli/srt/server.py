@@ -73,11 +73,11 @@ def _start_publisher(server_args, harli_config: HarliConfig) -> None:
     """Runs once the server answers: finished adapters are loaded through its own API."""
     from sglang.srt.entrypoints.http_server import get_global_state
 
-    from sglang_harli.jobs.store import JobStore
+    from sglang_harli.jobs.store import open_store
     from sglang_harli.srt.loopback import ServerEndpoint
     from sglang_harli.srt.publisher import AdapterPublisher
 
     # the name jobs are created for (the API checks it): adapters of other models are not ours
     model = get_global_state().tokenizer_manager.served_model_name
     endpoint = ServerEndpoint.from_server_args(server_args)
-    AdapterPublisher(JobStore(harli_config.state_dir), endpoint, model).start()
+    AdapterPublisher(open_store(harli_config.state_dir), endpoint, model).start()

@@ -4,14 +4,23 @@ non-finite numbers, relative paths, pruning and rewinding."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import multiprocessing
 import sqlite3
+import subprocess
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from sglang_harli.jobs import store as store_module
+from sglang_harli.jobs.lifecycle import reserved_name_reason
 from sglang_harli.jobs.store import (
+    AdapterNameTaken,
     AddCheckpointRecord,
     JobStore,
     NewEvent,
@@ -19,7 +28,11 @@ from sglang_harli.jobs.store import (
     Progress,
     Prune,
     Rewind,
+    StoreUnavailable,
+    open_store,
+    store_status,
 )
+from sglang_harli.jobs.store_errors import classify
 
 HP = {"n_epochs": 1}
 
@@ -300,3 +313,204 @@ def test_a_job_a_stopped_server_left_validating_fails_and_frees_its_file(tmp_pat
     young = make_job(store, status="validating_files")
     assert store.fail_abandoned_validations(now=young.created_at + 5) == []
     assert store.get_job(young.id).status == "validating_files"
+
+
+def test_an_event_cursor_with_a_non_ascii_digit_pages_from_the_newest(tmp_path):
+    store = JobStore(tmp_path)
+    job = make_job(store)
+    store.add_event(job.id, "newest")
+    for cursor in ("ftevent-\u00b2", "ftevent-\u0661", "ftevent-", "ftevent-x"):
+        events, _ = store.list_events(job.id, after=cursor)  # "²".isdigit(), int("²") fails
+        assert events[0].message == "newest"
+
+
+@pytest.mark.parametrize(
+    ("name", "reserved"),
+    [
+        ("default", True),
+        ("DEFAULT", True),
+        ("gpt-4", True),
+        ("gpt-4o-mini", True),
+        ("gpt-3.5-turbo", True),
+        ("chatgpt-4o-latest", True),
+        ("o1", True),
+        ("o3-mini", True),
+        ("text-davinci-003", True),
+        ("davinci-002", True),
+        ("tiny-llama-abc", True),  # the served model's directory name
+        ("Tiny-Llama-ABC", True),
+        ("support-bot", False),
+        ("o1x", False),
+        ("gpt4all-tuned", False),
+        ("defaults", False),
+        ("my-default", False),
+    ],
+)
+def test_names_that_mean_the_base_model_cannot_name_an_adapter(name, reserved):
+    reason = reserved_name_reason(name, frozenset({"/models/tiny-llama-abc", "tiny-llama-abc"}))
+    assert (reason is not None) == reserved
+    if reserved:
+        assert name in reason and "base model" in reason
+
+
+# --- adapter names are unique, under concurrency too -----------------------------------------
+
+
+def test_concurrent_creates_with_one_suffix_accept_exactly_one(tmp_path):
+    """Eight requests at once, each with its own connection as the API's worker threads have:
+    the name check and the insert are one transaction, so one job is created, seven refused."""
+    store = JobStore(tmp_path)
+    upload = store.add_file("train.jsonl", "fine-tune", b'{"prompt": "a", "completion": "b"}\n')
+    start = threading.Barrier(8)
+
+    def create(_: int) -> str:
+        start.wait()
+        try:
+            return JobStore(tmp_path).create_job("m", upload.id, HP, seed=0, suffix="twin").id
+        except AdapterNameTaken as exc:
+            assert exc.adapter_name == "twin"
+            return "refused"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(create, range(8)))
+    assert results.count("refused") == 7
+    jobs, _ = store.list_jobs(limit=100)
+    assert [j.adapter_name for j in jobs] == ["twin"]
+    store.set_status(jobs[0].id, "cancelled")  # a cancelled job frees its name
+    assert make_job(store, suffix="twin").adapter_name == "twin"
+
+
+def test_duplicate_names_left_by_an_older_store_open_and_get_the_index_once_they_end(tmp_path):
+    with sqlite3.connect(tmp_path / "harli.db") as db:
+        db.executescript(OLD_SCHEMA)
+        db.execute(  # a second running job named 'done'... and a second one named 'ftjob-old'
+            "INSERT INTO jobs SELECT 'ftjob-twin', 3, created_at, model, training_file,"
+            " validation_file, suffix, adapter_name, seed, hyperparameters, status,"
+            " started_at, finished_at, estimated_finish, fine_tuned_model, adapter_path, error,"
+            " trained_tokens, step, total_steps, cancel_requested FROM jobs WHERE id = 'ftjob-old'"
+        )
+    store = JobStore(tmp_path)  # opens: the index waits
+    assert store.get_job("ftjob-twin").adapter_name == "ftjob-old"
+    with pytest.raises(AdapterNameTaken):  # the transaction keeps new names unique meanwhile
+        make_job(store, suffix="done")
+    store.set_status("ftjob-twin", "failed", error={"code": "x", "message": "duplicate"})
+    JobStore(tmp_path)  # the next open creates it
+    with sqlite3.connect(tmp_path / "harli.db") as db:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        assert "jobs_adapter_name_held" in names
+        with pytest.raises(sqlite3.IntegrityError):  # even a writer that skips the check
+            db.execute("UPDATE jobs SET adapter_name = 'done' WHERE id = 'ftjob-old'")
+
+
+# --- a store that cannot be opened, a full disk ------------------------------------------------
+
+
+def test_a_corrupt_database_gives_a_stand_in_that_says_why_and_reopens(tmp_path, monkeypatch):
+    (tmp_path / "harli.db").write_bytes(b"this is not a database" * 100)
+    store = open_store(tmp_path)
+    assert store_status(store) == {"available": False, "error": store.reason}
+    assert "not a database" in store.reason and str(tmp_path) not in store.reason
+    with pytest.raises(StoreUnavailable, match="not a database"):
+        store.list_jobs()
+    failure = classify(StoreUnavailable(store.reason))
+    assert failure.status == 503 and "not a database" in failure.message
+    (tmp_path / "harli.db").unlink()  # the operator moves it away
+    monkeypatch.setattr(store_module, "REOPEN_S", 0.0)
+    store._next_try = 0.0
+    assert store.list_jobs() == ([], False)
+    assert store_status(store) == {"available": True, "error": None}
+
+
+FULL_DISK_READS = """
+import json, resource, signal, sys
+from sglang_harli.jobs.store import JobStore
+from sglang_harli.jobs.store_errors import classify
+
+store = JobStore(sys.argv[1])
+job = store.create_job("m", "file-x", {}, seed=0, suffix="kept")
+# From here on no file may grow: what a full disk does to SQLite (a reader that must create or
+# size the WAL's shared-memory index gets "disk I/O error").
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+out = {"jobs": [j.adapter_name for j in store.list_jobs()[0]]}
+out["events"] = len(store.list_events(job.id)[0])
+out["get"] = store.get_job(job.id).status
+try:
+    store.create_job("m", "file-x", {"big": "x" * 100_000}, seed=0)
+    out["write"] = "ok"
+except Exception as exc:
+    out["write"] = classify(exc).status
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+print(json.dumps(out))
+"""
+
+
+def test_reads_keep_working_when_the_disk_fills(tmp_path):
+    """A full disk, simulated with a file-size limit of 0 bytes in a process of its own: the
+    store's jobs and events still read; a write fails with a store error the API maps."""
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_READS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert out["jobs"] == ["kept"] and out["events"] == 1 and out["get"] == "validating_files"
+    assert out["write"] == 503  # an I/O error on a disk that is not really full: 503
+
+
+def test_a_full_database_or_disk_is_a_507_naming_the_disk(tmp_path):
+    store = JobStore(tmp_path)
+    job = make_job(store)
+    with sqlite3.connect(store.db_path) as db:  # SQLite's own "database or disk is full"
+        db.execute("PRAGMA max_page_count = 1")  # below the current size: no page may be added
+        with pytest.raises(sqlite3.OperationalError) as full:
+            db.execute(
+                "INSERT INTO events (job_id, created_at, level, message, type)"
+                " VALUES (?, 0, 'info', ?, 'message')",
+                (job.id, "x" * 100_000),
+            )
+    failure = classify(full.value)
+    assert failure.status == 507 and "disk" in failure.message and "full" in failure.message
+    nospace = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "files" / "x"))
+    failure = classify(nospace)
+    assert failure.status == 507 and str(tmp_path) not in failure.message
+
+
+def test_the_api_maps_store_failures_in_one_place(tmp_path, write_lock):
+    """The wrapper around every fine-tuning route: a full disk on a write is a 507, a lock held
+    past the busy timeout a 503 to retry, a name another job holds a 409; never a 500."""
+    from sglang_harli.srt.http_api import ApiError, _route
+
+    store = JobStore(tmp_path)
+    job = make_job(store, suffix="held")
+
+    async def fill_the_database():
+        with sqlite3.connect(store.db_path) as db:
+            db.execute("PRAGMA max_page_count = 1")
+            db.execute(
+                "INSERT INTO events (job_id, created_at, level, message, type)"
+                " VALUES (?, 0, 'info', ?, 'message')",
+                (job.id, "x" * 100_000),
+            )
+
+    async def write_while_locked():
+        JobStore(tmp_path, busy_timeout_ms=5).add_event(job.id, "blocked")
+
+    async def take_a_held_name():
+        make_job(store, suffix="held")
+
+    def answer(route) -> tuple[int, str | None]:
+        with pytest.raises(ApiError) as refused:
+            asyncio.run(_route(route)())
+        return refused.value.status, refused.value.code
+
+    answers = {"full": answer(fill_the_database), "held": answer(take_a_held_name)}
+    write_lock(store, seconds=5)
+    answers["busy"] = answer(write_while_locked)
+    assert answers == {
+        "full": (507, "disk_full"),
+        "busy": (503, "store_busy"),
+        "held": (409, "suffix_in_use"),
+    }
