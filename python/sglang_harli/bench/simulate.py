@@ -48,8 +48,16 @@ from sglang_harli.bench.job_shape import (
     job_from_numbers,
 )
 from sglang_harli.bench.machine import Machine
-from sglang_harli.bench.replay import JOB_PAIRS, add_trace_arguments, machine, parse_modes
-from sglang_harli.bench.trace import TraceRequest, TraceScaling, load_trace, trace_duration_s
+from sglang_harli.bench.modes import parse_modes
+from sglang_harli.bench.report import host
+from sglang_harli.bench.trace import (
+    TraceRequest,
+    TraceScaling,
+    add_trace_arguments,
+    load_trace,
+    trace_duration_s,
+)
+from sglang_harli.bench.workload import JOB_PAIRS
 from sglang_harli.config import HarliConfig, Mode
 from sglang_harli.corun.predictor import PROFILE_FORMAT
 from sglang_harli.corun.stats import DecodeStats
@@ -442,7 +450,7 @@ def run(args) -> dict:
     hours = sum(m["simulated_instance_hours"] for m in modes.values())
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),  # the simulator's, not the simulated one's
+        "machine": host(),  # the simulator's, not the simulated one's
         "profile": str(args.profile),
         "profile_key": profile["key"],
         "spread_source": simulated.spread_source,

@@ -11,6 +11,7 @@ relative gaps.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 from datetime import datetime
@@ -90,3 +91,19 @@ def load_trace(scaling: TraceScaling) -> list[TraceRequest]:
 def trace_duration_s(trace: str) -> float:
     """How long the recorded trace lasts, unscaled."""
     return _load(trace)[-1].arrival_s
+
+
+def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
+    """TraceScaling's fields as flags (the replay's and the simulation's)."""
+    defaults = TraceScaling()
+    parser.add_argument("--trace", default=defaults.trace, help="conv or code (Azure 2023)")
+    parser.add_argument("--rate-scale", type=float, default=defaults.rate_scale)
+    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
+    parser.add_argument("--start-s", type=float, default=defaults.start_s)
+    parser.add_argument("--max-context-tokens", type=int, default=defaults.max_context_tokens)
+    parser.add_argument("--max-output-tokens", type=int, default=defaults.max_output_tokens)
+
+
+def scaling_of(args: argparse.Namespace) -> TraceScaling:
+    """The TraceScaling the flags of :func:`add_trace_arguments` give."""
+    return TraceScaling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TraceScaling)})
