@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import math
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -46,6 +47,10 @@ class TraceScaling:
     def __post_init__(self) -> None:
         if self.trace not in TRACES:
             raise ValueError(f"unknown trace {self.trace!r}: one of {', '.join(TRACES)}")
+        # NaN passes every comparison below and an infinite duration never ends a replay
+        for name in ("rate_scale", "duration_s", "start_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("rate_scale", "duration_s", "max_context_tokens", "max_output_tokens"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
