@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exit_code(exc)
+    except OSError as exc:  # a dataset that cannot be read: bad input, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
 

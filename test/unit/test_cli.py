@@ -207,3 +207,16 @@ def test_a_large_upload_is_streamed_and_waits_past_the_request_timeout(tmp_path,
     assert purpose.endswith(b"\r\n\r\nfine-tune\r\n")
     file_part = next(p for p in parts if b'filename="big.jsonl"' in p)
     assert file_part.split(b"\r\n\r\n", 1)[1][: -len(b"\r\n")] == data.read_bytes()
+
+
+def test_a_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    from sglang_harli import cli
+
+    server = _StandIn(tmp_path / "body")
+    try:
+        code = cli.main(["--server", server.url, "create", str(tmp_path / "missing.jsonl")])
+    finally:
+        server.close()
+    assert code == cli.EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "missing.jsonl" in err
