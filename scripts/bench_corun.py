@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from sglang_harli.bench.server import harli_server
+from sglang_harli.bench.workload import SHORT_CHATS
+from sglang_harli.client import HarliClient
 from sglang_harli.srt.server import lora_serving_flags
 from sglang_harli.tiny_model import ensure_tiny_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: test/support
-from test.support.finetuning import start_training  # noqa: E402
-from test.support.server_process import harli_server  # noqa: E402
 
 PROMPTS = ["def hello(world):", "import os, sys", "class Foo:", "x = [i for i in"]
 
@@ -71,22 +69,23 @@ def main() -> None:
     try:
         for server in (off, off_lora, harli):
             server.wait_ready()
-        before = harli.get("/harli/status")["schedulers"][0]
+        client = HarliClient(harli.url)
+        before = client.scheduler()
         for i in range(args.requests):
             prompt = PROMPTS[i % len(PROMPTS)]
             samples["off"].append(tpot_ms(off, prompt, args.long, args.short))
             samples["off_lora"].append(tpot_ms(off_lora, prompt, args.long, args.short))
             samples["harli"].append(tpot_ms(harli, prompt, args.long, args.short))
-        after = harli.get("/harli/status")["schedulers"][0]
-        job_id = start_training(harli, model, workdir)
-        step0 = harli.get(f"/v1/fine_tuning/jobs/{job_id}")["step"]
+        after = client.scheduler()
+        job_id = client.start_training(model, SHORT_CHATS, first_step_timeout_s=120)["id"]
+        step0 = client.job(job_id)["step"]
         t0 = time.perf_counter()
         for i in range(args.requests):
             prompt = PROMPTS[i % len(PROMPTS)]
             samples["training"].append(tpot_ms(harli, prompt, args.long, args.short))
-        steps = harli.get(f"/v1/fine_tuning/jobs/{job_id}")["step"] - step0
+        steps = client.job(job_id)["step"] - step0
         train_s = time.perf_counter() - t0
-        harli.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", {})
+        client.cancel(job_id)
         mode = after["mode"]
     finally:
         for server in (off, off_lora, harli):

@@ -27,17 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from sglang_harli.bench.server import harli_server
+from sglang_harli.bench.workload import SHORT_CHATS
+from sglang_harli.client import HarliClient
 from sglang_harli.tiny_model import ensure_tiny_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: test/support
-from test.support.finetuning import start_training  # noqa: E402
-from test.support.server_process import harli_server  # noqa: E402
 
 
 def generate(server, prompt: str, tokens: int) -> int:
@@ -50,7 +48,7 @@ def generate(server, prompt: str, tokens: int) -> int:
 
 
 def harli(server) -> dict:
-    return server.get("/harli/status")["schedulers"][0]
+    return HarliClient(server.url).scheduler()
 
 
 def phase(server, job: str, streams: int, tokens: int, seconds: float) -> dict:
@@ -68,7 +66,8 @@ def phase(server, job: str, streams: int, tokens: int, seconds: float) -> dict:
                 requests[0] += 1
 
     start_status = harli(server)
-    start_job = server.get(f"/v1/fine_tuning/jobs/{job}")
+    client = HarliClient(server.url)
+    start_job = client.job(job)
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(streams)]
     for t in threads:
         t.start()
@@ -82,7 +81,7 @@ def phase(server, job: str, streams: int, tokens: int, seconds: float) -> dict:
     for t in threads:
         t.join()
     end_status = harli(server)
-    end_job = server.get(f"/v1/fine_tuning/jobs/{job}")
+    end_job = client.job(job)
     c0, c1 = start_status["corun"], end_status["corun"]
     iterations = c1["iterations"] - c0["iterations"]
     memory = end_status["memory"] or {}
@@ -143,8 +142,8 @@ def run(model: Path, lend: float, args, workdir: Path) -> dict:
         str(lend),
     ).wait_ready()
     try:
-        (workdir / f"job-{lend}").mkdir()
-        job = start_training(server, str(model), workdir / f"job-{lend}")
+        client = HarliClient(server.url)
+        job = client.start_training(str(model), SHORT_CHATS, first_step_timeout_s=120)["id"]
         phases = [phase(server, job, s, args.tokens, args.seconds) for s in args.loads]
         bursts = [burst(server, args.pool) for _ in range(args.bursts if lend else 0)]
         return {"lend": lend, "phases": phases, "bursts": bursts}

@@ -27,13 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from sglang_harli.bench.server import harli_server
+from sglang_harli.bench.workload import SHORT_CHATS
+from sglang_harli.client import HarliClient, corun_delta
 from sglang_harli.loadgen import stream_load
 from sglang_harli.tiny_model import ensure_tiny_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: test/support
-from test.srt.test_corun_slo import corun, delta  # noqa: E402
-from test.support.finetuning import start_training  # noqa: E402
-from test.support.server_process import harli_server  # noqa: E402
 
 DTYPE = ["--dtype", "float32"]
 
@@ -58,7 +56,7 @@ def plain_gap_s(model: Path, tp: int, streams: int, seconds: float, workdir: Pat
 
 
 def hooks(server) -> dict:
-    return server.get("/harli/status")["schedulers"][0]["hooks"]
+    return HarliClient(server.url).scheduler()["hooks"]
 
 
 def sync_us(before: dict, after: dict) -> dict | None:
@@ -74,9 +72,10 @@ def sync_us(before: dict, after: dict) -> dict | None:
 
 
 def measured(server, streams: int, seconds: float, retractions: list[int] | None = None):
-    before, h0 = corun(server), hooks(server)
+    client = HarliClient(server.url)
+    before, h0 = client.corun(), hooks(server)
     stream_load(server.url, seconds, streams, retractions=retractions)
-    d = delta(before, corun(server))
+    d = corun_delta(before, client.corun())
     d["tp_sync"] = sync_us(h0, hooks(server))
     d["finetune_tokens_per_s"] = d["finetune_tokens"] / seconds
     d["misses_with_finetune_share"] = d["misses_with_finetune"] / max(d["iterations"], 1)
@@ -100,17 +99,17 @@ def harli_at(model: Path, tp: int, objective_ms: float, args, workdir: Path) -> 
         server.wait_ready()
         stream_load(server.url, 3.0, args.streams)  # warm-up
         alone = measured(server, args.streams, args.seconds)
-        (workdir / f"job-tp{tp}").mkdir(exist_ok=True)
-        job = start_training(server, str(model), workdir / f"job-tp{tp}")
+        client = HarliClient(server.url)
+        job = client.start_training(str(model), SHORT_CHATS, first_step_timeout_s=120)["id"]
         stream_load(server.url, 3.0, args.streams)  # the predictor learns this load's shape
         retractions: list[int] = []
         loaded = measured(server, args.streams, args.seconds, retractions)
         loaded["retractions"] = sum(retractions)
-        tokens0 = server.get(f"/v1/fine_tuning/jobs/{job}")["trained_tokens"]
+        tokens0 = client.job(job)["trained_tokens"]
         time.sleep(args.idle_seconds)
-        idle_tokens = server.get(f"/v1/fine_tuning/jobs/{job}")["trained_tokens"] - tokens0
-        server.post(f"/v1/fine_tuning/jobs/{job}/cancel", {})
-        status = server.get("/harli/status")["schedulers"][0]
+        idle_tokens = client.job(job)["trained_tokens"] - tokens0
+        client.cancel(job)
+        status = client.scheduler()
         return {
             "alone": alone,
             "with_job": loaded,

@@ -5,9 +5,12 @@
 
 It speaks the server's OpenAI-style fine-tuning API over HTTP. Keys follow SGLang's rules: reads
 send ``--api-key``; writes (upload, create, cancel) send ``--admin-api-key`` if given, else
-``--api-key``. Exit codes: 0 success; 1 the job failed or was cancelled (``create --wait``,
-``get``, ``events --follow``); 2 the request was refused (bad input, unknown job, a missing or
-wrong key); 3 the server could not be reached.
+``--api-key``. Requests wait ``--timeout`` seconds (default 60) for an answer; an upload waits as
+long as the server validates the file (``--upload-timeout`` to bound it) and is streamed from
+disk. Exit codes: 0 success; 1 the job failed or was cancelled (``create --wait``, ``get``,
+``events --follow``); 2 the request was refused (bad input, unknown job, a missing or wrong key);
+3 the server could not be reached (nothing was sent); 4 no answer came back (a timeout or a broken
+connection: the request may have taken effect, check with ``list`` or ``get``).
 """
 
 from __future__ import annotations
@@ -20,103 +23,51 @@ import time
 from pathlib import Path
 from typing import Any
 
-import requests
-
+from sglang_harli.client import (
+    DEFAULT_TIMEOUT_S,
+    ApiError,
+    ClientError,
+    HarliClient,
+    TransportError,
+    Unreachable,
+)
 from sglang_harli.jobs.lifecycle import FINAL_STATES, JobStatus
 
 DEFAULT_SERVER = os.environ.get("HARLI_SERVER", "http://127.0.0.1:30000")
-EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
+# 1 is "the job failed": a transport failure must not read as that (a script would act on it)
+EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_NO_ANSWER = 0, 1, 2, 3, 4
 BAR_WIDTH = 24
 
 
-class CliError(Exception):
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
-def _bearer(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-class Client:
-    def __init__(
-        self,
-        server: str,
-        api_key: str | None,
-        timeout: float = 60,
-        admin_api_key: str | None = None,
-        ca_cert: str | None = None,
-    ):
-        self.base = server.rstrip("/")
-        # an https server with a self-signed certificate: trust that certificate (a file)
-        self.verify: str | bool = ca_cert or True
-        # SGLang's rules: ordinary routes (reads) take --api-key; with --admin-api-key on the
-        # server, the routes that write or reveal data take that key instead
-        self.headers = _bearer(api_key)
-        self.write_headers = _bearer(admin_api_key or api_key)
-        self.timeout = timeout
-
-    def request(self, method: str, path: str, write: bool = False, **kwargs) -> Any:
-        headers = self.write_headers if write else self.headers
-        try:
-            response = requests.request(
-                method,
-                self.base + path,
-                headers=headers,
-                timeout=self.timeout,
-                verify=self.verify,
-                **kwargs,
-            )
-        except requests.exceptions.SSLError as exc:
-            raise CliError(
-                f"cannot verify the server's certificate at {self.base} ({exc.__class__.__name__});"
-                " for a self-signed server pass --ca-cert CERT.pem",
-                EXIT_UNREACHABLE,
-            ) from None
-        except requests.ConnectionError:
-            raise CliError(f"cannot reach the server at {self.base}", EXIT_UNREACHABLE) from None
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"error": {"message": response.text}}
-        if response.status_code >= 400:
-            # ours and OpenAI's: {"error": {"message": ...}}; SGLang's 401: {"error": "..."}
-            error = body.get("error") if isinstance(body, dict) else None
-            message = error.get("message") if isinstance(error, dict) else error
-            message = message or response.text
-            raise CliError(f"{response.status_code}: {message}", EXIT_REFUSED)
-        return body
-
-    def upload(self, path: Path) -> dict:
-        with open(path, "rb") as f:
-            return self.request(
-                "POST",
-                "/v1/files",
-                write=True,
-                files={"file": (path.name, f)},
-                data={"purpose": "fine-tune"},
-            )
-
-    def job(self, job_id: str) -> dict:
-        return self.request("GET", f"/v1/fine_tuning/jobs/{job_id}")
-
-    def events(self, job_id: str, limit: int = 100) -> list[dict]:
-        """Oldest first (the API pages newest first)."""
-        page = self.request("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": limit})
-        return list(reversed(page["data"]))
+def exit_code(error: ClientError) -> int:
+    """The CLI's exit code for a request that failed this way."""
+    if isinstance(error, ApiError):
+        return EXIT_REFUSED
+    if isinstance(error, Unreachable):
+        return EXIT_UNREACHABLE
+    if isinstance(error, TransportError):
+        return EXIT_NO_ANSWER
+    return EXIT_REFUSED
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    client = Client(
-        args.server, args.api_key, admin_api_key=args.admin_api_key, ca_cert=args.ca_cert
+    client = HarliClient(
+        args.server,
+        args.api_key,
+        admin_api_key=args.admin_api_key,
+        ca_cert=args.ca_cert,
+        timeout_s=args.timeout,
+        upload_timeout_s=args.upload_timeout,
     )
     try:
         return args.run(client, args)
-    except CliError as exc:
+    except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.code
+        return exit_code(exc)
+    except OSError as exc:  # a dataset that cannot be read: bad input, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
 
@@ -124,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 # --- commands ----------------------------------------------------------------------------------
 
 
-def cmd_create(client: Client, args: argparse.Namespace) -> int:
-    model = args.model or client.request("GET", "/v1/models")["data"][0]["id"]
+def cmd_create(client: HarliClient, args: argparse.Namespace) -> int:
+    model = args.model or client.model_id()
     training = client.upload(Path(args.training_file))
     body: dict[str, Any] = {
         "model": model,
@@ -151,16 +102,15 @@ def cmd_create(client: Client, args: argparse.Namespace) -> int:
         body["suffix"] = args.suffix
     if args.seed is not None:
         body["seed"] = args.seed
-    job = client.request("POST", "/v1/fine_tuning/jobs", write=True, json=body)
+    job = client.request("POST", "/v1/fine_tuning/jobs", write=True, json=body)  # all fields
     print(f"created {job['id']} (training file {training['id']})")
     if not args.wait:
         return EXIT_OK
     return wait(client, job["id"], args.poll)
 
 
-def cmd_list(client: Client, args: argparse.Namespace) -> int:
-    jobs = client.request("GET", "/v1/fine_tuning/jobs", params={"limit": args.limit})["data"]
-    for job in jobs:
+def cmd_list(client: HarliClient, args: argparse.Namespace) -> int:
+    for job in client.jobs(args.limit):
         print(
             f"{job['id']}  {job['status']:<10}  step {job.get('step', 0)}/"
             f"{job.get('total_steps') or '?'}  {job['fine_tuned_model'] or ''}"
@@ -168,13 +118,13 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_get(client: Client, args: argparse.Namespace) -> int:
+def cmd_get(client: HarliClient, args: argparse.Namespace) -> int:
     job = client.job(args.job)
     print(json.dumps(job, indent=2))
     return EXIT_JOB_FAILED if job["status"] in (JobStatus.FAILED, JobStatus.CANCELLED) else EXIT_OK
 
 
-def cmd_events(client: Client, args: argparse.Namespace) -> int:
+def cmd_events(client: HarliClient, args: argparse.Namespace) -> int:
     seen: set[str] = set()
 
     def show_new() -> None:
@@ -195,22 +145,21 @@ def cmd_events(client: Client, args: argparse.Namespace) -> int:
     return EXIT_JOB_FAILED if job["status"] in (JobStatus.FAILED, JobStatus.CANCELLED) else EXIT_OK
 
 
-def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
-    job = client.request("POST", f"/v1/fine_tuning/jobs/{args.job}/cancel", write=True)
+def cmd_cancel(client: HarliClient, args: argparse.Namespace) -> int:
+    job = client.cancel(args.job)
     print(f"{job['id']}: {job['status']}")
     return EXIT_OK
 
 
-def cmd_checkpoints(client: Client, args: argparse.Namespace) -> int:
-    page = client.request("GET", f"/v1/fine_tuning/jobs/{args.job}/checkpoints")
-    for ckpt in page["data"]:
+def cmd_checkpoints(client: HarliClient, args: argparse.Namespace) -> int:
+    for ckpt in client.checkpoints(args.job):
         loss = ckpt["metrics"].get("train_loss")
         shown = "   n/a" if loss is None else f"{loss:.4f}"  # non-finite losses are stored as null
         print(f"step {ckpt['step_number']:>6}  loss {shown}  {ckpt['fine_tuned_model_checkpoint']}")
     return EXIT_OK
 
 
-def wait(client: Client, job_id: str, poll_s: float) -> int:
+def wait(client: HarliClient, job_id: str, poll_s: float) -> int:
     """Show progress until the job ends; the exit code says how it ended."""
     tty = sys.stdout.isatty()
     last_line = None
@@ -245,7 +194,7 @@ def progress_line(job: dict, loss: float | None) -> str:
     return "  ".join(parts)
 
 
-def _latest_loss(client: Client, job_id: str) -> float | None:
+def _latest_loss(client: HarliClient, job_id: str) -> float | None:
     for event in reversed(client.events(job_id, limit=5)):
         if event.get("type") == "metrics" and event.get("data"):
             return event["data"].get("train_loss")
@@ -282,6 +231,19 @@ def _parser() -> argparse.ArgumentParser:
         help="the server's --admin-api-key, for uploads, create and cancel "
         "(default: $HARLI_ADMIN_API_KEY; without it they send --api-key)",
     )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait for a connection and for each answer (default %(default)g)",
+    )
+    parser.add_argument(
+        "--upload-timeout",
+        type=_seconds,
+        default=None,
+        help="seconds to wait for an upload's answer (default: no limit; the server validates "
+        "the whole file before it answers)",
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     create = sub.add_parser("create", help="upload a JSONL dataset and start a job")
@@ -316,6 +278,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["events"].add_argument("--follow", action="store_true")
     sub.choices["events"].add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
+    return value
 
 
 if __name__ == "__main__":

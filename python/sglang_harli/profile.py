@@ -24,6 +24,8 @@ from typing import Any
 import requests
 
 from sglang_harli import durable
+from sglang_harli.bench.workload import JOB_PAIRS
+from sglang_harli.client import ClientError, HarliClient
 from sglang_harli.corun.predictor import PROFILE_FORMAT
 from sglang_harli.loadgen import stream_load
 
@@ -34,52 +36,21 @@ def prompt_of(words: int, seed: int) -> str:
     return " ".join(WORDS[(seed + i) % len(WORDS)] for i in range(words))
 
 
-def status(url: str, headers: dict[str, str]) -> dict[str, Any]:
-    response = requests.get(url + "/harli/status", headers=headers, timeout=30)
-    response.raise_for_status()
-    schedulers = response.json()["schedulers"]
-    if not schedulers:
-        raise SystemExit("the server runs no Harli scheduler (--harli-mode off?)")
-    return schedulers[0]
-
-
-def start_job(url: str, headers: dict[str, str], model: str) -> str:
+def start_job(client: HarliClient, model: str) -> str:
     """A throwaway job that trains until cancelled, so the server measures its units: the trace
-    replay's job (``bench/replay.py``), whose chats differ in length, so each unit kind is
+    replay's job (``bench/workload.py``), whose chats differ in length, so each unit kind is
     measured at several costs (the predictor fits an overhead and a rate, not a ratio alone)
     and at the costs the replay and the fleet simulation train with."""
-    from sglang_harli.bench.replay import JOB_PAIRS, chat_jsonl
-
-    data = chat_jsonl(JOB_PAIRS)
-    upload = requests.post(
-        url + "/v1/files",
-        files={"file": ("profile.jsonl", data.encode())},
-        data={"purpose": "fine-tune"},
-        headers=headers,
-        timeout=60,
-    )
-    upload.raise_for_status()
-    job = requests.post(
-        url + "/v1/fine_tuning/jobs",
-        json={
-            "model": model,
-            "training_file": upload.json()["id"],
-            "hyperparameters": {"n_epochs": 10_000},
-        },
-        headers=headers,
-        timeout=60,
-    )
-    job.raise_for_status()
-    return job.json()["id"]
+    upload = client.upload_chats(JOB_PAIRS, name="profile.jsonl")
+    return client.create_job(model, upload["id"], {"n_epochs": 10_000})["id"]
 
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    url = args.url.rstrip("/")
+    client = HarliClient(args.url, args.api_key, timeout_s=30)
+    url = client.base
     job = None
     if args.train:
-        models = requests.get(url + "/v1/models", headers=headers, timeout=30).json()["data"]
-        job = start_job(url, headers, models[0]["id"])
+        job = start_job(client, client.model_id())
     try:
         for streams in args.streams:
             for words in args.prompt_words:
@@ -89,12 +60,12 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
                     f"{streams} streams x {words}-word prompts: {len(gaps)} tokens",
                     file=sys.stderr,
                 )
-        measured = status(url, headers)
+        measured = client.scheduler()
+        if measured is None:
+            raise SystemExit("the server runs no Harli scheduler (--harli-mode off?)")
     finally:
         if job is not None:
-            requests.post(
-                url + f"/v1/fine_tuning/jobs/{job}/cancel", json={}, headers=headers, timeout=30
-            )
+            client.cancel(job)
     return from_status(
         measured, args.min_samples, {"streams": args.streams, "prompt_words": args.prompt_words}
     )
@@ -141,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = profile(args)
-    except requests.RequestException as exc:
-        print(f"profile: cannot reach {args.url}: {exc}", file=sys.stderr)
+    except (ClientError, requests.RequestException) as exc:
+        print(f"profile: {args.url}: {exc}", file=sys.stderr)
         return 1
     durable.write_bytes(args.out, json.dumps(result, indent=1).encode())
     print(

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from sglang_harli.client import HarliClient, corun_delta
 from sglang_harli.corun.stats import quantile
 from sglang_harli.loadgen import stream_load
 from test.support.finetuning import start_training
@@ -54,23 +55,10 @@ SLACK_USED = 0.05
 
 
 def corun(server) -> dict:
-    return server.get("/harli/status")["schedulers"][0]["corun"]
+    return HarliClient(server.url).corun()
 
 
-def delta(before: dict, after: dict) -> dict:
-    """What happened between two reads of the co-run counters."""
-    keys = (
-        "iterations",
-        "within_slo",
-        "misses_with_finetune",
-        "finetune_s",
-        "slack_s",
-        "finetune_tokens",
-    )
-    d = {k: after[k] - before[k] for k in keys}
-    d["attainment"] = d["within_slo"] / max(d["iterations"], 1)
-    d["slack_used"] = d["finetune_s"] / max(d["slack_s"], 1e-9)
-    return d
+delta = corun_delta  # what happened between two reads of the co-run counters
 
 
 @pytest.fixture(scope="module")

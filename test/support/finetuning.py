@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import requests
-
-from sglang_harli.bench import replay
+from sglang_harli.bench.workload import SHORT_CHATS
+from sglang_harli.client import HarliClient, chat_jsonl
 from sglang_harli.jobs.lifecycle import FINAL_STATES
 
 PAIRS = [
@@ -29,11 +28,6 @@ LEARN = {
     "lora_rank": 8,
     "lora_alpha": 128,
 }
-
-
-def chat_jsonl(pairs=PAIRS) -> str:
-    """One chat example per (question, answer) pair, as JSONL text."""
-    return replay.chat_jsonl(pairs)
 
 
 def write_dataset(path: Path, pairs=PAIRS) -> str:
@@ -65,20 +59,8 @@ def answer(client, model: str, question: str) -> str:
 
 def start_training(server, model: str, workdir: Path, n_epochs: int = 10_000) -> str:
     """A job that trains until cancelled (8 short chats, many epochs) on ``server``, started:
-    returns its id once its first step is done."""
-    data = workdir / "train.jsonl"
-    write_dataset(data, [("hi", "hello")] * 8)
-    with open(data, "rb") as f:
-        upload = requests.post(
-            server.url + "/v1/files", files={"file": f}, data={"purpose": "fine-tune"}, timeout=60
-        ).json()
-    job = server.post(
-        "/v1/fine_tuning/jobs",
-        {"model": model, "training_file": upload["id"], "hyperparameters": {"n_epochs": n_epochs}},
+    returns its id once its first step is done (``workdir``: kept for the callers, unused)."""
+    job = HarliClient(server.url).start_training(
+        model, SHORT_CHATS, n_epochs, first_step_timeout_s=120
     )
-    deadline = time.monotonic() + 120
-    while server.get(f"/v1/fine_tuning/jobs/{job['id']}")["step"] < 1:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job['id']} made no step in 120 s")
-        time.sleep(0.2)
     return job["id"]

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from sglang_harli.client import chat_jsonl
 from sglang_harli.config import HarliConfig
 from sglang_harli.finetune import graph
 from sglang_harli.finetune.base_model import PROJECTIONS, ModelConfig
@@ -172,7 +173,6 @@ def job_from_chats(
     as the server's API resolves them."""
     import transformers
 
-    from sglang_harli.bench.replay import chat_jsonl
     from sglang_harli.finetune.data import parse_jsonl_lines
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path))

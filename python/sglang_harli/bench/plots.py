@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sglang_harli.bench.replay import first_token_times, spans_a_prefill  # noqa: E402
+from sglang_harli.bench.report import first_token_times, spans_a_prefill  # noqa: E402
 
 COLORS = {
     "off": "#555555",

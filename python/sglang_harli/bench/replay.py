@@ -18,7 +18,8 @@ The objective ``S``: ``--objective-ms``, or calibrated on the ``off`` server bef
 runs with a slice of ``S`` minus that solo gap (``--time-slice-ms`` to choose): the slice an
 operator would derive from the solo TPOT, which load then overruns.
 
-Outputs in ``--out``: ``report.json`` (per mode and the run's settings, see :func:`summarize`),
+Outputs in ``--out``: ``report.json`` (per mode and the run's settings, see
+:func:`.report.summarize`),
 ``report.md`` (the table, finetune throughput as a ratio to the best baseline's), ``raw.json``
 (every request's timings and the status timeline), ``profile.json`` (what the harli server
 measured: the latency profile ``bench simulate --profile`` takes) and the PNG plots of
@@ -28,13 +29,11 @@ measured: the latency profile ``bench simulate --profile`` takes) and the PNG pl
 from __future__ import annotations
 
 import argparse
-import bisect
 import dataclasses
 import json
 import logging
-import os
-import platform
-import random
+import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -44,46 +43,24 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import torch
 
 from sglang_harli import durable
+from sglang_harli.bench import plots
+from sglang_harli.bench.modes import parse_modes
+from sglang_harli.bench.report import host, summarize, write_markdown
 from sglang_harli.bench.server import Server
-from sglang_harli.bench.trace import TraceRequest, TraceScaling, load_trace
+from sglang_harli.bench.trace import TraceRequest, add_trace_arguments, load_trace, scaling_of
+from sglang_harli.bench.workload import JOB_PAIRS, prompt_ids
+from sglang_harli.client import ClientError, HarliClient
 from sglang_harli.config import Mode
-from sglang_harli.corun.stats import quantile
 from sglang_harli.loadgen import stream_load
+from sglang_harli.profile import from_status
 
 logger = logging.getLogger(__name__)
 
-CPU_MODES = (Mode.OFF, Mode.IDLE_ONLY, Mode.TIME_SLICED, Mode.HARLI)
-GPU_MODES = (*CPU_MODES, Mode.NAIVE, Mode.STATIC)
 POLL_S = 0.5  # status timeline resolution
-# a mode "keeps the objective" when this share of its decode iterations met S (the issue's
-# design target is 99.9% on a GPU; a 2-core CPU's own decode jitter allows 99%)
-OBJECTIVE_KEPT = 0.99
 DRAIN_TIMEOUT_S = 300.0  # after the last arrival, for the requests still decoding
-# The job every mode trains: short chats, many epochs, so it runs through the whole replay.
-JOB_PAIRS = [
-    ("What is the capital of France?", "Paris is the capital of France."),
-    ("Name a prime number.", "Seven is a prime number."),
-    ("What color is grass?", "Grass is green."),
-    ("How many legs does a cat have?", "A cat has four legs."),
-    ("Say something kind.", "You are doing great today."),
-    ("What is water made of?", "Hydrogen and oxygen."),
-    ("Which planet is red?", "Mars is the red planet."),
-    ("What do bees make?", "Bees make honey."),
-]
-
-
-def chat_jsonl(pairs: list[tuple[str, str]]) -> str:
-    """One chat example (a user turn, the assistant's answer) per pair, as JSONL text: the
-    fine-tuning API's training file."""
-    return "".join(
-        json.dumps(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        )
-        + "\n"
-        for q, a in pairs
-    )
 
 
 @dataclasses.dataclass
@@ -103,14 +80,6 @@ class RequestLog:
 
 
 # --- the client --------------------------------------------------------------------------------
-
-
-def prompt_ids(request: TraceRequest, index: int, vocab_size: int) -> list[int]:
-    """A prompt of exactly the trace's length: seeded token ids away from the special tokens
-    (which tokenizers put at either end of the vocabulary)."""
-    rng = random.Random(index)
-    low, high = vocab_size // 10, vocab_size // 2
-    return [rng.randrange(low, high) for _ in range(request.context_tokens)]
 
 
 def send(url: str, request: TraceRequest, log: RequestLog, ids: list[int], t0: float) -> None:
@@ -152,19 +121,18 @@ class StatusPoller(threading.Thread):
 
     def __init__(self, url: str, t0: float):
         super().__init__(daemon=True)
-        self.url, self.t0 = url, t0
+        self.client, self.t0 = HarliClient(url, timeout_s=10), t0
         self.rows: list[dict[str, Any]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(POLL_S):
             try:
-                status = requests.get(self.url + "/harli/status", timeout=10).json()
-            except (requests.RequestException, ValueError):
+                scheduler = self.client.scheduler()
+            except (ClientError, ValueError):
                 continue
-            schedulers = status.get("schedulers") or []
-            if schedulers:
-                self.rows.append(timeline_row(schedulers[0], time.perf_counter() - self.t0))
+            if scheduler is not None:
+                self.rows.append(timeline_row(scheduler, time.perf_counter() - self.t0))
 
 
 def timeline_row(s: dict[str, Any], t: float) -> dict[str, Any]:
@@ -182,11 +150,6 @@ def timeline_row(s: dict[str, Any], t: float) -> dict[str, Any]:
         "finetune_tokens": corun.get("finetune_tokens", 0),
         "kv_lent_slots": memory.get("kv_lent_slots", 0),
     }
-
-
-def corun_counters(url: str) -> dict[str, Any] | None:
-    schedulers = requests.get(url + "/harli/status", timeout=30).json().get("schedulers") or []
-    return schedulers[0]["corun"] if schedulers else None
 
 
 def replay(url: str, trace: list[TraceRequest], vocab_size: int, progress: Progress) -> dict:
@@ -253,7 +216,7 @@ class Progress:
 
 
 def start_server(args, mode: Mode, objective_ms: float | None, slice_ms, workdir: Path) -> Server:
-    argv = [sys.executable, "-m", "sglang_harli.launch_server", "--harli-mode", str(mode)]
+    argv = [*shlex.split(args.launcher), "--harli-mode", str(mode)]
     argv += ["--sleep-on-idle", "--harli-state-dir", str(workdir / f"state-{mode}")]
     if args.model_path:
         argv += ["--model-path", args.model_path]
@@ -274,30 +237,6 @@ def model_info(server: Server) -> tuple[str, int]:
     return model_id, config.get("text_config", config)["vocab_size"]
 
 
-def start_job(server: Server, model_id: str, workdir: Path, n_epochs: int) -> dict:
-    """The same job on every mode's server: returns it once its first step is done."""
-    upload = requests.post(
-        server.url + "/v1/files",
-        files={"file": ("replay-job.jsonl", chat_jsonl(JOB_PAIRS).encode())},
-        data={"purpose": "fine-tune"},
-        timeout=60,
-    ).json()
-    job = server.post(
-        "/v1/fine_tuning/jobs",
-        {
-            "model": model_id,
-            "training_file": upload["id"],
-            "hyperparameters": {"n_epochs": n_epochs},
-        },
-    )
-    deadline = time.monotonic() + 300
-    while (job := server.get(f"/v1/fine_tuning/jobs/{job['id']}"))["step"] < 1:
-        if job["status"] in ("failed", "cancelled") or time.monotonic() > deadline:
-            raise RuntimeError(f"the replay's job did not start training: {job}")
-        time.sleep(0.2)
-    return job
-
-
 def calibrate(server: Server, factor: float) -> tuple[float, float]:
     """``(S, solo gap)`` in ms: ``factor`` times the median gap of two solo greedy streams."""
     stream_load(server.url, 3.0, streams=2)  # warm-up
@@ -312,17 +251,18 @@ def run_mode(args, mode: Mode, trace, objective: dict, workdir: Path) -> dict:
         if "ms" not in objective:  # the first server is off: calibrate on plain SGLang
             objective["ms"], objective["solo_ms"] = calibrate(server, args.objective_factor)
             objective["slice_ms"] = args.time_slice_ms or objective["ms"] - objective["solo_ms"]
+        client = HarliClient(server.url)
         job = None
-        if mode != Mode.OFF:
-            job = start_job(server, model_id, workdir, args.n_epochs)
-        before = corun_counters(server.url) if mode != Mode.OFF else None
+        if mode != Mode.OFF:  # the same job on every mode's server, once its first step is done
+            job = client.start_training(model_id, JOB_PAIRS, args.n_epochs)
+        before = client.corun() if mode != Mode.OFF else None
         progress = Progress(str(mode), trace[-1].arrival_s if trace else 0.0, len(trace))
         run = replay(server.url, trace, vocab_size, progress)
-        after = corun_counters(server.url) if mode != Mode.OFF else None
-        measured = machine_profile(server) if mode == Mode.HARLI else None
+        after = client.corun() if mode != Mode.OFF else None
+        measured = machine_profile(client) if mode == Mode.HARLI else None
         if job is not None:
-            requests.post(f"{server.url}/v1/fine_tuning/jobs/{job['id']}/cancel", timeout=30)
-            job = server.get(f"/v1/fine_tuning/jobs/{job['id']}")
+            client.cancel(job["id"])
+            job = client.job(job["id"])
         return {
             "mode": str(mode),
             "model": model_id,
@@ -335,175 +275,14 @@ def run_mode(args, mode: Mode, trace, objective: dict, workdir: Path) -> dict:
         server.stop()
 
 
-def machine_profile(server: Server) -> dict | None:
+def machine_profile(client: HarliClient) -> dict | None:
     """What the harli server measured during the replay, as a latency profile (the fleet
     simulation's input for this machine: ``bench/simulate.py --profile``)."""
-    from sglang_harli.profile import from_status
-
-    schedulers = server.get("/harli/status").get("schedulers") or []
+    scheduler = client.scheduler()
     try:
-        return from_status(schedulers[0], min_samples=3, grid=None) if schedulers else None
+        return from_status(scheduler, min_samples=3, grid=None) if scheduler else None
     except SystemExit:  # it measured no decode shape often enough
         return None
-
-
-# --- the report --------------------------------------------------------------------------------
-
-
-def first_token_times(requests_: list[dict]) -> list[float]:
-    """When each request's prefill ended (its first token), sorted, in replay time."""
-    return sorted(r["arrival_s"] + r["ttft_s"] for r in requests_ if r["ttft_s"] is not None)
-
-
-def spans_a_prefill(end_s: float, gap_s: float, prefills: list[float]) -> bool:
-    """Whether another request's prefill ran inside this gap (SGLang runs it between two decode
-    iterations, so the gap holds a prefill, not only decode and finetune). The client sees that
-    request's first token up to one gap late (detokenizer, HTTP), so a first token seen within
-    a gap's length after the gap ends counts too."""
-    i = bisect.bisect_right(prefills, end_s - gap_s)
-    return i < len(prefills) and prefills[i] < end_s + gap_s
-
-
-def decode_gaps(requests_: list[dict]) -> list[float]:
-    """The client gaps with no prefill inside: what decode iterations (and the finetune beside
-    them) cost, the clients' view of the server's per-iteration measure."""
-    prefills = first_token_times(requests_)
-    return [
-        g
-        for r in requests_
-        for g, end in zip(r["gaps_s"], r["gap_times_s"], strict=True)
-        if not spans_a_prefill(end, g, prefills)
-    ]
-
-
-def summarize(result: dict, objective_ms: float) -> dict:
-    """One mode's figures: client latencies, attainment, finetune throughput."""
-    reqs = result["run"]["requests"]
-    ok = [r for r in reqs if r["error"] is None]
-    gaps = [g for r in ok for g in r["gaps_s"]]
-    decode_only = decode_gaps(reqs)
-    ttfts = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
-    limit = objective_ms / 1e3
-
-    def ms(values, q):
-        return None if not values else round(quantile(values, q) * 1e3, 3)
-
-    before, after = result["counters"]["before"], result["counters"]["after"]
-    wall = result["run"]["wall_s"]
-    if after is not None:
-        iterations = after["iterations"] - before["iterations"]
-        within = after["within_slo"] - before["within_slo"]
-        per_iteration = within / iterations if iterations else None
-        tokens = after["finetune_tokens"] - before["finetune_tokens"]
-        # misses with finetune in the iteration: the ones the mode may be blamed for
-        caused = after["misses_with_finetune"] - before["misses_with_finetune"]
-        source = "server"
-    else:  # plain SGLang measures no iterations: each client gap without a prefill is one
-        within = sum(g <= limit for g in decode_only)
-        per_iteration = within / len(decode_only) if decode_only else None
-        iterations, tokens, caused, source = len(decode_only), 0, 0, "client decode gaps"
-    per_request = sum(all(g <= limit for g in r["gaps_s"]) for r in ok) / len(ok) if ok else None
-    return {
-        "tpot_p50_ms": ms(gaps, 0.5),
-        "tpot_p99_ms": ms(gaps, 0.99),
-        "ttft_p50_ms": ms(ttfts, 0.5),
-        "ttft_p99_ms": ms(ttfts, 0.99),
-        "slo_attainment": {
-            "iterations": per_iteration,
-            "requests": per_request,
-            "gaps": sum(g <= limit for g in gaps) / len(gaps) if gaps else None,
-            "decode_gaps": (
-                sum(g <= limit for g in decode_only) / len(decode_only) if decode_only else None
-            ),
-            "iterations_measured": iterations,
-            "misses_with_finetune": caused,
-            "source": source,
-        },
-        "finetune_tokens_per_s": tokens / wall if wall else 0.0,
-        "finetune_tokens": tokens,
-        "requests_completed": len(ok),
-        "requests_failed": len(reqs) - len(ok),
-        "errors": sorted({r["error"] for r in reqs if r["error"]})[:5],
-        "wall_s": wall,
-    }
-
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
-
-
-def write_markdown(report: dict, path: Path) -> None:
-    modes = report["modes"]
-    baselines = [m for m in modes if m not in (str(Mode.HARLI), str(Mode.OFF))]
-    best = max((modes[m]["finetune_tokens_per_s"] for m in baselines), default=0.0)
-    # a baseline that misses the objective buys its throughput with decode's latency
-    keeping = [m for m in baselines if meets_objective(modes[m])]
-    best_keeping = max((modes[m]["finetune_tokens_per_s"] for m in keeping), default=0.0)
-    host = report["machine"]
-    gpu = f", {host['gpu']}" if "gpu" in host else ""
-    lines = [
-        f"# Trace replay: {report['trace']['trace']} trace, objective "
-        f"{report['objective_ms']:.2f} ms",
-        "",
-        f"Model `{report['model']}`; machine: {host['processor']}, {host['cpus']} CPUs{gpu}; "
-        f"{report['date']}. Trace scaling: "
-        + ", ".join(f"{k} {v}" for k, v in report["trace"].items())
-        + f"; {report['requests']} requests.",
-        "",
-        "| mode | TPOT p50 / p99 (ms) | TTFT p50 / p99 (ms) | iterations within S | gaps within "
-        "S | requests within S | finetune tok/s | vs best baseline | vs best baseline within "
-        "S | completed / failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for mode, m in modes.items():
-        att = m["slo_attainment"]
-        ratios = [
-            "-" if mode == str(Mode.OFF) or not b else f"{m['finetune_tokens_per_s'] / b:.2f}x"
-            for b in (best, best_keeping)
-        ]
-        lines.append(
-            f"| {mode} | {m['tpot_p50_ms']} / {m['tpot_p99_ms']} | {m['ttft_p50_ms']} / "
-            f"{m['ttft_p99_ms']} | {_pct(att['iterations'])} ({att['source']}) | "
-            f"{_pct(att['gaps'])} | {_pct(att['requests'])} | "
-            f"{m['finetune_tokens_per_s']:.1f} | {ratios[0]} | {ratios[1]} | "
-            f"{m['requests_completed']} / {m['requests_failed']} |"
-        )
-    lines += [
-        "",
-        "Iterations within S: the server's own per-iteration measurement of its decode "
-        "iterations (plain SGLang, `off`, has none: its client gaps with no prefill inside "
-        "stand in). Gaps within S: every streamed inter-token gap the clients saw, the same "
-        "measure for every mode, including the gaps another request's prefill lengthened "
-        "(SGLang runs a prefill between two decode iterations; no co-run mode causes or can "
-        "avoid those). Requests within S: completed requests whose every gap met S. TPOT: the "
-        "inter-token gaps. Finetune tok/s: target tokens of finished optimizer steps over the "
-        "mode's wall time. The best baseline is the best of the modes other than harli and "
-        f"off; within S, the best of those whose iterations met S {OBJECTIVE_KEPT:.0%} of the "
-        "time.",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def meets_objective(mode: dict) -> bool:
-    share = mode["slo_attainment"]["iterations"]
-    return share is not None and share >= OBJECTIVE_KEPT
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -526,42 +305,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--time-slice-ms", type=float, help="time-sliced's slice (default S - solo)"
     )
     parser.add_argument("--model-path", help="default: the server's embedded default model")
+    parser.add_argument(
+        "--launcher",
+        default=f"{shlex.quote(sys.executable)} -m sglang_harli.launch_server",
+        help="the command that starts a server (given --harli-mode, --host, --port and the rest)"
+        ", e.g. scripts/serve.sh (default: %(default)s)",
+    )
     parser.add_argument("--n-epochs", type=int, default=10_000, help="the job's (it is cancelled)")
     parser.add_argument("server_args", nargs="*", help="after --: more flags for every server")
-
-
-def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
-    """TraceScaling's fields as flags (shared with the simulation)."""
-    defaults = TraceScaling()
-    parser.add_argument("--trace", default=defaults.trace, help="conv or code (Azure 2023)")
-    parser.add_argument("--rate-scale", type=float, default=defaults.rate_scale)
-    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
-    parser.add_argument("--start-s", type=float, default=defaults.start_s)
-    parser.add_argument("--max-context-tokens", type=int, default=defaults.max_context_tokens)
-    parser.add_argument("--max-output-tokens", type=int, default=defaults.max_output_tokens)
-
-
-def scaling_of(args) -> TraceScaling:
-    return TraceScaling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TraceScaling)})
-
-
-def parse_modes(text: str | None, has_cuda: bool) -> list[Mode]:
-    if text is None:
-        return list(GPU_MODES if has_cuda else CPU_MODES)
-    modes = [Mode(m.strip()) for m in text.split(",") if m.strip()]
-    if Mode.AUTO in modes or len(set(modes)) != len(modes):
-        raise ValueError("--modes: each concrete mode at most once")
-    # off first: the objective is calibrated on plain SGLang, and decode alone is the reference
-    return sorted(modes, key=lambda m: m != Mode.OFF)
 
 
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s replay] %(message)s")
     try:
         scaling = scaling_of(args)
-        from sglang_harli.srt.cpu import cuda_available
-
-        modes = parse_modes(args.modes, cuda_available())
+        modes = parse_modes(args.modes, torch.cuda.is_available())
     except ValueError as exc:
         print(f"replay: error: {exc}", file=sys.stderr)
         return 2
@@ -579,13 +337,16 @@ def main(args) -> int:
             "ms": args.objective_ms,
             "slice_ms": args.time_slice_ms or args.objective_ms / 2,
         }
+    # a SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the server of the mode running is
+    # stopped with every process it spawned (run_mode's finally) instead of left serving
+    signal.signal(signal.SIGTERM, _terminate)
     results = {}
     with tempfile.TemporaryDirectory(prefix="harli-replay-") as tmp:
         workdir = Path(tmp)
         for mode in modes:
             try:
                 results[str(mode)] = run_mode(args, mode, trace, objective, workdir)
-            except (RuntimeError, TimeoutError, requests.RequestException) as exc:
+            except (RuntimeError, TimeoutError, requests.RequestException, ClientError) as exc:
                 logger.error("mode %s could not run: %s", mode, exc)
                 results[str(mode)] = {"mode": str(mode), "error": str(exc)}
                 if "ms" not in objective:  # off failed before calibrating: nothing to compare
@@ -593,7 +354,7 @@ def main(args) -> int:
                     return 1
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        "machine": host(),
         "model": next((r["model"] for r in results.values() if "model" in r), None),
         "trace": dataclasses.asdict(scaling),
         "requests": len(trace),
@@ -610,9 +371,12 @@ def main(args) -> int:
     if profile is not None:
         durable.write_bytes(args.out / "profile.json", json.dumps(profile, indent=1).encode())
     write_markdown(report, args.out / "report.md")
-    from sglang_harli.bench import plots
-
     plots.write_all(report, results, args.out)
     print((args.out / "report.md").read_text())
     failed = report["modes_failed"] or any(m["requests_failed"] for m in report["modes"].values())
     return 1 if failed else 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup
+    raise SystemExit(128 + signum)

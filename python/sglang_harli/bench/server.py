@@ -1,7 +1,8 @@
 """Start, query and stop real servers (ours or plain SGLang) as process groups.
 
-For the benchmarks and the tests, in the spirit of SGLang's own ``popen_launch_server``:
-``stop()`` kills the server with every process it spawned.
+For the benchmarks and the tests, in the spirit of SGLang's own ``popen_launch_server``: a server
+is started with our launcher (:func:`harli_server`) or any command, and ``stop()`` kills it with
+every process it spawned.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import requests
@@ -20,6 +23,10 @@ START_TIMEOUT_S = 420
 # process's port): SGLang's shutdown then waits minutes for its warmup, so we start it again
 BIND_FAILED = "error while attempting to bind"
 START_ATTEMPTS = 3
+# Same for every server a test or benchmark compares: sleep-on-idle keeps an idle scheduler from
+# spinning a core of a 2-core CI machine; it does not change what is computed.
+COMMON_FLAGS = ["--sleep-on-idle"]
+LAUNCHER = [sys.executable, "-m", "sglang_harli.launch_server"]
 
 
 def free_port() -> int:
@@ -123,3 +130,11 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def harli_server(
+    log_path: Path, *flags: str, launcher: Sequence[str] = LAUNCHER, cwd: Path | None = None
+) -> Server:
+    """Our launcher (default: this Python's ``-m sglang_harli.launch_server``; a checkout's
+    benchmarks and tests pass ``scripts/serve.sh``, the README's command) with ``flags``."""
+    return Server([*launcher, *COMMON_FLAGS, *flags], log_path, cwd=cwd)

@@ -34,6 +34,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -48,8 +49,16 @@ from sglang_harli.bench.job_shape import (
     job_from_numbers,
 )
 from sglang_harli.bench.machine import Machine
-from sglang_harli.bench.replay import JOB_PAIRS, add_trace_arguments, machine, parse_modes
-from sglang_harli.bench.trace import TraceRequest, TraceScaling, load_trace, trace_duration_s
+from sglang_harli.bench.modes import parse_modes
+from sglang_harli.bench.report import host
+from sglang_harli.bench.trace import (
+    TraceRequest,
+    TraceScaling,
+    add_trace_arguments,
+    load_trace,
+    trace_duration_s,
+)
+from sglang_harli.bench.workload import JOB_PAIRS
 from sglang_harli.config import HarliConfig, Mode
 from sglang_harli.corun.predictor import PROFILE_FORMAT
 from sglang_harli.corun.stats import DecodeStats
@@ -61,6 +70,13 @@ TOLERANCE = 0.15
 # median gap of two streams of loadgen's short prompts, 48 new tokens each. In the middle of
 # those streams a decode iteration has this shape.
 CALIBRATION = DecodeStats(batch_size=2, seq_lens_sum=2 * 30, seq_len_max=30)
+# The most requests one run may simulate over the fleet (per mode). Every instance's arrivals are
+# built before it runs (about 150 bytes each; a run with workers also copies them to each
+# process), and each pass over the recorded trace is a loop step: an unbounded duration or
+# rate scale would loop for hours and take gigabytes (--rate-scale 1e12 took 2 GB before it
+# was stopped). The runs in docs/benchmarks.md simulate about 16,000 requests; 8 instances for
+# a day at the recorded rate, 3.8 million.
+MAX_FLEET_REQUESTS = 5_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +105,17 @@ def trace_period_s(trace: str) -> float:
     each other (not at the same instant)."""
     span, count = trace_duration_s(trace), len(load_trace(TraceScaling(trace, duration_s=1e12)))
     return span * count / (count - 1)
+
+
+def expected_requests(scaling: TraceScaling) -> float:
+    """About how many requests one instance replays: the trace's passes its duration covers."""
+    count = len(load_trace(TraceScaling(scaling.trace, duration_s=1e12)))
+    return count * scaling.duration_s * scaling.rate_scale / trace_period_s(scaling.trace)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and 0 < value < math.inf):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
 
 
 def instance_arrivals(scaling: TraceScaling, offset_s: float) -> list[TraceRequest]:
@@ -241,8 +268,16 @@ def _within(row: dict) -> bool:
 # --- inputs ------------------------------------------------------------------------------------
 
 
+def load_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a profile, a replay's report)."""
+    value = json.loads(path.read_text())
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object but a {type(value).__name__}")
+    return value
+
+
 def load_profile(path: Path) -> dict:
-    profile = json.loads(path.read_text())
+    profile = load_json_object(path)
     if profile.get("format") != PROFILE_FORMAT or not profile.get("decode"):
         raise ValueError(f"{path} is not a {PROFILE_FORMAT} profile with decode rows")
     if not profile.get("units"):
@@ -291,6 +326,26 @@ def fleet_config(args, replay: dict | None) -> FleetConfig:
         modes = parse_modes(None, has_cuda=False)
     if any(m not in (Mode.OFF, Mode.IDLE_ONLY, Mode.TIME_SLICED, Mode.HARLI) for m in modes):
         raise ValueError("the simulation runs off, idle-only, time-sliced and harli (CPU modes)")
+    # a zero idle quantum never moves the simulated clock (the run hangs), NaN compares false
+    # everywhere, and the server refuses both (config.py)
+    for name, value in (
+        ("--objective-ms", objective_ms),
+        ("--finetune-budget-ms", budget_ms),
+        ("--idle-quantum-ms", args.idle_quantum_ms),
+    ):
+        _check_positive(name, value)
+    if not 0 <= args.margin < 1:
+        raise ValueError(f"--margin must be in [0, 1), got {args.margin}")
+    if args.instances < 1 or args.workers < 1:
+        raise ValueError("--instances and --workers must be >= 1")
+    expected = args.instances * expected_requests(scaling)
+    if expected > MAX_FLEET_REQUESTS:
+        raise ValueError(
+            f"{args.instances} instance(s) x {scaling.duration_s:g} s at rate scale "
+            f"{scaling.rate_scale:g} would simulate about {expected:.3g} requests, more than "
+            f"{MAX_FLEET_REQUESTS:,}: shorten --hours/--duration-s or lower --rate-scale or "
+            "--instances"
+        )
     return FleetConfig(
         scaling=scaling,
         modes=tuple(modes),
@@ -310,9 +365,12 @@ def off_speed(args, replay: dict | None, machine: Machine) -> float:
     the LoRA serving harli mode turns on): ``--off-speed``, else the replay's calibration on
     its off server over what the profile predicts for the same decode, else 1."""
     if args.off_speed is not None:
+        _check_positive("--off-speed", args.off_speed)
         return args.off_speed
     solo_ms = (replay or {}).get("solo_gap_ms")
-    return solo_ms / 1e3 / machine.decode_s(CALIBRATION) if solo_ms else 1.0
+    speed = solo_ms / 1e3 / machine.decode_s(CALIBRATION) if solo_ms else 1.0
+    _check_positive("the replay's solo_gap_ms over the profile's decode", speed)
+    return speed
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -425,15 +483,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> dict:
     """The report of one simulation (what ``main`` writes)."""
-    replay = json.loads(args.replay.read_text()) if args.replay else None
+    replay = load_json_object(args.replay) if args.replay else None
     profile = load_profile(args.profile)
-    fleet = fleet_config(args, replay)
-    if args.instances < 1 or args.workers < 1:
-        raise ValueError("--instances and --workers must be >= 1")
     if (args.job_seq_tokens is None) != (args.job_target_tokens is None):
         raise ValueError("give --job-seq-tokens and --job-target-tokens together")
-    job = job_shape(args, replay, profile)
-    simulated = Machine.from_profile(profile, job.model)
+    try:
+        fleet = fleet_config(args, replay)
+        job = job_shape(args, replay, profile)
+        simulated = Machine.from_profile(profile, job.model)
+    except (TypeError, AttributeError) as exc:
+        # a field of the profile or the replay's report of the wrong JSON type: bad input
+        raise ValueError(f"a malformed profile or replay report ({exc})") from None
     fleet = dataclasses.replace(fleet, off_speed=off_speed(args, replay, simulated))
     began = time.perf_counter()
     results = simulate(fleet, profile, job, args.workers)
@@ -442,7 +502,7 @@ def run(args) -> dict:
     hours = sum(m["simulated_instance_hours"] for m in modes.values())
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),  # the simulator's, not the simulated one's
+        "machine": host(),  # the simulator's, not the simulated one's
         "profile": str(args.profile),
         "profile_key": profile["key"],
         "spread_source": simulated.spread_source,

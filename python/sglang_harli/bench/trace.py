@@ -11,8 +11,10 @@ relative gaps.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
+import math
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -45,6 +47,10 @@ class TraceScaling:
     def __post_init__(self) -> None:
         if self.trace not in TRACES:
             raise ValueError(f"unknown trace {self.trace!r}: one of {', '.join(TRACES)}")
+        # NaN passes every comparison below and an infinite duration never ends a replay
+        for name in ("rate_scale", "duration_s", "start_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("rate_scale", "duration_s", "max_context_tokens", "max_output_tokens"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
@@ -90,3 +96,19 @@ def load_trace(scaling: TraceScaling) -> list[TraceRequest]:
 def trace_duration_s(trace: str) -> float:
     """How long the recorded trace lasts, unscaled."""
     return _load(trace)[-1].arrival_s
+
+
+def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
+    """TraceScaling's fields as flags (the replay's and the simulation's)."""
+    defaults = TraceScaling()
+    parser.add_argument("--trace", default=defaults.trace, help="conv or code (Azure 2023)")
+    parser.add_argument("--rate-scale", type=float, default=defaults.rate_scale)
+    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
+    parser.add_argument("--start-s", type=float, default=defaults.start_s)
+    parser.add_argument("--max-context-tokens", type=int, default=defaults.max_context_tokens)
+    parser.add_argument("--max-output-tokens", type=int, default=defaults.max_output_tokens)
+
+
+def scaling_of(args: argparse.Namespace) -> TraceScaling:
+    """The TraceScaling the flags of :func:`add_trace_arguments` give."""
+    return TraceScaling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TraceScaling)})

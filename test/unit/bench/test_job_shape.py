@@ -15,7 +15,8 @@ from sglang_harli.bench.job_shape import (
     job_from_chats,
     job_from_numbers,
 )
-from sglang_harli.bench.replay import JOB_PAIRS, chat_jsonl
+from sglang_harli.bench.workload import JOB_PAIRS
+from sglang_harli.client import chat_jsonl
 from sglang_harli.finetune import BaseModelView, LoraAdapters, TrainConfig
 from sglang_harli.finetune.data import parse_jsonl_lines
 from sglang_harli.finetune.trainer import Trainer

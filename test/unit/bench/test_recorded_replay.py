@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sglang_harli.bench.replay import CPU_MODES, meets_objective
+from sglang_harli.bench.modes import CPU_MODES
+from sglang_harli.bench.report import meets_objective
 
 RECORD = Path(__file__).resolve().parents[2] / "data" / "replay_cpu"
 FIGURES = Path(__file__).resolve().parents[3] / "docs" / "figures" / "replay_cpu"

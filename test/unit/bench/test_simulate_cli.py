@@ -98,3 +98,45 @@ def test_bad_input_exits_2_and_writes_nothing(profile_path, tmp_path, capsys, ch
     assert main(argv) == 2
     assert "error" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ["--hours", "inf"],  # looped forever
+        ["--duration-s", "inf"],
+        ["--rate-scale", "1e12"],  # looped, 2 GB
+        ["--hours", "1e7"],  # finite, but years of requests
+        ["--idle-quantum-ms", "0"],  # hung
+        ["--idle-quantum-ms", "nan"],
+        ["--objective-ms", "nan"],
+        ["--start-s", "nan"],  # was accepted
+        ["--profile", "list.json"],  # a traceback
+        ["--replay", "list.json"],
+        ["--replay", "bad-trace.json"],
+    ],
+)
+def test_unbounded_or_malformed_input_exits_2_at_once(profile_path, tmp_path, change):
+    """Each exits 2 with one clear line, in seconds: no traceback, no endless loop. Run in a
+    process of its own with a deadline, since the old code hung on some of them."""
+    import subprocess
+    import sys
+
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "bad-trace.json").write_text(json.dumps({"trace": [1], "modes": {}}))
+    argv = ["simulate", "--profile", str(profile_path), "--out", str(tmp_path / "out"), *JOB]
+    argv += [*TRACE, "--objective-ms", "15", "--finetune-budget-ms", "10"]
+    flag, value = change
+    argv += [flag, str(tmp_path / value) if value.endswith(".json") else value]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sglang_harli.bench", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{flag} {value}: still running after 60 s")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("simulate: error:") and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()

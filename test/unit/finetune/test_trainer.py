@@ -1,11 +1,11 @@
 """The trainer: work units, abandon and redo, schedules, counters, and learning for real."""
 
-import json
 import math
 
 import pytest
 import torch
 
+from sglang_harli.client import chat_jsonl
 from sglang_harli.finetune import (
     BaseModelView,
     Example,
@@ -168,12 +168,7 @@ def _greedy(view, adapters, tokenizer, question, max_new_tokens=12):
 
 
 def test_tiny_model_learns_fixed_answers(model_dirs, tokenizer):
-    lines = [
-        json.dumps(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        )
-        for q, a in PAIRS
-    ]
+    lines = chat_jsonl(PAIRS).splitlines()
     data = parse_jsonl_lines(lines, tokenizer, max_length=64)
     hf = load_hf(model_dirs["qwen2"])
     # A random model's lm_head rows (std 0.02) over an RMS-normed state cannot produce a logit
