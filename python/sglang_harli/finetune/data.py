@@ -185,6 +185,13 @@ class TokenizedDataset:
             for a, b, line in zip(offsets[:-1], offsets[1:], self.lines, strict=True)
         ]
 
+    def save(self, path: str | Path, **extra: np.ndarray) -> None:
+        """Write the examples (and ``extra`` arrays) as :func:`save_examples` does, atomically."""
+        from sglang_harli import durable
+
+        arrays = {**self.arrays(), **extra}
+        durable.write_file(path, lambda f: np.savez(f, **arrays))
+
     def arrays(self) -> dict[str, np.ndarray]:
         return {
             "offsets": np.frombuffer(self.offsets, dtype=np.int64),
@@ -542,9 +549,9 @@ def _short(exc: BaseException, limit: int = 200) -> str:
 
 # --- tokenized datasets on disk --------------------------------------------------------------
 #
-# A job's dataset is tokenized once, when the job is created (off the scheduler), and stored as
-# flat arrays; a scheduler that starts the job only reads them back (milliseconds for 10k
-# examples), so starting a job does not pause decode.
+# A dataset is tokenized once, when it is uploaded (off the scheduler), and stored as flat
+# arrays, copied to each job that trains on it; a scheduler that starts the job only reads them
+# back (milliseconds for 10k examples), so starting a job does not pause decode.
 
 
 def save_examples(path: str | Path, examples: Sequence[Example]) -> None:

@@ -154,3 +154,75 @@ def test_the_filename_keeps_its_last_component(tmp_path):
     body = multipart({"purpose": "batch"}, b"abc", filename="C:\\\\data\\\\train.jsonl")
     upload, _ = receive(body, tmp_path / "upload", 1 << 20)
     assert upload.filename == "train.jsonl"
+
+
+def test_a_boundary_past_the_parsers_limit_is_a_400_that_says_so(tmp_path):
+    long = "b" * 300  # python-multipart refuses more than 256; it used to escape as a 500
+    with pytest.raises(uploads.UploadRefused) as refused:
+        receive(b"--x\r\n", tmp_path / "upload", 1 << 20, f"multipart/form-data; boundary={long}")
+    assert refused.value.status == 400 and "boundary is 300 characters" in refused.value.message
+
+
+def test_a_stalled_body_is_cut_off_with_408(tmp_path):
+    async def stalls():
+        yield multipart({"purpose": "batch"}, b"abc")[:50]
+        await asyncio.sleep(30)
+
+    async def run():
+        return await uploads.receive(
+            stalls(), CONTENT_TYPE, tmp_path / "upload", 1 << 20, idle_timeout_s=0.2
+        )
+
+    with pytest.raises(uploads.UploadRefused) as refused:
+        asyncio.run(asyncio.wait_for(run(), 10))
+    assert refused.value.status == 408 and "--harli-upload-timeout-s" in refused.value.message
+
+
+# --- the upload route on SGLang's app (FastAPI), with a real SQLite store -------------------
+
+
+@pytest.fixture
+def api(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from sglang_harli.jobs.hyperparameters import ServingLimits
+    from sglang_harli.srt.http_api import FineTuningApi
+
+    store = JobStore(tmp_path / "state", busy_timeout_ms=200)
+    app = FastAPI()
+    FineTuningApi(store, ServingLimits(max_lora_rank=8), max_upload_bytes=1 << 20).mount(app)
+    with TestClient(app) as client:
+        yield store, client
+
+
+def test_an_upload_while_the_store_is_locked_is_a_retryable_503(api):
+    store, client = api
+    holder = sqlite3.connect(store.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the timeout
+    try:
+        response = client.post(
+            "/v1/files", files={"file": ("a.bin", b"abc")}, data={"purpose": "batch"}
+        )
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) > 0
+    assert response.json()["error"]["code"] == "store_busy"
+    assert store.list_files() == [] and not list(store.files_dir.iterdir())  # nothing stored
+    response = client.post(
+        "/v1/files", files={"file": ("a.bin", b"abc")}, data={"purpose": "batch"}
+    )
+    assert response.status_code == 200, response.text  # the retry is stored
+
+
+def test_a_long_boundary_on_the_route_is_a_400(api):
+    _, client = api
+    response = client.post(
+        "/v1/files",
+        content=b"--x\r\n",
+        headers={"content-type": "multipart/form-data; boundary=" + "b" * 300},
+    )
+    assert response.status_code == 400, response.text
+    assert "boundary" in response.json()["error"]["message"]
