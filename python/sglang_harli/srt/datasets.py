@@ -7,7 +7,7 @@ What the check produced, the examples as flat arrays, is written next to the sto
 (``files/<file id>.tokens.npz``, atomically) with the tokenizer's identity. Creating a job
 reads only the lengths from it and copies it to the job's ``train.npz``: nothing is tokenized
 twice. A file without one (uploaded by an older version, or whose cache could not be written,
-or checked with another tokenizer) is tokenized again at job creation, and its cache written.
+or checked with another tokenizer) is tokenized again at each job's creation.
 """
 
 from __future__ import annotations

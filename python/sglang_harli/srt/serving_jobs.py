@@ -45,7 +45,7 @@ class JobService:
         return self.store.request_cancel(job_id) or job
 
     def dataset(self, file_id: Any, param: str, max_length: int) -> datasets.JobDataset:
-        """A fine-tune file's examples: from its cache, else tokenized now (and cached)."""
+        """A fine-tune file's examples: from its cache, else tokenized now."""
         if not isinstance(file_id, str) or not file_id:
             raise ApiError(400, f"{param} must be a file id", param=param)
         record = self.store.get_file(file_id)
@@ -65,13 +65,12 @@ class JobService:
             _check_lengths(cached, max_length, source, param)  # a lower limit than at upload
             return cached
         source = f"the {param.replace('_', ' ')} {file_id}"
-        try:
+        try:  # no cache is written here: a refused job must leave the state dir as it was
             examples = datasets.tokenize_file(
                 self.tokenizers, record.path, max_length, source, param
             )
         except FileNotFoundError:  # deleted since the lookup
             raise ApiError(400, f"no file with id {file_id!r}", param, "invalid_file") from None
-        datasets.save_cache(cache, examples, self.tokenizers.identity())
         return datasets.JobDataset.of(examples)
 
     def create_job(self, body: Any) -> Job:

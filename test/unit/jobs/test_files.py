@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
 from sglang_harli.jobs.lifecycle import JobStatus
 from sglang_harli.jobs.store import FileInUseError, JobStore
 from sglang_harli.srt import uploads
+from sglang_harli.srt.api_errors import ApiError
 
 
 def test_paths_are_stored_relative_and_read_back_absolute(tmp_path):
@@ -226,3 +229,66 @@ def test_a_long_boundary_on_the_route_is_a_400(api):
     )
     assert response.status_code == 400, response.text
     assert "boundary" in response.json()["error"]["message"]
+
+
+# --- a dataset tokenized once: at upload, kept beside the file for job creation -------------
+
+
+def test_a_datasets_tokens_are_kept_at_upload_and_used_by_job_creation(tmp_path, tiny_model_dir):
+    import transformers
+
+    from sglang_harli.finetune.data import load_examples
+    from sglang_harli.jobs.hyperparameters import ServingLimits
+    from sglang_harli.srt import datasets
+    from sglang_harli.srt.serving_files import FileService
+    from sglang_harli.srt.serving_jobs import JobService
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    store, tokenizers = JobStore(tmp_path / "state"), datasets.Tokenizers(served=tokenizer)
+    limits = ServingLimits(max_lora_rank=8)
+    files = FileService(store, tokenizers, limits, 1 << 20, max_in_flight=4, idle_timeout_s=1)
+    jobs = JobService(store, tokenizers, limits)
+    lines = [{"prompt": "2 + 2 =", "completion": " 4"}, {"prompt": "1 + 1 =", "completion": " 2"}]
+    upload = store.upload_path()
+    upload.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    checked = datasets.tokenize_file(tokenizers, upload, 64, "the file", "file")
+    record = files.add_file("train.jsonl", "fine-tune", upload, checked)
+    cache = datasets.cache_path(store.files_dir, record.id)
+    assert cache.is_file()
+
+    # the stored file is not read again: job creation takes the lengths from the cache...
+    Path(record.path).write_text("not JSON any more\n")
+    dataset = jobs.dataset(record.id, "training_file", 64)
+    assert dataset.cached == cache and len(dataset) == 2 and dataset.longest > 3
+    with pytest.raises(ApiError, match="too long"):  # a job's lower max_seq_length
+        jobs.dataset(record.id, "training_file", 3)
+    # ...and copies it as the job's dataset
+    dataset.write(tmp_path / "train.npz")
+    assert load_examples(tmp_path / "train.npz") == checked.examples()
+
+    # without a cache (an older version's upload), the file is tokenized then
+    cache.unlink()
+    Path(record.path).write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    fresh = jobs.dataset(record.id, "training_file", 64)
+    assert fresh.cached is None and fresh.tokenized.examples() == checked.examples()
+    assert not cache.exists()  # a job being validated writes nothing of the file's
+
+    files.delete_file(record.id)  # the cache goes with its file
+    assert not list(store.files_dir.iterdir())
+
+
+def test_datasets_checked_at_once_are_capped_with_a_retryable_503(tiny_model_dir):
+    import transformers
+
+    from sglang_harli.srt import datasets
+
+    tokenizers = datasets.Tokenizers(
+        size=2, served=transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    )
+    with tokenizers.borrow() as first, tokenizers.borrow() as second:
+        assert first is not second  # each dataset has its own copy
+        with pytest.raises(ApiError) as busy, tokenizers.borrow():
+            pass
+        assert busy.value.status == 503 and int(busy.value.headers["Retry-After"]) > 0
+    with tokenizers.borrow() as again:  # given back
+        assert again in (first, second)
