@@ -50,10 +50,7 @@ logger = logging.getLogger(__name__)
 
 MAX_PAGE = 100
 MAX_JSON_BODY = 1 << 20  # a job's JSON body is small; anything larger is refused unread
-# Uploads received at once, and the longest wait for a piece of one's body, when the server is
-# given no --harli-max-uploads-in-flight / --harli-upload-timeout-s (tests build the API so)
-DEFAULT_UPLOADS_IN_FLIGHT = 64
-DEFAULT_UPLOAD_TIMEOUT_S = 60.0
+_DEFAULTS = HarliConfig()  # the flags' defaults, for an API built without a config (tests)
 
 
 def mount_routes(app: FastAPI, harli_config: HarliConfig, limits: hp.ServingLimits | None) -> None:
@@ -107,8 +104,8 @@ class FineTuningApi:
         store: JobStore,
         limits: hp.ServingLimits,
         max_upload_bytes: int,
-        max_uploads_in_flight: int = DEFAULT_UPLOADS_IN_FLIGHT,
-        upload_timeout_s: float | None = DEFAULT_UPLOAD_TIMEOUT_S,
+        max_uploads_in_flight: int = _DEFAULTS.max_uploads_in_flight,
+        upload_timeout_s: float | None = _DEFAULTS.upload_timeout_s,
     ):
         self.store = store
         tokenizers = Tokenizers()
