@@ -13,6 +13,7 @@ or checked with another tokenizer) is tokenized again at each job's creation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -103,7 +104,7 @@ class Tokenizers:
                 )
         try:
             if tokenizer is None:
-                tokenizer = _copy(self._source())
+                tokenizer = copy.deepcopy(self._source())
         except BaseException:
             with self._lock:
                 self._made -= 1
@@ -119,12 +120,6 @@ class Tokenizers:
         if self._identity is None:
             self._identity = tokenizer_identity(self._source())
         return self._identity
-
-
-def _copy(tokenizer: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(tokenizer)
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
