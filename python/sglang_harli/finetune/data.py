@@ -12,6 +12,12 @@ in one :class:`DatasetError` that names each line. Accepted records:
 Lines are separated by ``\n`` only (a trailing ``\r`` is dropped): JSON strings may hold U+2028,
 U+2029 and other characters that ``str.splitlines`` would split on. Whatever a line makes the
 tokenizer or its chat template raise is that line's problem, never an exception of the caller.
+
+A file from a client is bounded work: it is read a line at a time (:func:`read_jsonl`), a line
+is refused before it is parsed, rendered or tokenized when ``max_length`` tokens could not hold
+it (:class:`LineLimits`), a chat costs a few renderings of its template however many turns it
+has (:func:`_turn_spans`), and at most :data:`MAX_KEPT_ERRORS` problems are kept (checking stops
+after :data:`STOP_AFTER_ERRORS`).
 """
 
 from __future__ import annotations
