@@ -236,6 +236,21 @@ class HarliConfig:
         _number(float, 0, inclusive=False),
         metavar="MB",
     )
+    max_uploads_in_flight: int = _flag(
+        64,
+        "uploads POST /v1/files receives and checks at once (default %(default)s); one more "
+        "gets 503 with Retry-After before its body is read. Each holds a socket and a "
+        "temporary file: the bound keeps slow clients from using up file descriptors",
+        _number(int, 1, inclusive=True),
+        metavar="N",
+    )
+    upload_timeout_s: float = _flag(
+        60.0,
+        "the longest an upload's body may send nothing (s; default %(default)s); a stalled "
+        "upload is answered 408 and its temporary file removed",
+        _number(float, 0, inclusive=False),
+        metavar="S",
+    )
 
     @property
     def enabled(self) -> bool:

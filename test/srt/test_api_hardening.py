@@ -1,15 +1,18 @@
 """The fine-tuning API under hostile or careless clients, on one real server (CPU, tiny model).
 
-The server runs with ``--api-key``, ``--admin-api-key`` and a 1 MB upload cap. Writes need the
-admin key and reads the api key (SGLang's own rules); uploads stop at the cap; dataset work runs
-off SGLang's event loop; every malformed request is a 4xx in OpenAI's error shape that writes
-nothing; a file that an unfinished job needs cannot be deleted.
+The server runs with ``--api-key``, ``--admin-api-key``, a 1 MB upload cap, at most 4 uploads in
+flight and a 2 s upload timeout. Writes need the admin key and reads the api key (SGLang's own
+rules); uploads stop at the cap, beyond the in-flight cap (503) and when their body stalls (408);
+dataset work runs off SGLang's event loop and one dataset does not hold up another; every
+malformed request is a 4xx in OpenAI's error shape that writes nothing; a file that an
+unfinished job needs cannot be deleted.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +29,8 @@ pytestmark = pytest.mark.server
 
 API_KEY, ADMIN_KEY = "user-key-123", "admin-key-456"
 CAP = 2**20  # --harli-max-upload-mb 1
+IN_FLIGHT = 4  # --harli-max-uploads-in-flight
+UPLOAD_TIMEOUT_S = 2.0  # --harli-upload-timeout-s
 PAIRS = [("What color is the sky?", "Blue."), ("Name a fruit.", "A mango.")]
 
 
@@ -54,6 +59,8 @@ def server(tiny_model_dir, state_dir, tmp_path_factory):
         "--api-key", API_KEY,
         "--admin-api-key", ADMIN_KEY,
         "--harli-max-upload-mb", "1",
+        "--harli-max-uploads-in-flight", str(IN_FLIGHT),
+        "--harli-upload-timeout-s", str(UPLOAD_TIMEOUT_S),
     )  # fmt: skip
     try:
         yield server.wait_ready()
@@ -277,6 +284,11 @@ def test_the_event_loop_answers_while_datasets_are_checked(server, state_dir, mo
     print(f"upload: {seconds:.2f}s, {polls} polls of /v1/models, slowest {worst * 1000:.0f} ms")
     assert worst < 0.5 and polls >= 3
 
+    # the upload kept its tokens for job creation; without them (a file an older version
+    # stored) the job's creation tokenizes the file again, which must not hold the loop either
+    cache = state_dir / "files" / f"{file_id}.tokens.npz"
+    assert cache.is_file()
+    cache.unlink()
     body = {
         "model": model,
         "training_file": file_id,
@@ -297,6 +309,83 @@ def test_the_event_loop_answers_while_datasets_are_checked(server, state_dir, mo
         assert (state_dir / "jobs" / job["id"] / f"{split}.npz").is_file()
     events = [e.message for e in user.fine_tuning.jobs.list_events(job["id"], limit=100)]
     assert any(m.startswith("Files validated") for m in events)
+
+
+def test_a_small_upload_is_not_held_up_by_a_big_one(server):
+    # one dataset used to be checked at a time, behind one tokenizer lock: a small upload
+    # waited for a big one to finish (32 s behind a 300 KB line); each now has its own copy
+    big, small = heavy_dataset(), jsonl()
+    timings = {}
+
+    def timed(name, content):
+        started = time.monotonic()
+        response = upload(server, content, name=f"{name}.jsonl")
+        timings[name] = (time.monotonic() - started, time.monotonic(), response)
+
+    thread = threading.Thread(target=timed, args=("big", big))
+    thread.start()
+    time.sleep(0.3)  # the big one is being checked
+    timed("small", small)
+    thread.join()
+    big_s, big_done, big_response = timings["big"]
+    small_s, small_done, small_response = timings["small"]
+    assert big_response.status_code == 200 and small_response.status_code == 200
+    print(f"big upload {big_s:.2f} s, small upload beside it {small_s:.2f} s")
+    assert small_done < big_done, "the big upload finished first: no overlap measured"
+    assert small_s < 0.5 * big_s
+
+
+def slow_upload(server, purpose="batch") -> socket.socket:
+    """An upload whose body starts and then stalls: headers and a first piece only."""
+    boundary = "slow-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n{purpose}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.bin"\r\n\r\n'
+        "some bytes"
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(
+        (
+            "POST /v1/files HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {ADMIN_KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(head) + 1000}\r\n\r\n"
+        ).encode()
+        + head
+    )
+    return sock
+
+
+def status_of(sock: socket.socket) -> int:
+    """The status line's code of the response the server sends on ``sock``."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_uploads_past_the_in_flight_cap_get_503_and_stalled_ones_408(server, state_dir):
+    before = snapshot(server, state_dir)
+    slow = [slow_upload(server) for _ in range(IN_FLIGHT)]
+    try:
+        time.sleep(0.5)  # all of them are being received
+        started = time.monotonic()
+        refused = upload(server, b"one too many", purpose="batch")
+        error = openai_error(refused, 503)
+        assert int(refused.headers["Retry-After"]) > 0 and error["code"] == "server_busy"
+        assert "--harli-max-uploads-in-flight" in error["message"]
+        # each stalled body is cut off after the timeout, its temporary file removed
+        assert [status_of(s) for s in slow] == [408] * IN_FLIGHT
+        waited = time.monotonic() - started
+        assert UPLOAD_TIMEOUT_S / 4 < waited < UPLOAD_TIMEOUT_S + 10, waited
+    finally:
+        for s in slow:
+            s.close()
+    assert snapshot(server, state_dir) == before and not leftovers(state_dir)
+    assert upload(server, b"fits now", purpose="batch").status_code == 200
 
 
 # --- 4, 6. files -----------------------------------------------------------------------------

@@ -3,12 +3,15 @@
 FastAPI's ``UploadFile`` receives the whole body (into memory, then a temporary file outside
 the state dir) before a route runs, so a client could send any amount. Here the file part goes
 straight to a file the caller names, chunk by chunk as it arrives; the upload is refused with
-:class:`UploadRefused` (413) as soon as it passes the cap. Parsing runs on the event loop (a
-few microseconds per network chunk); disk writes run in a worker thread, a megabyte at a time.
+:class:`UploadRefused` (413) as soon as it passes the cap, and (408) when the client sends
+nothing for ``idle_timeout_s``: a stalled body must not hold its socket and temporary file
+forever. Parsing runs on the event loop (a few microseconds per network chunk); disk writes run
+in a worker thread, a megabyte at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from collections.abc import AsyncIterator
@@ -16,7 +19,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import (
+    MAX_BOUNDARY_LENGTH,
+    MultipartParser,
+    parse_options_header,
+)
 from starlette.concurrency import run_in_threadpool
 
 WRITE_BYTES = 1 << 20  # file data is handed to a writer thread in pieces of about this size
@@ -26,7 +33,7 @@ MAX_HEADER_BYTES = 16384  # per part
 
 
 class UploadRefused(Exception):
-    """The request cannot be stored: ``status`` (400 or 413) and a message for the client."""
+    """The request cannot be stored: ``status`` (400, 408 or 413) and a message for the client."""
 
     def __init__(
         self, status: int, message: str, param: str | None = None, code: str | None = None
@@ -50,7 +57,14 @@ def boundary_of(content_type: str) -> bytes:
         raise UploadRefused(
             400, "the body must be multipart/form-data, with a 'file' part and a 'purpose' field"
         )
-    return params[b"boundary"]
+    boundary = params[b"boundary"]
+    if len(boundary) > MAX_BOUNDARY_LENGTH:  # python-multipart's own limit (RFC 2046 says 70)
+        raise UploadRefused(
+            400,
+            f"the multipart boundary is {len(boundary)} characters long; at most "
+            f"{MAX_BOUNDARY_LENGTH} are accepted (RFC 2046 allows 70)",
+        )
+    return boundary
 
 
 async def receive(
@@ -59,14 +73,16 @@ async def receive(
     destination: Path,
     max_bytes: int,
     file_field: str = "file",
+    idle_timeout_s: float | None = None,
 ) -> Upload:
     """Parse the body from ``chunks``; the part named ``file_field`` is written (fsynced) to
-    ``destination``, which the caller removes if this raises."""
+    ``destination``, which the caller removes if this raises. A wait of more than
+    ``idle_timeout_s`` for the next chunk ends the upload (408)."""
     parts = _Parts(file_field, max_bytes)
     parser = MultipartParser(boundary_of(content_type), parts.callbacks())
     out: BinaryIO = await run_in_threadpool(open, destination, "wb")
     try:
-        async for chunk in chunks:
+        async for chunk in _timed(chunks, idle_timeout_s):
             parser.write(chunk)
             if len(parts.pending) >= WRITE_BYTES:
                 await run_in_threadpool(out.write, parts.take())
@@ -79,6 +95,27 @@ async def receive(
     finally:
         await run_in_threadpool(out.close)
     return parts.upload
+
+
+async def _timed(
+    chunks: AsyncIterator[bytes], idle_timeout_s: float | None
+) -> AsyncIterator[bytes]:
+    """``chunks``, each awaited at most ``idle_timeout_s`` (None: for ever)."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(iterator), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UploadRefused(
+                408,
+                f"the upload's body stalled: nothing arrived for {idle_timeout_s:g} s "
+                "(--harli-upload-timeout-s)",
+                param="file",
+                code="upload_timeout",
+            ) from None
+        yield chunk
 
 
 def _finish(out: BinaryIO, data: bytes) -> None:

@@ -2,11 +2,13 @@
 
 import copy
 import json
+import time
+import tracemalloc
 
 import pytest
 import torch
 
-from sglang_harli.finetune import DatasetError, Example, load_jsonl, pack, parse_jsonl_lines
+from sglang_harli.finetune import DatasetError, Example, data, load_jsonl, pack, parse_jsonl_lines
 from sglang_harli.finetune.data import check_lengths, decode_lines
 
 
@@ -197,3 +199,133 @@ def test_check_lengths_names_every_long_example():
     with pytest.raises(DatasetError) as info:
         check_lengths(examples, 5, "the training file")
     assert info.value.errors == [(2, "too long: 9 tokens, more than max_length 5")]
+
+
+# --- cost: one line is linear in its length, a file is read in bounded memory ---------------
+
+# SmolLM2-135M-Instruct's chat template (the default model's): a default system prompt when the
+# chat has none. Written out here: the model itself is a download.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# A template that looks ahead (loop.last), which the one-rendering split cannot follow: such
+# chats are checked the quadratic way, up to QUADRATIC_MAX_MESSAGES messages.
+LOOKAHEAD_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if loop.last %}{% endif %}"
+    "[{{ m['role'] }}]{{ m['content'] }}|{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+def _chats() -> list[list[dict]]:
+    sys = {"role": "system", "content": "Answer in one word."}
+    pairs = [("What color is the sky?", "Blue."), ("Name a fruit", "A ripe mango"), ("2+2", "4")]
+    turns = [m for q, a in pairs for m in ({"role": "user", "content": q},
+                                           {"role": "assistant", "content": a})]  # fmt: skip
+    unweighted = [dict(m, weight=0) if i == 1 else m for i, m in enumerate(turns)]
+    return [
+        turns[:2],
+        turns,
+        [sys, *turns],
+        [sys, *unweighted],
+        [*turns, {"role": "user", "content": "and then?"}],
+        [
+            {"role": "user", "content": "héllo wörld 😀 " * 5},
+            {"role": "assistant", "content": "ok"},
+        ],
+        turns * 5,
+    ]
+
+
+def _reference(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """What validation produced before it was linear: every trained turn from two renderings of
+    the chat up to it, and a scan of all spans per token."""
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = tokenizer.apply_chat_template(plain, tokenize=False)
+    trained = [j for j, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1)]
+    spans = data.spans_by_prefixes(tokenizer, plain, text, trained)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
+
+
+@pytest.mark.parametrize("template", ["tiny", "smollm2", "lookahead"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_turns_split_in_one_rendering_match_the_quadratic_definition(model_dirs, arch, template):
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dirs[arch])
+    if template == "smollm2":
+        tokenizer.chat_template = SMOLLM2_TEMPLATE
+    elif template == "lookahead":
+        tokenizer.chat_template = LOOKAHEAD_TEMPLATE
+    for messages in _chats():
+        (ex,) = parse_jsonl_lines([json.dumps({"messages": messages})], tokenizer, 4096)
+        assert (list(ex.input_ids), list(ex.loss_mask)) == _reference(tokenizer, messages)
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        text = tokenizer.apply_chat_template(plain, tokenize=False)
+        trained = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+        fast = data._turn_spans(tokenizer, plain, text, trained)
+        # the one-rendering split is what ran, except for the template that reads ahead
+        assert (fast is None) == (template == "lookahead")
+
+
+def _long_chat(pairs: int) -> str:
+    messages = []
+    for t in range(pairs):
+        messages += [
+            {"role": "user", "content": f"question {t}"},
+            {"role": "assistant", "content": f"answer {t}"},
+        ]
+    return json.dumps({"messages": messages})
+
+
+def test_a_long_chat_costs_time_linear_in_its_length(tokenizer):
+    # 2,000 turn pairs: about 11 s when each assistant turn rendered the chat up to it twice
+    line = _long_chat(2000)
+    started = time.monotonic()
+    (ex,) = parse_jsonl_lines([line], tokenizer, max_length=10**6)
+    seconds = time.monotonic() - started
+    assert ex.num_targets > 2000 * 3
+    assert seconds < 2.0, seconds
+
+
+def test_a_chat_longer_than_max_length_is_refused_before_it_is_rendered(tokenizer):
+    # 4,000 turn pairs (the 300 KB line that took 34 s) against a server's 2,048-token limit
+    line = _long_chat(4000)
+    started = time.monotonic()
+    with pytest.raises(DatasetError) as info:
+        parse_jsonl_lines([line], tokenizer, max_length=2048)
+    assert time.monotonic() - started < 0.5
+    ((number, problem),) = info.value.errors
+    assert number == 1 and problem == "too long: 8000 messages, more than max_length 2048"
+    # a few long messages: refused on their characters before any rendering or tokenizing
+    long = json.dumps({"prompt": "x" * 200_000, "completion": "y"})
+    with pytest.raises(DatasetError, match="too long: 200001 characters"):
+        parse_jsonl_lines([long], tokenizer, max_length=2048)
+
+
+def test_a_big_invalid_file_is_read_in_bounded_memory(tokenizer, tmp_path):
+    # one 16 MB line, then 100,000 lines that are not JSON: 17 MB that used to be read whole,
+    # split, and every line's error kept (about 94 bytes of memory per byte of such a file)
+    path = tmp_path / "bad.jsonl"
+    with open(path, "wb") as f:
+        f.write(b'{"prompt": "' + b"x" * (16 << 20) + b'", "completion": "y"}\n')
+        f.write(b"{not json\n" * 100_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError) as info:
+            load_jsonl(path, tokenizer, max_length=64)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak  # the file is 17 MB
+    error = info.value
+    assert error.errors[0] == (1, error.errors[0][1]) and "too long" in error.errors[0][1]
+    assert len(error.errors) == data.MAX_KEPT_ERRORS and error.total == data.STOP_AFTER_ERRORS
+    assert error.stopped_at == data.STOP_AFTER_ERRORS  # it stopped reading early
+    assert f"and {data.STOP_AFTER_ERRORS - data.MAX_KEPT_ERRORS} more" in str(error)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
 from sglang_harli.jobs.lifecycle import JobStatus
 from sglang_harli.jobs.store import FileInUseError, JobStore
 from sglang_harli.srt import uploads
+from sglang_harli.srt.api_errors import ApiError
 
 
 def test_paths_are_stored_relative_and_read_back_absolute(tmp_path):
@@ -154,3 +157,138 @@ def test_the_filename_keeps_its_last_component(tmp_path):
     body = multipart({"purpose": "batch"}, b"abc", filename="C:\\\\data\\\\train.jsonl")
     upload, _ = receive(body, tmp_path / "upload", 1 << 20)
     assert upload.filename == "train.jsonl"
+
+
+def test_a_boundary_past_the_parsers_limit_is_a_400_that_says_so(tmp_path):
+    long = "b" * 300  # python-multipart refuses more than 256; it used to escape as a 500
+    with pytest.raises(uploads.UploadRefused) as refused:
+        receive(b"--x\r\n", tmp_path / "upload", 1 << 20, f"multipart/form-data; boundary={long}")
+    assert refused.value.status == 400 and "boundary is 300 characters" in refused.value.message
+
+
+def test_a_stalled_body_is_cut_off_with_408(tmp_path):
+    async def stalls():
+        yield multipart({"purpose": "batch"}, b"abc")[:50]
+        await asyncio.sleep(30)
+
+    async def run():
+        return await uploads.receive(
+            stalls(), CONTENT_TYPE, tmp_path / "upload", 1 << 20, idle_timeout_s=0.2
+        )
+
+    with pytest.raises(uploads.UploadRefused) as refused:
+        asyncio.run(asyncio.wait_for(run(), 10))
+    assert refused.value.status == 408 and "--harli-upload-timeout-s" in refused.value.message
+
+
+# --- the upload route on SGLang's app (FastAPI), with a real SQLite store -------------------
+
+
+@pytest.fixture
+def api(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from sglang_harli.jobs.hyperparameters import ServingLimits
+    from sglang_harli.srt.http_api import FineTuningApi
+
+    store = JobStore(tmp_path / "state", busy_timeout_ms=200)
+    app = FastAPI()
+    FineTuningApi(store, ServingLimits(max_lora_rank=8), max_upload_bytes=1 << 20).mount(app)
+    with TestClient(app) as client:
+        yield store, client
+
+
+def test_an_upload_while_the_store_is_locked_is_a_retryable_503(api):
+    store, client = api
+    holder = sqlite3.connect(store.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the timeout
+    try:
+        response = client.post(
+            "/v1/files", files={"file": ("a.bin", b"abc")}, data={"purpose": "batch"}
+        )
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) > 0
+    assert response.json()["error"]["code"] == "store_busy"
+    assert store.list_files() == [] and not list(store.files_dir.iterdir())  # nothing stored
+    response = client.post(
+        "/v1/files", files={"file": ("a.bin", b"abc")}, data={"purpose": "batch"}
+    )
+    assert response.status_code == 200, response.text  # the retry is stored
+
+
+def test_a_long_boundary_on_the_route_is_a_400(api):
+    _, client = api
+    response = client.post(
+        "/v1/files",
+        content=b"--x\r\n",
+        headers={"content-type": "multipart/form-data; boundary=" + "b" * 300},
+    )
+    assert response.status_code == 400, response.text
+    assert "boundary" in response.json()["error"]["message"]
+
+
+# --- a dataset tokenized once: at upload, kept beside the file for job creation -------------
+
+
+def test_a_datasets_tokens_are_kept_at_upload_and_used_by_job_creation(tmp_path, tiny_model_dir):
+    import transformers
+
+    from sglang_harli.finetune.data import load_examples
+    from sglang_harli.jobs.hyperparameters import ServingLimits
+    from sglang_harli.srt import datasets
+    from sglang_harli.srt.serving_files import FileService
+    from sglang_harli.srt.serving_jobs import JobService
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    store, tokenizers = JobStore(tmp_path / "state"), datasets.Tokenizers(served=tokenizer)
+    limits = ServingLimits(max_lora_rank=8)
+    files = FileService(store, tokenizers, limits, 1 << 20, max_in_flight=4, idle_timeout_s=1)
+    jobs = JobService(store, tokenizers, limits)
+    lines = [{"prompt": "2 + 2 =", "completion": " 4"}, {"prompt": "1 + 1 =", "completion": " 2"}]
+    upload = store.upload_path()
+    upload.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    checked = datasets.tokenize_file(tokenizers, upload, 64, "the file", "file")
+    record = files.add_file("train.jsonl", "fine-tune", upload, checked)
+    cache = datasets.cache_path(store.files_dir, record.id)
+    assert cache.is_file()
+
+    # the stored file is not read again: job creation takes the lengths from the cache...
+    Path(record.path).write_text("not JSON any more\n")
+    dataset = jobs.dataset(record.id, "training_file", 64)
+    assert dataset.cached == cache and len(dataset) == 2 and dataset.longest > 3
+    with pytest.raises(ApiError, match="too long"):  # a job's lower max_seq_length
+        jobs.dataset(record.id, "training_file", 3)
+    # ...and copies it as the job's dataset
+    dataset.write(tmp_path / "train.npz")
+    assert load_examples(tmp_path / "train.npz") == checked.examples()
+
+    # without a cache (an older version's upload), the file is tokenized then
+    cache.unlink()
+    Path(record.path).write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    fresh = jobs.dataset(record.id, "training_file", 64)
+    assert fresh.cached is None and fresh.tokenized.examples() == checked.examples()
+    assert not cache.exists()  # a job being validated writes nothing of the file's
+
+    files.delete_file(record.id)  # the cache goes with its file
+    assert not list(store.files_dir.iterdir())
+
+
+def test_datasets_checked_at_once_are_capped_with_a_retryable_503(tiny_model_dir):
+    import transformers
+
+    from sglang_harli.srt import datasets
+
+    tokenizers = datasets.Tokenizers(
+        size=2, served=transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    )
+    with tokenizers.borrow() as first, tokenizers.borrow() as second:
+        assert first is not second  # each dataset has its own copy
+        with pytest.raises(ApiError) as busy, tokenizers.borrow():
+            pass
+        assert busy.value.status == 503 and int(busy.value.headers["Retry-After"]) > 0
+    with tokenizers.borrow() as again:  # given back
+        assert again in (first, second)
