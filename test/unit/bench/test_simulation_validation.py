@@ -1,4 +1,4 @@
-"""The fleet simulation against a real replay on the machine it ran on (issue 11, item 4).
+"""The fleet simulation against a real replay on the machine it ran on.
 
 ``test/data/replay_cpu`` holds a replay's ``report.json`` (``python -m sglang_harli.bench replay``,
 one server per mode on the CPU dev machine) and ``profile.json`` (what its harli server measured,

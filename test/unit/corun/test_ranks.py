@@ -1,4 +1,4 @@
-"""One decision for all tensor-parallel ranks (issue 12, part 3), with the real agents, runners
+"""One decision for all tensor-parallel ranks, with the real agents, runners
 and trainer over two gloo processes: rank 0 claims and writes, rank 1 builds its shard's runner
 from the store and follows.
 

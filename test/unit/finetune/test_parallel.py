@@ -1,4 +1,4 @@
-"""Tensor parallelism in the engine (issue 12, part 2), on plain tensors: two gloo processes,
+"""Tensor parallelism in the engine, on plain tensors: two gloo processes,
 each with its rank's shard of a tiny model, train the same job as one process with the whole
 model. Losses, gradient norms and the gathered adapters must match TP 1 within float
 tolerance, and a checkpoint resumes at either TP size."""
