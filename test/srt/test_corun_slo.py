@@ -50,7 +50,7 @@ CLIENT_P99 = 1.25  # x S; design target 1.1
 # this test alone on the 2-core dev machine, interleaving the tree with tensor parallelism and
 # the one before it (bf00c77), gave 23-50% (two under the 25% once asserted here, one from
 # each tree); runs inside the full suite gave 9.7-14%. The bound says the policy fills a part
-# of the slack beside decode, not nothing; the figures themselves are recorded in docs/benchmarks.md.
+# of the slack beside decode, not nothing; the figures are recorded in docs/benchmarks.md.
 SLACK_USED = 0.05
 
 
