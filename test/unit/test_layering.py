@@ -25,6 +25,20 @@ def module_name(package: str, root: Path, path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def parse(path: Path) -> ast.Module:
+    """``ast.parse`` of a file. CPython 3.11's parser keeps its recursion depth in state shared
+    by threads, so a parse while another thread compiles (a jinja template of a test before,
+    still rendering) can fail with "AST constructor recursion depth mismatch": parse again."""
+    source = path.read_text()
+    for attempt in range(3):
+        try:
+            return ast.parse(source)
+        except SystemError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
     if not node.level:
         return node.module or ""
@@ -45,7 +59,7 @@ def _type_checking_nodes(tree: ast.Module) -> set[int]:
 
 def imports(path: Path, module: str, *, type_checking: bool = True) -> set[str]:
     """Absolute names of everything ``module`` imports, wherever the import statement sits."""
-    tree = ast.parse(path.read_text())
+    tree = parse(path)
     skip = set() if type_checking else _type_checking_nodes(tree)
     is_package = path.name == "__init__.py"
     names: set[str] = set()
