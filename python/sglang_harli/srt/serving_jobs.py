@@ -19,7 +19,7 @@ from typing import Any
 from sglang_harli.finetune.data import DatasetError, check_example_lengths
 from sglang_harli.jobs import hyperparameters as hp
 from sglang_harli.jobs.lifecycle import FINAL_STATES, JobStatus
-from sglang_harli.jobs.store import AdapterNameTaken, Job, JobStore
+from sglang_harli.jobs.store import Job, JobStore
 from sglang_harli.srt import datasets, model_ids
 from sglang_harli.srt.api_errors import ApiError, shown
 
@@ -58,13 +58,12 @@ class JobService:
                 param=param,
                 code="invalid_file",
             )
+        source = f"the {param.replace('_', ' ')} {file_id}"
         cache = datasets.cache_path(self.store.files_dir, file_id)
         cached = datasets.load_cache(cache, self.tokenizers.identity())
         if cached is not None:
-            source = f"the {param.replace('_', ' ')} {file_id}"
             _check_lengths(cached, max_length, source, param)  # a lower limit than at upload
             return cached
-        source = f"the {param.replace('_', ' ')} {file_id}"
         try:  # no cache is written here: a refused job must leave the state dir as it was
             examples = datasets.tokenize_file(
                 self.tokenizers, record.path, max_length, source, param
@@ -97,9 +96,7 @@ class JobService:
             if dataset is not None:  # an explicit max_seq_length below the longest example
                 source = f"the {param.replace('_', ' ')}"
                 _check_lengths(dataset, resolved.max_seq_length, source, param)
-        if request.suffix and self.store.adapter_name_taken(request.suffix):
-            raise AdapterNameTaken(request.suffix)  # a 409; the store checks again as it writes
-
+        # a suffix another job holds: create_job raises AdapterNameTaken (a 409), writing nothing
         job = self.store.create_job(
             model=model.name,
             training_file=request.training_file,
