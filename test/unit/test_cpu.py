@@ -25,6 +25,28 @@ def test_server_flags_fill_in_only_what_is_missing():
     assert decode[decode.index("--disaggregation-decode-retraction-backup") + 1] == "cpu_tensor"
 
 
+def test_fp32_only_where_the_cpu_lacks_bf16_arithmetic(monkeypatch, tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"num_attention_heads": 4, "hidden_size": 256, "num_hidden_layers": 2})
+    )
+    model = ["--model-path", str(tmp_path)]
+
+    def flags(argv, bf16: bool):
+        monkeypatch.setattr(cpu, "bf16_arithmetic", lambda: bf16)
+        out = cpu.server_flags(argv)
+        return dict(zip(out[::2], out[1::2], strict=True))
+
+    slow, fast = flags(model, bf16=False), flags(model, bf16=True)
+    assert slow["--dtype"] == "float32" and "--dtype" not in fast
+    # fp32 KV takes twice the bytes: the pool picked for the same RAM is half as many tokens
+    # (unless the cap binds)
+    assert int(slow["--max-total-tokens"]) <= int(fast["--max-total-tokens"])
+    assert cpu.default_kv_tokens(str(tmp_path), 1 << 28, 4) * 2 == cpu.default_kv_tokens(
+        str(tmp_path), 1 << 28, 2
+    )
+    assert "--dtype" not in flags([*model, "--dtype", "bfloat16"], bf16=False)  # the user's
+
+
 def test_default_kv_pool_fits_in_ram(tmp_path):
     config = {"num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096}
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 32}))

@@ -242,6 +242,7 @@ class KVLender:
             "kv_lent_leases": len(self._runs),
             "kv_lent_limit_slots": self.limit_slots,
             "kv_pool_slots": self.total_slots,
+            "kv_dtype": str(self.kv.dtype).removeprefix("torch."),
             "kv_available_slots": self.allocator.available_size(),
             "kv_lend_stats": dataclasses.asdict(self.stats),
             "kv_reclaim_ms": {
