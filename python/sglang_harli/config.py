@@ -68,9 +68,10 @@ def _number(
     inclusive: bool,
     maximum: float | None = None,
     max_inclusive: bool = True,
+    auto: bool = False,
 ) -> Callable[[str], Any]:
     """An argparse ``type`` that accepts numbers of ``kind`` above (or at) ``minimum`` and, if
-    given, below (or at) ``maximum``."""
+    given, below (or at) ``maximum``; and ``auto`` if asked."""
     if maximum is None:
         bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
     else:
@@ -79,6 +80,8 @@ def _number(
         )
 
     def parse(text: str) -> Any:
+        if auto and text == AUTO:
+            return AUTO
         try:
             value = kind(text)
         except ValueError:
@@ -211,17 +214,24 @@ class HarliConfig:
         _number(float, 0, inclusive=True),
         metavar="MS",
     )
-    lend_evict_cache: bool = _flag(
-        False,
-        "unified memory: also lend slots the radix cache holds (evicting cached prefixes); by "
-        "default only free slots are lent",
-        action="store_true",
+    lend_cache_floor: float = _flag(
+        0.25,
+        "unified memory: cached prefixes are lendable. When too few slots are free, the lender "
+        "evicts the least recently used radix-cache entries no request holds (never while "
+        "requests wait) to lend their slots, but keeps at least this fraction of the KV pool "
+        "cached (default %(default)s; 1: never evict, lend only free slots)",
+        _number(float, 0, inclusive=True, maximum=1),
+        metavar="F",
     )
-    reserve_mb: float = _flag(
-        0.0,
+    reserve_mb: float | str = _flag(
+        AUTO,
         "unified memory: ordinary memory (MB) set aside for the job's activations, used before "
-        "lent slots and never taken back (default %(default)s: with no lent slots the job waits)",
-        _number(float, 0, inclusive=True),
+        "lent slots and never taken back. 'auto' (default): on a CPU, each job gets a reserve "
+        "sized to its smallest micro-batch (its longest example's checkpointed layer inputs), "
+        "allocated when it starts and freed when it ends, so it always progresses; on a GPU 0 "
+        "(a reserve there comes out of the memory SGLang's --mem-fraction-static leaves "
+        "outside its pools: state one). 0: none (with no lent slots the job waits)",
+        _number(float, 0, inclusive=True, auto=True),
         metavar="MB",
     )
     arena_poison: bool = _flag(
@@ -251,6 +261,16 @@ class HarliConfig:
         _number(float, 0, inclusive=False),
         metavar="S",
     )
+
+    @property
+    def job_reserve(self) -> bool:
+        """Each job gets a reserve sized to its smallest micro-batch (resolved ``auto``, CPU)."""
+        return self.reserve_mb == AUTO
+
+    @property
+    def fixed_reserve_mb(self) -> float:
+        """The server-wide reserve, MB (0 with per-job reserves)."""
+        return 0.0 if self.reserve_mb == AUTO else float(self.reserve_mb)
 
     @property
     def enabled(self) -> bool:
@@ -287,7 +307,10 @@ class HarliConfig:
                 "--harli-kernels triton needs a CUDA GPU (on a CPU the kernels run only in "
                 "Triton's interpreter, for tests); use --harli-kernels torch"
             )
-        return dataclasses.replace(self, mode=mode, state_dir=state_dir, kernels=kernels)
+        reserve_mb = 0.0 if self.reserve_mb == AUTO and has_cuda else self.reserve_mb
+        return dataclasses.replace(
+            self, mode=mode, state_dir=state_dir, kernels=kernels, reserve_mb=reserve_mb
+        )
 
 
 def flag_name(field: dataclasses.Field) -> str:

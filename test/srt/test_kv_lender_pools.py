@@ -104,7 +104,7 @@ def make_lender(
     fraction: float = 0.5,
     headroom: int = 0,
     relend_delay_s: float = 0.0,
-    evict_cache: bool = False,
+    cache_floor: float = 0.25,
     poison: bool = False,
     align: int = 256,
 ) -> tuple[KVLender, Arena]:
@@ -113,7 +113,7 @@ def make_lender(
         max_fraction=fraction,
         headroom_tokens=headroom,
         relend_delay_s=relend_delay_s,
-        evict_cache=evict_cache,
+        cache_floor=cache_floor,
     )
     return KVLender(scheduler, config, arena), arena
 
@@ -538,26 +538,52 @@ def test_no_slot_lost_or_duplicated_across_lend_and_give_back_cycles(allocator):
 # --- the radix cache and SGLang's leak check ------------------------------------------------
 
 
-def test_evict_cache_evicts_a_whole_lease_from_the_radix_cache(allocator):
+def test_cached_prefixes_are_lent_down_to_the_floor(allocator):
+    """The cache holds the whole pool (a busy server's steady state): the lender evicts the
+    least recently used unreferenced entries, a lease at a time, and stops at the floor."""
     ps = allocator.page_size
     cache = make_radix_cache(allocator)
-    cache_pages(cache, allocator.alloc(POOL), first_token=1000)  # the cache holds the pool
+    cache_pages(cache, allocator.alloc(POOL), first_token=1000)
     assert allocator.available_size() == 0 and cache.evictable_size() == POOL
     sched = make_scheduler(allocator, tree_cache=cache)
 
-    lender, _ = make_lender(sched)
-    assert lender.lend() == 0  # never what the radix cache holds, unless evict_cache
-    assert cache.evictable_size() == POOL
-
-    lender, _ = make_lender(sched, evict_cache=True)
+    lender, _ = make_lender(sched, fraction=1.0, cache_floor=0.5)
     lease_slots = lender.lease_pages * ps
     got = lender.lend()
-    evicted = POOL - cache.evictable_size()
-    assert 0 < got <= evicted
-    assert allocator.available_size() == evicted - got
     # eviction is asked in tokens: a whole lease of pages comes free and is lent
-    assert evicted >= lease_slots
     assert got == lease_slots
+    assert allocator.available_size() == POOL - cache.evictable_size() - got
+    while lender.lend():
+        pass
+    assert cache.evictable_size() == POOL // 2  # the floor: half the pool stays cached
+    assert lender.lent_slots == POOL // 2
+    assert lender.stats.cache_evicted_slots == POOL // 2
+    assert lender.to_dict()["kv_cache_floor_slots"] == POOL // 2
+
+
+def test_a_floor_of_one_lends_only_free_slots(allocator):
+    cache = make_radix_cache(allocator)
+    cache_pages(cache, allocator.alloc(POOL), first_token=1000)
+    lender, _ = make_lender(make_scheduler(allocator, tree_cache=cache), cache_floor=1.0)
+    assert lender.lend() == 0
+    assert cache.evictable_size() == POOL and lender.stats.cache_evicted_slots == 0
+
+
+def test_nothing_evicted_while_requests_wait_or_hold_it(allocator):
+    """A waiting request may have matched a cached prefix: the lender leaves the cache alone
+    while any waits. What a running request holds (locked) is never evictable."""
+    cache = make_radix_cache(allocator)
+    cache_pages(cache, allocator.alloc(POOL), first_token=1000)
+    waiting = make_scheduler(allocator, waiting=[make_req(4, 4)], tree_cache=cache)
+    lender, _ = make_lender(waiting, cache_floor=0.0)
+    assert lender.lend() == 0 and cache.evictable_size() == POOL
+
+    # lock every entry, as requests running on these prefixes do
+    for child in list(cache.root_node.children.values()):
+        cache.inc_lock_ref(child)
+    assert cache.evictable_size() == 0
+    lender, _ = make_lender(make_scheduler(allocator, tree_cache=cache), cache_floor=0.0)
+    assert lender.lend() == 0 and cache.protected_size() == POOL
 
 
 def checker_for(allocator, cache) -> tuple[SchedulerInvariantChecker, SchedulerPoolStatsObserver]:

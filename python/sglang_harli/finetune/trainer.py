@@ -408,12 +408,25 @@ class Trainer:
             tokens += n
         return groups
 
+    def smallest_memory_need(self) -> tuple[int, int] | None:
+        """What the smallest micro-batch keeps in the arena, as (blocks, bytes each): one layer
+        input per layer for the longest single example (a micro-batch packs at least one).
+        None when nothing is kept there (no arena, or no checkpointing)."""
+        if self.memory is None or not self.config.checkpointing:
+            return None
+        longest = max(len(ex.input_ids) for ex in self.dataset)
+        return self.view.config.num_layers, longest * self._token_bytes()
+
+    def _token_bytes(self) -> int:
+        """Bytes of one token's checkpointed layer input."""
+        return self.view.config.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+
     def _memory_tokens(self, most: int) -> int:
         """The most tokens (up to ``most``) whose checkpointed inputs, one per layer, fit in
         the arena's free space now: the micro-batch size follows the memory lent (at least one
         sequence is packed anyway; its forward waits until the memory is there)."""
         layers = self.view.config.num_layers
-        per_token = self.view.config.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+        per_token = self._token_bytes()
         lo, hi = 0, most
         while lo < hi:  # the largest t with `layers` blocks of t tokens fitting
             mid = (lo + hi + 1) // 2

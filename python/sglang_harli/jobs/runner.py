@@ -61,6 +61,7 @@ from .checkpointing import (
 )
 from .hyperparameters import Hyperparameters
 from .lifecycle import JobStatus
+from .memory_waits import MemoryWaits
 from .store import (
     STORE_ERRORS,
     CheckpointRecord,
@@ -92,6 +93,9 @@ class RunnerConfig:
     keep_checkpoints: int = 3  # the newest checkpoints kept per job, besides the adapter
     kernels: Kernels = Kernels.TORCH  # the ops backend (finetune/ops.py): TRITON on a GPU
     base_model_name: str = ""  # written into the adapters' PEFT config
+    # a reserve of ordinary memory sized to the job's smallest micro-batch (--harli-reserve-mb
+    # auto on a CPU): the job always progresses, whatever is lent
+    job_reserve: bool = False
 
 
 # admit(spent_s, kind, cost): may the next unit start? observe(kind, cost, seconds): it ran
@@ -134,7 +138,14 @@ class JobRunner:
         self._step_times: list[float] = []
         self._last_step_end = time.monotonic()
         self.tokens_trained = 0  # target tokens of the optimizer steps this runner finished
-        self.waiting_for_memory = False  # the last unit found no room in the arena
+        self.memory_waits = MemoryWaits(job.id)
+        # set by the scheduler: how many blocks of N bytes the arena could ever hold (all it
+        # may be lent and its reserves); a job whose smallest micro-batch exceeds it fails
+        self.memory_ceiling: Callable[[int], int] | None = None
+        # ordinary memory for the smallest micro-batch (RunnerConfig.job_reserve), allocated
+        # here off the scheduler thread; the scheduler adds it to the arena while the job runs
+        self.reserve: torch.Tensor | None = None
+        self.reserve_lease: int | None = None
         # at tensor parallel size > 1: the ranks' one decision before each unit (the scheduler's)
         self.ranks: RankSync | None = None
         self.started_at_step = trainer.state.step  # its ranks' runners all start here
@@ -207,6 +218,11 @@ class JobRunner:
             resumed = checkpoint.step
             break
         trainer.reserve_snapshot_memory()
+        reserve = None
+        need = trainer.smallest_memory_need()
+        if config.job_reserve and need is not None:
+            size = memory.region_for(*need)
+            reserve = torch.empty(size, dtype=torch.uint8, device=view.device)
         if view.device.type == "cuda":
             # copies from pageable memory may still be in flight on this thread's stream: the
             # scheduler's stream must see finished adapters
@@ -229,7 +245,9 @@ class JobRunner:
             *events,
             Progress({"total_steps": trainer.total_steps, "trained_tokens": trainer.state.tokens}),
         )
-        return cls(job, trainer, link, job_dir, validation, config)
+        runner = cls(job, trainer, link, job_dir, validation, config)
+        runner.reserve = reserve
+        return runner
 
     # --- the scheduler thread ----------------------------------------------------------------
 
@@ -275,10 +293,10 @@ class JobRunner:
                 began, ran = time.perf_counter(), True
                 try:
                     run()
-                except MemoryWait:
-                    self.waiting_for_memory = True
-                    return True  # no room for its activations yet: decode goes on, it waits
-                self.waiting_for_memory = False
+                except MemoryWait as wait:
+                    return self._wait_for_memory(str(wait))  # decode goes on, the job waits
+                if ended := self.memory_waits.resume():
+                    self.link.submit(*ended)
                 if observe is not None:
                     observe(kind, cost, time.perf_counter() - began)
         except Exception as exc:  # noqa: BLE001 - a job's failure must not stop serving
@@ -324,11 +342,38 @@ class JobRunner:
         kind, cost, _ = unit
         return Verdict.RUN if admit(spent_s, kind, cost) else Verdict.STOP
 
+    def _wait_for_memory(self, reason: str) -> bool:
+        """No room for the next unit's activations: the job waits, and says so once the wait
+        is long (``memory_waits.py``); if even all the memory it may ever get cannot hold its
+        smallest micro-batch, it fails now rather than wait forever. False once it ended."""
+        if not self.memory_waits.waiting:
+            need = self.trainer.smallest_memory_need()
+            if need is not None and self.memory_ceiling is not None:
+                blocks, nbytes = need
+                most = self.memory_ceiling(nbytes)
+                if most < blocks:
+                    message = (
+                        f"the smallest micro-batch (its longest example) keeps {blocks} "
+                        f"checkpointed layer inputs of {nbytes} bytes, and all the memory this "
+                        f"server may ever lend the job holds {most}: raise --harli-reserve-mb "
+                        "or --harli-max-lend-fraction, or shorten the examples"
+                    )
+                    self._end(
+                        JobStatus.FAILED,
+                        f"Job failed: not enough memory: {message}",
+                        {"code": "insufficient_memory", "message": message},
+                    )
+                    return False
+        if reported := self.memory_waits.wait(reason):
+            self.link.submit(*reported)
+        return True
+
     def memory_status(self) -> dict[str, Any]:
-        """How this job uses the arena (``Trainer.memory``)."""
+        """How this job uses the arena (``Trainer.memory``), and whether it waits for it."""
         return {
-            "waiting_for_memory": self.waiting_for_memory,
+            **self.memory_waits.to_dict(),
             **dataclasses.asdict(self.trainer.memory_use),
+            "reserve_bytes": None if self.reserve is None else self.reserve.numel(),
         }
 
     def _next_unit(self) -> tuple[str, float, Callable[[], None]] | None:

@@ -223,12 +223,36 @@ class Arena:
     def count_fitting(self, nbytes: int) -> int:
         """How many blocks of ``nbytes`` the free space holds now (each aligned, one chunk
         each): what a caller sizes its work by before asking."""
-        span = -(-max(1, nbytes) // self.align) * self.align
         return sum(
-            (size - self.align + 1) // span if size >= nbytes else 0
+            self.fitting_in(size, nbytes)
             for lease in self._leases.values()
             for chunk in lease.chunks
             for _, size in chunk.free
+        )
+
+    def fitting_in(self, region_bytes: int, nbytes: int) -> int:
+        """How many aligned blocks of ``nbytes`` one free region of ``region_bytes`` holds,
+        wherever it starts (the worst case of alignment padding)."""
+        if region_bytes < nbytes:
+            return 0
+        return (region_bytes - self.align + 1) // self.span(nbytes)
+
+    def span(self, nbytes: int) -> int:
+        """Bytes a block of ``nbytes`` takes in a chunk, its alignment padding included."""
+        return -(-max(1, nbytes) // self.align) * self.align
+
+    def region_for(self, count: int, nbytes: int) -> int:
+        """The bytes of one region that holds ``count`` blocks of ``nbytes`` however it is
+        aligned: what a reserve for them is sized to."""
+        return count * self.span(nbytes) + self.align
+
+    def fixed_fitting(self, nbytes: int) -> int:
+        """How many blocks of ``nbytes`` the never-revoked leases (reserves) hold when empty."""
+        return sum(
+            self.fitting_in(chunk.storage.numel(), nbytes)
+            for lease in self._leases.values()
+            if not lease.revocable
+            for chunk in lease.chunks
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,9 +5,17 @@ takes runs of free slots out of SGLang's allocator (so SGLang cannot hand them o
 arena their rows of every layer's K and V buffer (``2 x layers`` chunks per run), and gives them
 back through SGLang's own free path:
 
-- **what it lends**: only slots that are free (never what the radix cache holds, unless
-  ``evict_cache``), up to ``max_fraction`` of the pool, one run of ``lease_tokens`` slots at a
-  time, and only while what decode may need next, plus ``headroom_tokens``, stays free;
+- **what it lends**: free slots, up to ``max_fraction`` of the pool, one run of
+  ``lease_tokens`` slots at a time, and only while what decode may need next, plus
+  ``headroom_tokens``, stays free;
+- **cached prefixes are reclaimable memory**: SGLang's radix cache keeps every finished
+  request's KV until a request needs the room, so under steady traffic it soon holds nearly the
+  whole pool and nothing is free. As SGLang itself does when a request needs room, the lender
+  evicts the least recently used *unreferenced* entries (lock count 0: never a running
+  request's) to lend their slots, but only down to a floor (``cache_floor`` of the pool stays
+  cached, give or take one cached node) and never while requests wait in the queue (the
+  prefixes they matched would be lost to them). The floor is a fraction, not a hit-rate rule:
+  on the replays the prefixes reused are few and recent (``docs/memory.md``);
 - **reclaim**: before SGLang plans each batch (``get_next_batch_to_run``) and, on a PD decode
   server, before it pre-allocates for incoming transfers, :meth:`KVLender.reclaim` revokes
   leases until the free slots cover that demand: the running requests' remaining output
@@ -52,7 +60,7 @@ class LendConfig:
     max_fraction: float  # of the pool's slots, lent at most
     headroom_tokens: int  # kept free beyond the demand, for decode growth
     relend_delay_s: float  # after a reclaim, no lending for this long
-    evict_cache: bool  # may evict radix-cache tokens to lend their slots
+    cache_floor: float  # of the pool's slots, kept in the radix cache when lending evicts
 
 
 @dataclasses.dataclass
@@ -69,6 +77,7 @@ class LendStats:
     reclaimed_slots: int = 0
     revoked_in_use: int = 0  # leases revoked with finetune data in them
     released_all: int = 0  # every lease given back: no job trains
+    cache_evicted_slots: int = 0  # radix-cache tokens evicted to lend their slots
 
 
 class KVLender:
@@ -191,11 +200,10 @@ class KVLender:
         pages = min(self.lease_pages, (self.limit_slots - self.lent_slots) // self.page_size)
         if pages < 1:
             return 0  # at the limit: no need to look at the queues
-        spare = self.allocator.available_size() - self.demand()
-        if self.config.evict_cache and spare < pages * self.page_size:
-            wanted = self.demand() + pages * self.page_size  # tokens, not pages
-            self.allocator.evict_to_free_tokens(self.scheduler.tree_cache, wanted)
-            spare = self.allocator.available_size() - self.demand()
+        demand = self.demand()
+        spare = self.allocator.available_size() - demand
+        if spare < pages * self.page_size:
+            spare += self._evict_cache(pages * self.page_size - spare)
         pages = min(pages, spare // self.page_size)
         if pages < 1:
             return 0
@@ -208,6 +216,38 @@ class KVLender:
         self.stats.lends += 1
         self.stats.lent_peak_slots = max(self.stats.lent_peak_slots, self.lent_slots)
         return hi - lo
+
+    def most_fitting(self, nbytes: int) -> int:
+        """How many blocks of ``nbytes`` lent slots could ever hold: every lease the limit
+        allows at full length, each chunk (a layer's K or V rows of the run) empty. A job whose
+        smallest micro-batch needs more can never run on lent memory alone."""
+        lease_slots = self.lease_pages * self.page_size
+        full, rest = divmod(self.limit_slots // self.page_size * self.page_size, lease_slots)
+        rows = [b[0].nbytes for b in (*self.kv.k_buffer, *self.kv.v_buffer)]
+
+        def per_lease(slots: int) -> int:
+            return sum(self.arena.fitting_in(slots * row, nbytes) for row in rows)
+
+        return full * per_lease(lease_slots) + (per_lease(rest) if rest else 0)
+
+    def cache_floor_slots(self) -> int:
+        return int(self.config.cache_floor * self.total_slots)
+
+    def _evict_cache(self, tokens: int) -> int:
+        """Up to ``tokens`` of the least recently used unreferenced radix-cache entries freed,
+        leaving the cache at least its floor; nothing while requests wait. Returns slots freed."""
+        cache = getattr(self.scheduler, "tree_cache", None)
+        if cache is None or self.scheduler.waiting_queue:
+            return 0
+        evictable = cache.evictable_size()
+        tokens = min(tokens, evictable - self.cache_floor_slots())
+        if tokens <= 0:
+            return 0
+        before = self.allocator.available_size()
+        self.allocator.evict_to_free_tokens(cache, before + tokens)  # SGLang's own eviction
+        freed = self.allocator.available_size() - before
+        self.stats.cache_evicted_slots += max(0, freed)
+        return max(0, freed)
 
     def _take_run(self, pages: int) -> _Run | None:
         """Up to ``pages`` consecutive free pages, out of SGLang's free list: the highest run
@@ -243,6 +283,7 @@ class KVLender:
             "kv_lent_limit_slots": self.limit_slots,
             "kv_pool_slots": self.total_slots,
             "kv_dtype": str(self.kv.dtype).removeprefix("torch."),
+            "kv_cache_floor_slots": self.cache_floor_slots(),
             "kv_available_slots": self.allocator.available_size(),
             "kv_lend_stats": dataclasses.asdict(self.stats),
             "kv_reclaim_ms": {

@@ -80,6 +80,17 @@ class HarliMetrics:
         self.reclaim_time = histogram(
             "sglang:harli_kv_reclaim_seconds", "Time to take lent slots back.", RECLAIM_BUCKETS
         )
+        self.cache_evicted = counter(
+            "sglang:harli_kv_cache_evicted_slots",
+            "Radix-cache tokens evicted to lend their slots to the job.",
+        )
+        self.waiting_for_memory = gauge(
+            "sglang:harli_job_waiting_for_memory",
+            "1 while the running job has waited for memory longer than a routine moment.",
+        )
+        self.memory_wait = counter(
+            "sglang:harli_job_memory_wait_seconds", "Time jobs spent in reported memory waits."
+        )
         self._seen = {"iterations": 0, "within": 0, "finetune": 0.0, "slack": 0.0, "tokens": 0}
         self._seen_reclaims = 0
 
@@ -120,9 +131,22 @@ class HarliMetrics:
             for ms in lender.recent_reclaim_ms(new):
                 self.reclaim_time.observe(ms / 1e3)
             self._seen_reclaims = stats.reclaims
-        if stats.reclaimed_slots > self._seen.get("reclaimed", 0):
-            self.reclaimed.inc(stats.reclaimed_slots - self._seen.get("reclaimed", 0))
-            self._seen["reclaimed"] = stats.reclaimed_slots
+        for name, now, metric in (
+            ("reclaimed", stats.reclaimed_slots, self.reclaimed),
+            ("cache_evicted", stats.cache_evicted_slots, self.cache_evicted),
+        ):
+            if now > self._seen.get(name, 0):
+                metric.inc(now - self._seen.get(name, 0))
+                self._seen[name] = now
+
+    def update_job_memory(self, runner) -> None:
+        """The running job's memory waits (``jobs/memory_waits.py``); None: no job runs."""
+        waits = runner.memory_waits if runner is not None else None
+        self.waiting_for_memory.set(1 if waits is not None and waits.reported else 0)
+        key = f"wait:{waits.job_id}" if waits is not None else ""
+        if waits is not None and waits.total_s > self._seen.get(key, 0.0):
+            self.memory_wait.inc(waits.total_s - self._seen.get(key, 0.0))
+            self._seen[key] = waits.total_s
 
 
 def harli_metrics(scheduler) -> HarliMetrics | None:

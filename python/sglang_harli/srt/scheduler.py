@@ -88,6 +88,7 @@ class HarliScheduler(Scheduler):
             config=RunnerConfig(
                 checkpoint_every=harli_config.checkpoint_every,
                 keep_checkpoints=harli_config.keep_checkpoints,
+                job_reserve=harli_config.job_reserve and self.harli_arena is not None,
                 kernels=harli_config.kernels,
                 base_model_name=self.server_args.model_path,
             ),
@@ -105,9 +106,10 @@ class HarliScheduler(Scheduler):
         )
 
     def _harli_memory(self, config: HarliConfig) -> tuple[Arena | None, KVLender | None]:
-        """The arena the job's activations live in: lent KV slots and a fixed reserve. With
-        neither, no arena: the job allocates ordinary memory as it needs."""
-        if config.max_lend_fraction == 0 and config.reserve_mb == 0:
+        """The arena the job's activations live in: lent KV slots and a fixed reserve (or, with
+        lending on a CPU, each job's own reserve). With neither lending nor a fixed reserve, no
+        arena: the job allocates ordinary memory as it needs."""
+        if config.max_lend_fraction == 0 and config.fixed_reserve_mb == 0:
             return None, None
         if self.tp_group.world_size > 1:
             # every rank would lend its own pool's slots; until the ranks agree on leases and
@@ -118,9 +120,10 @@ class HarliScheduler(Scheduler):
             )
             return None, None
         arena = Arena(poison=config.arena_poison)
-        if config.reserve_mb > 0:
+        if config.fixed_reserve_mb > 0:
             device = self.tp_worker.model_runner.device
-            reserve = torch.empty(int(config.reserve_mb * 2**20), dtype=torch.uint8, device=device)
+            size = int(config.fixed_reserve_mb * 2**20)
+            reserve = torch.empty(size, dtype=torch.uint8, device=device)
             arena.add_lease([reserve], revocable=False)
         lender = None
         if config.max_lend_fraction > 0:
@@ -128,7 +131,7 @@ class HarliScheduler(Scheduler):
                 max_fraction=config.max_lend_fraction,
                 headroom_tokens=config.lend_headroom_tokens,
                 relend_delay_s=config.relend_delay_ms / 1e3,
-                evict_cache=config.lend_evict_cache,
+                cache_floor=config.lend_cache_floor,
             )
             lender = KVLender(self, lend, arena)
             account_lent_slots(self, lender)  # SGLang's leak check stays on, and exact
@@ -277,11 +280,34 @@ class HarliScheduler(Scheduler):
         """The job being trained, or one the agent built (a list swap: the job store is the
         agent's business)."""
         if self._harli_runner is None:
-            self._harli_runner = self.harli_agent.take_runner()
-            if self._harli_runner is not None:
-                self._harli_runner.ranks = self.harli_ranks
-                logger.info("fine-tuning job %s starts", self._harli_runner.job.id)
+            runner = self._harli_runner = self.harli_agent.take_runner()
+            if runner is not None:
+                runner.ranks = self.harli_ranks
+                self._harli_give_memory(runner)
+                logger.info("fine-tuning job %s starts", runner.job.id)
         return self._harli_runner
+
+    def _harli_give_memory(self, runner: JobRunner) -> None:
+        """The job's own reserve into the arena while it runs (allocated by its build, off
+        this thread), and what it may ever get, for its check that it can fit at all."""
+        arena = self.harli_arena
+        if arena is None:
+            return
+        if runner.reserve is not None:
+            runner.reserve_lease = arena.add_lease([runner.reserve], revocable=False)
+        lender = self.harli_lender
+
+        def ceiling(nbytes: int) -> int:
+            lent = lender.most_fitting(nbytes) if lender is not None else 0
+            return arena.fixed_fitting(nbytes) + lent
+
+        runner.memory_ceiling = ceiling
+
+    def _harli_take_memory(self, runner: JobRunner) -> None:
+        """The job ended: its reserve leaves the arena (and its memory goes with the runner)."""
+        if runner.reserve_lease is not None and self.harli_arena is not None:
+            self.harli_arena.revoke(runner.reserve_lease)
+            runner.reserve_lease = None
 
     def _harli_agreed_runner(self) -> JobRunner | None:
         """TP > 1, at a hook that may train, on every rank: this rank's runner if every rank
@@ -304,8 +330,13 @@ class HarliScheduler(Scheduler):
     def _harli_keep(self, runner: JobRunner | None, still_running: bool) -> None:
         if self.harli_lender is not None:
             self.harli_lender.mark_finetune_work()
-        if runner is not None and not still_running:
+        if runner is None:
+            return
+        if not still_running:
+            self._harli_take_memory(runner)
             self._harli_runner = None
+        if self.harli_metrics is not None:
+            self.harli_metrics.update_job_memory(runner if still_running else None)
 
     def _harli_lend(self, runner: JobRunner | None) -> None:
         """A job trains: lend it one more run of free KV slots if the limits allow."""

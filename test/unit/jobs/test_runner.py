@@ -389,3 +389,102 @@ def test_a_tp_followers_runner_starts_where_rank_0s_did_and_writes_nothing(tmp_p
     assert at_2.run_for(0.05)  # trains; its progress and events go nowhere
     assert len(store.list_events(job.id, limit=1000)[0]) == events
     assert store.get_job(job.id).step == 5
+
+
+# --- memory: a job that waits says so; one that can never fit fails ---------------------------
+
+
+def memory_agent(state_dir, view, arena, job_reserve=False) -> JobAgent:
+    build = functools.partial(
+        JobRunner.build,
+        view=view,
+        config=RunnerConfig(checkpoint_every=100, job_reserve=job_reserve),
+        memory=arena,
+    )
+    return JobAgent(state_dir, build, AgentConfig(model=MODEL, poll_s=0.0, tick_s=0.0))
+
+
+class MemoryScheduler(MiniScheduler):
+    """The scheduler's memory duties (``srt/scheduler.py``): a job's own reserve into the arena
+    while it runs, and the ceiling of what it may ever get (``lendable`` blocks, whatever size)."""
+
+    def __init__(self, agent, arena, lendable: int):
+        super().__init__(agent)
+        self.arena, self.lendable = arena, lendable
+
+    def slice(self) -> None:
+        if self.runner is None and (runner := self.agent.take_runner()) is not None:
+            if runner.reserve is not None:
+                runner.reserve_lease = self.arena.add_lease([runner.reserve], revocable=False)
+            runner.memory_ceiling = lambda nbytes: self.arena.fixed_fitting(nbytes) + self.lendable
+            self.runner = runner
+        super().slice()
+
+
+def test_a_job_that_can_never_fit_fails_with_the_reason(tmp_path, view):
+    from sglang_harli.memory.arena import Arena
+
+    store = JobStore(tmp_path)
+    job = queue_job(store, examples(4, view.config.vocab_size), n_epochs=1)
+    arena = Arena()  # nothing lent, no reserve, and the ceiling holds one block: 2 layers need 2
+    agent = memory_agent(tmp_path, view, arena)
+    done = run_until(store, job.id, finished, (agent, MemoryScheduler(agent, arena, lendable=1)))
+    assert done.status == "failed" and done.error["code"] == "insufficient_memory"
+    assert "2 checkpointed layer inputs" in done.error["message"]
+    assert "--harli-reserve-mb" in done.error["message"]
+
+
+def test_a_job_that_waits_for_memory_says_so_and_resumes(tmp_path, view, monkeypatch):
+    from sglang_harli.jobs import memory_waits
+    from sglang_harli.memory.arena import Arena
+
+    monkeypatch.setattr(memory_waits, "REPORT_AFTER_S", 0.2)
+    store = JobStore(tmp_path)
+    job = queue_job(store, examples(4, view.config.vocab_size), n_epochs=2)
+    arena = Arena()
+    agent = memory_agent(tmp_path, view, arena)
+    scheduler = MemoryScheduler(agent, arena, lendable=100)  # it could fit: it waits
+    run_until(store, job.id, lambda j: scheduler.runner is not None, (agent, scheduler))
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        scheduler.slice()
+        agent.pump()
+    status = scheduler.runner.memory_status()
+    assert status["waiting_for_memory"] and status["memory_wait"]["waiting_s"] >= 0.2
+    assert "no room in the arena" in status["memory_wait"]["reason"]
+    events, _ = store.list_events(job.id, limit=100)
+    waiting = [e for e in events if e.message.startswith("Waiting for memory")]
+    assert len(waiting) == 1 and waiting[0].level == "warning"  # once, not per slice
+    assert store.get_job(job.id).trained_tokens == 0
+
+    arena.add_lease([torch.empty(1 << 20, dtype=torch.uint8)])  # memory lent: it goes on
+    done = run_until(store, job.id, finished, (agent, scheduler))
+    assert done.status == "running" and done.adapter_path is not None
+    events, _ = store.list_events(job.id, limit=100)
+    again = [e for e in events if e.message.startswith("Memory available again")]
+    assert len(again) == 1 and again[0].data["waited_s"] >= 0.2
+
+
+def test_a_job_reserve_holds_the_smallest_micro_batch(tmp_path, view):
+    """``--harli-reserve-mb auto`` on a CPU: with nothing lent, the job trains anyway, one
+    example per micro-batch, in a reserve sized to its longest example."""
+    from sglang_harli.memory.arena import Arena
+
+    store = JobStore(tmp_path)
+    data = examples(3, view.config.vocab_size, length=12) + examples(
+        1, view.config.vocab_size, length=20, seed=2
+    )
+    job = queue_job(store, data, n_epochs=2)
+    arena = Arena()
+    agent = memory_agent(tmp_path, view, arena, job_reserve=True)
+    scheduler = MemoryScheduler(agent, arena, lendable=0)
+    run_until(store, job.id, lambda j: scheduler.runner is not None, (agent, scheduler))
+    runner = scheduler.runner
+    need = (view.config.num_layers, 20 * view.config.hidden_size * 4)  # fp32 layer inputs
+    assert runner.trainer.smallest_memory_need() == need
+    assert runner.reserve.numel() == arena.region_for(*need)
+    done = run_until(store, job.id, finished, (agent, scheduler))
+    assert done.status == "running" and done.adapter_path is not None
+    # the reserve holds the 20-token example's two layer inputs and no more
+    assert runner.trainer.memory_use.micro_batch_tokens == 20
+    assert not runner.memory_waits.count
