@@ -1,6 +1,7 @@
 """Unified memory on a real server (CPU, tiny model): the job's activations live in free KV slots.
 
-One server, an 8192-slot KV pool of which up to 90% may be lent, with ``--harli-arena-poison``:
+One server, an 8192-slot KV pool of which up to 90% may be lent, no reserve, with
+``--harli-arena-poison``:
 every block the job gets from lent slots is filled with NaN first, so a block that overlapped
 live KV would show up as garbage in decode's outputs. It checks that a training job's
 checkpointed inputs lie inside SGLang's K/V buffers, that concurrent greedy outputs are
@@ -11,7 +12,6 @@ check stays on (with leases out and with none), and that the job goes on and suc
 
 from __future__ import annotations
 
-import threading
 import time
 
 import openai
@@ -21,6 +21,7 @@ import torch
 
 from test.support.finetuning import LEARN, PAIRS, answer, start_training, wait_for, write_dataset
 from test.support.server_process import harli_server
+from test.support.serving import concurrently, generate, memory, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -43,6 +44,9 @@ def server(tiny_model_dir, tmp_path_factory):
         "--harli-relend-delay-ms",
         "200",
         "--harli-arena-poison",
+        # no per-job reserve (a CPU's default): every block the job holds is in lent slots
+        "--harli-reserve-mb",
+        "0",
     )
     try:
         yield server.wait_ready()
@@ -53,49 +57,6 @@ def server(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-def generate(server, prompt: str, max_new_tokens: int = 16) -> dict:
-    out = server.post(
-        "/generate",
-        {
-            "text": prompt,
-            "sampling_params": {
-                "max_new_tokens": max_new_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-            },
-        },
-    )
-    return {"ids": out["output_ids"], "retractions": out["meta_info"]["num_retractions"]}
-
-
-def memory(server) -> dict:
-    return server.get("/harli/status")["schedulers"][0]["memory"]
-
-
-def wait_until(predicate, timeout_s: float = 60, what: str = ""):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"not within {timeout_s} s: {what}")
-
-
-def concurrently(fn, items) -> list:
-    results: list = [None] * len(items)
-
-    def run(i):
-        results[i] = fn(items[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    return results
 
 
 @pytest.fixture(scope="module")

@@ -233,6 +233,11 @@ class KVLender:
     def cache_floor_slots(self) -> int:
         return int(self.config.cache_floor * self.total_slots)
 
+    def _cached_slots(self) -> int | None:
+        """Slots the radix cache holds that no request does (what lending may evict)."""
+        cache = getattr(self.scheduler, "tree_cache", None)
+        return None if cache is None else int(cache.evictable_size())
+
     def _evict_cache(self, tokens: int) -> int:
         """Up to ``tokens`` of the least recently used unreferenced radix-cache entries freed,
         leaving the cache at least its floor; nothing while requests wait. Returns slots freed."""
@@ -284,6 +289,7 @@ class KVLender:
             "kv_pool_slots": self.total_slots,
             "kv_dtype": str(self.kv.dtype).removeprefix("torch."),
             "kv_cache_floor_slots": self.cache_floor_slots(),
+            "kv_cached_slots": self._cached_slots(),
             "kv_available_slots": self.allocator.available_size(),
             "kv_lend_stats": dataclasses.asdict(self.stats),
             "kv_reclaim_ms": {

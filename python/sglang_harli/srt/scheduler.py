@@ -347,6 +347,17 @@ class HarliScheduler(Scheduler):
             if lender.lend() and self.harli_metrics is not None:
                 self.harli_metrics.update_memory(lender)
 
+    def flush_cache(self, empty_cache: bool = True):
+        # SGLang's flush (POST /flush_cache, weight updates) clears the allocator: lent slots
+        # would go back on its free list while the arena still holds them, and decode would
+        # write KV into the job's activations. Every lease comes back first (the job recomputes).
+        lender = self.harli_lender
+        if lender is not None and self.is_fully_idle(
+            ignore_waiting=getattr(self, "_engine_paused", False)
+        ):
+            lender.release_all()
+        return super().flush_cache(empty_cache)
+
     def _harli_reclaim_kv(self) -> None:
         """Lent KV slots back before SGLang sizes its next batch: what its requests may need,
         or all of them once no job trains."""
