@@ -17,6 +17,7 @@ pytestmark = pytest.mark.server
 
 SCALING = ["--trace", "conv", "--rate-scale", "0.5", "--duration-s", "15"]
 SCALING += ["--max-context-tokens", "128", "--max-output-tokens", "32"]
+SCALING += ["--shared-prefix-tokens", "32"]  # a system prompt: the radix cache's to reuse
 
 
 def test_replay_two_modes(tmp_path, tiny_model_dir):
@@ -39,6 +40,8 @@ def test_replay_two_modes(tmp_path, tiny_model_dir):
             assert mode[key] > 0, (name, key)
         assert mode["tpot_p50_ms"] <= mode["tpot_p99_ms"]
         assert 0 <= mode["slo_attainment"]["requests"] <= 1
+        # every prompt after the first finds (most of) the shared head cached
+        assert 0 < mode["prefix_cache_hit_rate"] < 1, name
     assert report["modes"]["off"]["finetune_tokens_per_s"] == 0  # plain SGLang trains nothing
     harli = report["modes"]["harli"]
     assert harli["finetune_tokens_per_s"] > 0  # the job trained beside the replay
@@ -51,7 +54,7 @@ def test_replay_two_modes(tmp_path, tiny_model_dir):
     assert all(r["tokens"] == r["output_tokens"] for r in raw["harli"]["run"]["requests"])
 
     table = (out / "report.md").read_text()
-    assert "| off |" in table and "| harli |" in table
+    assert "| off |" in table and "| harli |" in table and "prefix cache hits" in table
     # what the harli server measured, as a profile the fleet simulation takes
     profile = json.loads((out / "profile.json").read_text())
     assert profile["key"]["model"] and profile["decode"] and profile["units"]

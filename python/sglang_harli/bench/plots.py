@@ -219,8 +219,18 @@ def lent_memory(results: dict[str, dict], path: Path) -> Path:
             pattern = next(dashes, (None, None))
             if pattern[0] is not None:
                 line.set_dashes(pattern)
+            cached = [r.get("kv_cached_slots") for r in rows]
+            if any(c is not None for c in cached):  # what lending competes with
+                ax.plot(
+                    [r["t"] for r in rows],
+                    [c or 0 for c in cached],
+                    label=f"{mode}: radix cache",
+                    color=COLORS.get(mode),
+                    linewidth=1,
+                    linestyle=":",
+                )
     ax.set_xlabel("time since the replay began (s)")
-    ax.set_ylabel("KV slots lent to the job")
-    ax.set_title("Unified memory: KV slots lent to the job over time")
+    ax.set_ylabel("KV slots")
+    ax.set_title("Unified memory: slots lent to the job (thick), cached prefixes (dotted)")
     ax.set_ylim(bottom=0)
     return _save(fig, ax, path, legend="lower right")

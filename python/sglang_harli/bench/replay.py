@@ -2,7 +2,8 @@
 
     python -m sglang_harli.bench replay --out DIR [--modes off,idle-only,time-sliced,harli]
         [--trace conv|code] [--rate-scale X] [--duration-s S] [--max-context-tokens N]
-        [--max-output-tokens N] [--objective-ms S] [--model-path M] [-- extra server flags]
+        [--max-output-tokens N] [--objective-ms S] [--model-path M] [--shared-prefix-tokens N]
+        [-- extra server flags]
 
 For each mode in turn (one server at a time: a machine cannot host several fairly), it starts
 ``python -m sglang_harli.launch_server --harli-mode MODE`` with the same model and objective,
@@ -75,6 +76,7 @@ class RequestLog:
     gaps_s: list[float] = dataclasses.field(default_factory=list)
     gap_times_s: list[float] = dataclasses.field(default_factory=list)  # when each gap ended
     tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens SGLang's radix cache held (meta_info)
     error: str | None = None
     done_s: float | None = None
 
@@ -108,7 +110,9 @@ def send(url: str, request: TraceRequest, log: RequestLog, ids: list[int], t0: f
                     log.gaps_s.append(now - last)
                     log.gap_times_s.append(now - t0)
                 last = now
-                log.tokens = chunk.get("meta_info", {}).get("completion_tokens", log.tokens + 1)
+                meta = chunk.get("meta_info", {})
+                log.tokens = meta.get("completion_tokens", log.tokens + 1)
+                log.cached_tokens = meta.get("cached_tokens", log.cached_tokens)
         if log.tokens < request.output_tokens:
             log.error = f"{log.tokens} of {request.output_tokens} tokens"
     except (requests.RequestException, ValueError) as exc:
@@ -149,10 +153,17 @@ def timeline_row(s: dict[str, Any], t: float) -> dict[str, Any]:
         "finetune_s": sum(t["total_us"] for t in (s.get("finetune") or {}).values()) / 1e6,
         "finetune_tokens": corun.get("finetune_tokens", 0),
         "kv_lent_slots": memory.get("kv_lent_slots", 0),
+        "kv_cached_slots": memory.get("kv_cached_slots"),
     }
 
 
-def replay(url: str, trace: list[TraceRequest], vocab_size: int, progress: Progress) -> dict:
+def replay(
+    url: str,
+    trace: list[TraceRequest],
+    vocab_size: int,
+    progress: Progress,
+    shared_prefix: int = 0,
+) -> dict:
     """Every request of ``trace`` sent at its arrival time; returns the logs and the timeline."""
     t0 = time.perf_counter()
     poller = StatusPoller(url, t0)
@@ -162,7 +173,7 @@ def replay(url: str, trace: list[TraceRequest], vocab_size: int, progress: Progr
     ]
     threads = []
     for request, log in zip(trace, logs, strict=True):
-        ids = prompt_ids(request, log.index, vocab_size)
+        ids = prompt_ids(request, log.index, vocab_size, shared_prefix)
         while (wait := request.arrival_s - (time.perf_counter() - t0)) > 0:
             progress.show(logs, time.perf_counter() - t0)
             time.sleep(min(wait, 0.25))
@@ -257,7 +268,7 @@ def run_mode(args, mode: Mode, trace, objective: dict, workdir: Path) -> dict:
             job = client.start_training(model_id, JOB_PAIRS, args.n_epochs)
         before = client.corun() if mode != Mode.OFF else None
         progress = Progress(str(mode), trace[-1].arrival_s if trace else 0.0, len(trace))
-        run = replay(server.url, trace, vocab_size, progress)
+        run = replay(server.url, trace, vocab_size, progress, args.shared_prefix_tokens)
         after = client.corun() if mode != Mode.OFF else None
         measured = machine_profile(client) if mode == Mode.HARLI else None
         if job is not None:
@@ -312,6 +323,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ", e.g. scripts/serve.sh (default: %(default)s)",
     )
     parser.add_argument("--n-epochs", type=int, default=10_000, help="the job's (it is cancelled)")
+    parser.add_argument(
+        "--shared-prefix-tokens",
+        type=int,
+        default=0,
+        help="the first N tokens of every prompt are the same, as a system prompt is, so the "
+        "radix cache has something to reuse (default 0: the trace's random prompts share none)",
+    )
     parser.add_argument("server_args", nargs="*", help="after --: more flags for every server")
 
 
@@ -358,6 +376,7 @@ def main(args) -> int:
         "model": next((r["model"] for r in results.values() if "model" in r), None),
         "trace": dataclasses.asdict(scaling),
         "requests": len(trace),
+        "shared_prefix_tokens": args.shared_prefix_tokens,
         "objective_ms": objective["ms"],
         "solo_gap_ms": objective.get("solo_ms"),
         "time_slice_ms": objective.get("slice_ms"),

@@ -92,6 +92,12 @@ def summarize(result: dict, objective_ms: float) -> dict:
             "misses_with_finetune": caused,
             "source": source,
         },
+        # prompt tokens SGLang's radix cache held: what lending cached prefixes may cost
+        "prefix_cache_hit_rate": (
+            sum(r.get("cached_tokens", 0) for r in ok) / prompt
+            if (prompt := sum(r["context_tokens"] for r in ok))
+            else None
+        ),
         "finetune_tokens_per_s": tokens / wall if wall else 0.0,
         "finetune_tokens": tokens,
         "requests_completed": len(ok),
@@ -139,8 +145,8 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         "| mode | TPOT p50 / p99 (ms) | TTFT p50 / p99 (ms) | iterations within S | gaps within "
         "S | requests within S | finetune tok/s | vs best baseline | vs best baseline within "
-        "S | completed / failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "S | prefix cache hits | completed / failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, m in modes.items():
         att = m["slo_attainment"]
@@ -153,6 +159,7 @@ def write_markdown(report: dict, path: Path) -> None:
             f"{m['ttft_p99_ms']} | {_pct(att['iterations'])} ({att['source']}) | "
             f"{_pct(att['gaps'])} | {_pct(att['requests'])} | "
             f"{m['finetune_tokens_per_s']:.1f} | {ratios[0]} | {ratios[1]} | "
+            f"{_pct(m.get('prefix_cache_hit_rate'))} | "
             f"{m['requests_completed']} / {m['requests_failed']} |"
         )
     lines += [
@@ -166,7 +173,8 @@ def write_markdown(report: dict, path: Path) -> None:
         "inter-token gaps. Finetune tok/s: target tokens of finished optimizer steps over the "
         "mode's wall time. The best baseline is the best of the modes other than harli and "
         f"off; within S, the best of those whose iterations met S {OBJECTIVE_KEPT:.0%} of the "
-        "time.",
+        "time. Prefix cache hits: the share of prompt tokens SGLang's radix cache held "
+        "(`--shared-prefix-tokens` gives the prompts a common head to hit).",
     ]
     path.write_text("\n".join(lines) + "\n")
 

@@ -25,12 +25,18 @@ JOB_PAIRS = [
 ]
 
 
-def prompt_ids(request: TraceRequest, index: int, vocab_size: int) -> list[int]:
+def prompt_ids(
+    request: TraceRequest, index: int, vocab_size: int, shared_prefix: int = 0
+) -> list[int]:
     """A prompt of exactly the trace's length: seeded token ids away from the special tokens
-    (which tokenizers put at either end of the vocabulary)."""
-    rng = random.Random(index)
+    (which tokenizers put at either end of the vocabulary). The first ``shared_prefix`` of them
+    are the same in every prompt, as a deployment's system prompt is (the trace has lengths,
+    not text: without it no two prompts share a prefix for SGLang's radix cache to reuse)."""
     low, high = vocab_size // 10, vocab_size // 2
-    return [rng.randrange(low, high) for _ in range(request.context_tokens)]
+    shared = random.Random(-1)
+    head = [shared.randrange(low, high) for _ in range(min(shared_prefix, request.context_tokens))]
+    rng = random.Random(index)
+    return head + [rng.randrange(low, high) for _ in range(request.context_tokens - len(head))]
 
 
 # The job the benchmark scripts and the server tests train beside decode until they cancel it:
