@@ -313,6 +313,13 @@ class HarliConfig:
         )
 
 
+# flags that existed once, and what to say instead of "unknown flag"
+REMOVED_FLAGS = {
+    "--harli-lend-evict-cache": "cached prefixes are lent by default now, down to "
+    "--harli-lend-cache-floor (0.25 of the pool); --harli-lend-cache-floor 0 evicts them all",
+}
+
+
 def flag_name(field: dataclasses.Field) -> str:
     return "--harli-" + field.name.replace("_", "-")
 
@@ -349,7 +356,10 @@ def parse_harli_args(argv: Sequence[str]) -> tuple[HarliConfig, list[str]]:
     ns, rest = parser.parse_known_args(list(argv))
     unknown = [a for a in rest if a.startswith("--harli-")]
     if unknown:
-        raise HarliConfigError(f"unknown flag {unknown[0].split('=')[0]}")
+        flag = unknown[0].split("=")[0]
+        if flag in REMOVED_FLAGS:
+            raise HarliConfigError(f"{flag} is gone: {REMOVED_FLAGS[flag]}")
+        raise HarliConfigError(f"unknown flag {flag}")
     values = {}
     for field in dataclasses.fields(HarliConfig):
         value, parse = getattr(ns, field.name), field.metadata["parse"]

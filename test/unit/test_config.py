@@ -31,6 +31,9 @@ def test_equals_form_and_default():
         (["--harli-mode"], "expected one argument"),
         (["--harli-typo", "1"], "unknown flag --harli-typo"),
         (["--harli-mod=off"], "unknown flag --harli-mod"),
+        (["--harli-lend-evict-cache"], "is gone: cached prefixes are lent by default"),
+        (["--harli-reserve-mb", "lots"], "not a number"),
+        (["--harli-lend-cache-floor", "1.5"], "must be in \\[0, 1\\]"),
     ],
 )
 def test_bad_harli_flags_raise(argv, message):
@@ -48,6 +51,15 @@ def test_auto_mode_and_state_dir_resolve(tmp_path, monkeypatch):
     idle = HarliConfig(mode="idle-only", state_dir="rel").resolved(has_cuda=False)
     assert idle.mode == "idle-only" and idle.state_dir == str(Path("rel").resolve())
     assert not HarliConfig(mode="off").enabled and HarliConfig().enabled
+
+
+def test_reserve_is_per_job_on_a_cpu_and_none_on_a_gpu_unless_stated():
+    cpu, gpu = HarliConfig().resolved(has_cuda=False), HarliConfig().resolved(has_cuda=True)
+    assert cpu.job_reserve and cpu.fixed_reserve_mb == 0
+    assert not gpu.job_reserve and gpu.fixed_reserve_mb == 0
+    stated = parse_harli_args(["--harli-reserve-mb", "64"])[0].resolved(has_cuda=True)
+    assert not stated.job_reserve and stated.fixed_reserve_mb == 64
+    assert parse_harli_args(["--harli-reserve-mb", "auto"])[0].reserve_mb == "auto"
 
 
 @pytest.mark.parametrize("flag", ["--harli-finetune-budget-ms", "--harli-checkpoint-every"])
