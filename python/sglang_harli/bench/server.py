@@ -72,6 +72,15 @@ class Server:
         return requests.get(self.url + "/health", timeout=5).status_code == 200
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> Server:
+        """The server, once healthy; stopped (its whole process group) if it never gets there
+        or the wait is interrupted (Ctrl-C, a SIGTERM the caller turned into SystemExit)."""
+        try:
+            return self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> Server:
         deadline = time.monotonic() + timeout_s
         attempts = 1
         while time.monotonic() < deadline:
@@ -88,9 +97,7 @@ class Server:
                 self._spawn()  # same log, a fresh port
                 continue
             time.sleep(2)
-        tail = self.log_tail()  # before stop() closes the log
-        self.stop()
-        raise TimeoutError(f"server not ready after {timeout_s}s:\n{tail}")
+        raise TimeoutError(f"server not ready after {timeout_s}s:\n{self.log_tail()}")
 
     def _bind_failures(self) -> int:
         self._log.flush()
@@ -107,7 +114,8 @@ class Server:
         return response.json()
 
     def log_tail(self, lines: int = 40) -> str:
-        self._log.flush()
+        if not self._log.closed:  # still readable once stopped
+            self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:

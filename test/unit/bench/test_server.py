@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import textwrap
 
+import pytest
 import requests
 
 from sglang_harli.bench.server import BIND_FAILED, Server
@@ -44,3 +46,25 @@ def test_a_server_that_lost_its_port_is_started_again_on_another(tmp_path):
         assert requests.get(server.url + "/health", timeout=5).status_code == 200
     finally:
         server.stop()
+
+
+def test_an_interrupted_start_leaves_no_server_behind(tmp_path):
+    """A SIGTERM (which the replay turns into SystemExit) while a server starts: the process
+    group is stopped, not left serving (found when a replay killed mid-start left its server)."""
+    script = tmp_path / "launcher.py"
+    script.write_text("import time\ntime.sleep(600)\n")  # never healthy
+    server = Server([sys.executable, str(script)], tmp_path / "server.log")
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGALRM, terminate)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(SystemExit):
+            server.wait_ready(timeout_s=60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert server.proc.poll() is not None
+    assert isinstance(server.log_tail(), str)  # the log still reads once stopped
