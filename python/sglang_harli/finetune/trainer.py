@@ -303,6 +303,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.abandoned_steps += 1
 
+    def shrink_waiting_step(self) -> bool:
+        """The next unit is a forward waiting for memory: if its micro-batch packs more than
+        one example, drop the open step so that it is planned again now, in micro-batches
+        sized to the memory there is (at least one example each). A step is planned for the
+        memory lent at the time; when a burst takes that back, the job goes on in what is left
+        (a per-job reserve holds the smallest micro-batch) instead of waiting for it to return.
+        The same maths, another summation order. False when that would not help."""
+        step = self._step
+        if step is None or self.memory is None or step.next >= len(step.units):
+            return False
+        unit = step.units[step.next]
+        if unit.kind != "forward" or len(step.micro[unit.micro_batch].batch.cu_seqlens) <= 2:
+            return False
+        self.abandon_step()
+        return True
+
     # --- checkpoints -------------------------------------------------------------------------
 
     def save_checkpoint(self, path: str | Path, base_model_name_or_path: str = "") -> None:

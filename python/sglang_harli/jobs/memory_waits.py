@@ -31,6 +31,7 @@ class MemoryWaits:
     since: float | None = None  # monotonic start of the wait under way
     reason: str = ""
     reported: bool = False  # the wait under way is an event already
+    replanned: bool = False  # the wait under way re-planned the step once already
     count: int = 0  # waits reported (each lasted REPORT_AFTER_S or more)
     total_s: float = 0.0  # their time, ended ones
 
@@ -61,13 +62,19 @@ class MemoryWaits:
             )
         ]
 
+    def waited_s(self, now: float | None = None) -> float:
+        """How long the wait under way has lasted (0 when none is)."""
+        if self.since is None:
+            return 0.0
+        return (time.monotonic() if now is None else now) - self.since
+
     def resume(self, now: float | None = None) -> list[NewEvent]:
         """A unit ran: the wait under way, if any, ended; an event if it was reported."""
         if self.since is None:
             return []
         now = time.monotonic() if now is None else now
         waited, reported = now - self.since, self.reported
-        self.since, self.reported, self.reason = None, False, ""
+        self.since, self.reported, self.replanned, self.reason = None, False, False, ""
         if not reported:
             return []
         self.count += 1

@@ -106,6 +106,10 @@ Observe = Callable[[str, float, float], None]
 _GONE = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
+# a step planned for memory a burst took back is planned again, smaller, after this long
+REPLAN_AFTER_S = 1.0
+
+
 class DatasetUnavailable(ValueError):
     """The job's training or validation data cannot be read: the job fails (no retry)."""
 
@@ -366,6 +370,11 @@ class JobRunner:
                     return False
         if reported := self.memory_waits.wait(reason):
             self.link.submit(*reported)
+        waits = self.memory_waits
+        if not waits.replanned and waits.waited_s() >= REPLAN_AFTER_S:
+            waits.replanned = True  # once a wait: a replan throws the step's work away
+            if self.trainer.shrink_waiting_step():
+                logger.info("fine-tuning job %s: step re-planned for the memory left", self.job.id)
         return True
 
     def memory_status(self) -> dict[str, Any]:

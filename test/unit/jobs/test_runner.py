@@ -488,3 +488,36 @@ def test_a_job_reserve_holds_the_smallest_micro_batch(tmp_path, view):
     # the reserve holds the 20-token example's two layer inputs and no more
     assert runner.trainer.memory_use.micro_batch_tokens == 20
     assert not runner.memory_waits.count
+
+
+def test_a_step_planned_for_memory_a_burst_took_back_is_planned_again_smaller(
+    tmp_path, view, monkeypatch
+):
+    """Memory lent when the step was planned (four examples a micro-batch), then taken back:
+    the job does not wait for it to return; the step is planned again, one example per
+    micro-batch, in its reserve, and the job finishes."""
+    from sglang_harli.jobs import runner as runner_module
+    from sglang_harli.memory.arena import Arena
+
+    monkeypatch.setattr(runner_module, "REPLAN_AFTER_S", 0.05)
+    store = JobStore(tmp_path)
+    data = examples(4, view.config.vocab_size, length=16)
+    job = queue_job(store, data, n_epochs=3)
+    arena = Arena()
+    lease = arena.add_lease([torch.empty(1 << 20, dtype=torch.uint8)])  # lent: room for all
+    agent = memory_agent(tmp_path, view, arena, job_reserve=True)
+    scheduler = MemoryScheduler(agent, arena, lendable=100)
+    deadline = time.monotonic() + 60
+    while (runner := agent.take_runner()) is None and time.monotonic() < deadline:
+        agent.pump()
+    runner.reserve_lease = arena.add_lease([runner.reserve], revocable=False)
+    runner.memory_ceiling = lambda nbytes: arena.fixed_fitting(nbytes) + 100
+    scheduler.runner, trainer = runner, runner.trainer
+    trainer.pending_work()  # the first step, planned while the lease is there
+    assert len(trainer._step.micro) == 1 and trainer.memory_use.micro_batch_tokens >= 4 * 16
+    arena.revoke(lease)  # a burst takes it back
+
+    done = run_until(store, job.id, finished, (agent, scheduler))
+    assert done.status == "running" and done.adapter_path is not None  # trained to the end
+    assert trainer.state.abandoned_steps >= 1
+    assert trainer.memory_use.micro_batch_tokens == 16  # one example: what the reserve holds
