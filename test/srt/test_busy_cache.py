@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import time
 
-import openai
 import pytest
 import requests
 
 from test.support.finetuning import LEARN, PAIRS, answer, wait_for, write_dataset
-from test.support.server_process import harli_server
-from test.support.serving import concurrently, generate, memory, wait_until
+from test.support.serving import (
+    concurrently,
+    generate,
+    lending_server,
+    memory,
+    openai_client,
+    wait_until,
+)
 
 pytestmark = pytest.mark.server
 
@@ -32,25 +37,13 @@ NEW_TOKENS = 580
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    server = harli_server(
-        tmp_path_factory.mktemp("busy") / "server.log",
-        "--model-path",
-        str(tiny_model_dir),
-        "--harli-state-dir",
-        str(tmp_path_factory.mktemp("state")),
-        "--max-total-tokens",
-        str(POOL),
-        "--harli-arena-poison",
-    )
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    with lending_server(tiny_model_dir, tmp_path_factory.mktemp("busy"), POOL) as server:
+        yield server  # the default flags
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 def burst(server) -> list[dict]:

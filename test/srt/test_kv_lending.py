@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import time
 
-import openai
 import pytest
 import requests
 import torch
 
 from test.support.finetuning import LEARN, PAIRS, answer, start_training, wait_for, write_dataset
-from test.support.server_process import harli_server
-from test.support.serving import concurrently, generate, memory, wait_until
+from test.support.serving import (
+    concurrently,
+    generate,
+    lending_server,
+    memory,
+    openai_client,
+    wait_until,
+)
 
 pytestmark = pytest.mark.server
 
@@ -31,32 +36,16 @@ PROMPTS = [f"Request {i}: tell me about the number {i * 7}." for i in range(8)]
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    server = harli_server(
-        tmp_path_factory.mktemp("lend") / "server.log",
-        "--model-path",
-        str(tiny_model_dir),
-        "--harli-state-dir",
-        str(tmp_path_factory.mktemp("state")),
-        "--max-total-tokens",
-        str(POOL),
-        "--harli-max-lend-fraction",
-        "0.9",
-        "--harli-relend-delay-ms",
-        "200",
-        "--harli-arena-poison",
-        # no per-job reserve (a CPU's default): every block the job holds is in lent slots
-        "--harli-reserve-mb",
-        "0",
-    )
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    flags = ["--harli-max-lend-fraction", "0.9", "--harli-relend-delay-ms", "200"]
+    # no per-job reserve (a CPU's default): every block the job holds is in lent slots
+    flags += ["--harli-reserve-mb", "0"]
+    with lending_server(tiny_model_dir, tmp_path_factory.mktemp("lend"), POOL, *flags) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

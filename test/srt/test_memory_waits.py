@@ -12,13 +12,18 @@ with ``insufficient_memory`` instead of waiting forever.
 
 from __future__ import annotations
 
-import openai
 import pytest
 import requests
 
 from test.support.finetuning import LEARN, write_dataset
-from test.support.server_process import harli_server
-from test.support.serving import concurrently, generate, memory, wait_until
+from test.support.serving import (
+    concurrently,
+    generate,
+    lending_server,
+    memory,
+    openai_client,
+    wait_until,
+)
 
 pytestmark = pytest.mark.server
 
@@ -30,30 +35,14 @@ BURST = [f"Fill {i}: count with me slowly." for i in range(12)]
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    server = harli_server(
-        tmp_path_factory.mktemp("waits") / "server.log",
-        "--model-path",
-        str(tiny_model_dir),
-        "--harli-state-dir",
-        str(tmp_path_factory.mktemp("state")),
-        "--max-total-tokens",
-        str(POOL),
-        "--harli-reserve-mb",
-        "0",
-        "--harli-lend-cache-floor",
-        "1",
-        "--harli-arena-poison",
-        "--enable-metrics",
-    )
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    flags = ["--harli-reserve-mb", "0", "--harli-lend-cache-floor", "1", "--enable-metrics"]
+    with lending_server(tiny_model_dir, tmp_path_factory.mktemp("waits"), POOL, *flags) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

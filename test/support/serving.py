@@ -1,10 +1,43 @@
-"""What memory tests do to a running server: greedy generation, concurrent bursts, the memory
-status, and waiting for a condition."""
+"""What memory tests do to a running server: start one with a poisoned arena, greedy generation,
+concurrent bursts, the memory status, and waiting for a condition."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+
+from test.support.server_process import harli_server
+
+
+@contextlib.contextmanager
+def lending_server(model_dir: Path, workdir: Path, pool: int, *flags: str) -> Iterator:
+    """A ready server of ``model_dir`` with a ``pool``-slot KV pool and ``--harli-arena-poison``
+    (any overlap of the job's blocks with live KV shows in outputs), stopped on leaving."""
+    server = harli_server(
+        workdir / "server.log",
+        "--model-path",
+        str(model_dir),
+        "--harli-state-dir",
+        str(workdir / "state"),
+        "--max-total-tokens",
+        str(pool),
+        "--harli-arena-poison",
+        *flags,
+    )
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def openai_client(server) -> openai.OpenAI:
+    """The official client against ``server`` (no retries: a test sees each answer)."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def generate(server, prompt: str, max_new_tokens: int = 16) -> dict:
