@@ -19,6 +19,7 @@ import requests
 
 from test.support.finetuning import LEARN, PAIRS, answer, wait_for, write_dataset
 from test.support.server_process import REPO, harli_server
+from test.support.serving import openai_client
 
 pytestmark = pytest.mark.server
 
@@ -52,7 +53,7 @@ def server(tiny_model_dir, state_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
