@@ -39,8 +39,13 @@ class Mode(enum.StrEnum):
     OFF = "off"  # plain SGLang: no Harli scheduler, no fine-tuning
 
 
-# Modes that share the SMs of a GPU spatially: nothing to share on a CPU.
-GPU_ONLY_MODES = frozenset({Mode.NAIVE, Mode.STATIC})
+class ExecutorKind(enum.StrEnum):
+    """``--harli-executor``: where a mode's finetune units run (``corun/executor.py``)."""
+
+    AUTO = AUTO  # the mode's own default (corun/modes.py)
+    INLINE = "inline"  # on the scheduler thread, after the decode (temporal)
+    CPU_CONCURRENT = "cpu-concurrent"  # a worker thread beside decode, on its own cores
+    CUDA = "cuda"  # a finetune stream on an SM partition (the GPU issue; not built yet)
 
 
 class Kernels(enum.StrEnum):
@@ -114,6 +119,14 @@ class HarliConfig:
         "fine-tuning). Every mode but off trains in quanta when idle. 'auto' (default): harli "
         "on a CPU, time-sliced on a GPU (harli's GPU execution is not built yet).",
         Mode,
+    )
+    executor: ExecutorKind = _flag(
+        ExecutorKind.AUTO,
+        "where finetune work units run: 'inline' (on the scheduler thread after each decode "
+        "iteration: temporal sharing) or 'cpu-concurrent' (a worker thread beside decode, on "
+        "the cores decode does not use: spatial sharing). 'auto' (default): the mode's own "
+        "(docs/corun.md has the table and the measurements behind it)",
+        ExecutorKind,
     )
     kernels: Kernels = _flag(
         Kernels.AUTO,
@@ -281,21 +294,19 @@ class HarliConfig:
         """``auto`` replaced by what this machine runs (harli on a CPU; time-sliced on a GPU
         until the GPU execution of harli exists), the state directory made absolute; a mode
         this machine cannot run is refused with the reason."""
+        from sglang_harli.corun import modes
         from sglang_harli.tiny_model import user_cache_dir
 
+        device = modes.device_of(has_cuda)
         mode = self.mode
         if mode == Mode.AUTO:
-            mode = Mode.TIME_SLICED if has_cuda else Mode.HARLI
-        if mode in GPU_ONLY_MODES and not has_cuda:
-            raise HarliConfigError(
-                f"--harli-mode {mode} shares a GPU's SMs with decode and needs a CUDA GPU; on a "
-                "CPU use harli (the default), time-sliced or idle-only"
-            )
-        if mode in GPU_ONLY_MODES or (mode == Mode.HARLI and has_cuda):
-            raise HarliConfigError(
-                f"--harli-mode {mode} on a GPU (a finetune CUDA stream on an SM share) is not "
-                "built yet; on a GPU use time-sliced or idle-only"
-            )
+            mode = modes.AUTO_MODE[device]
+        if self.executor == ExecutorKind.CUDA:
+            raise HarliConfigError("--harli-executor cuda is not built yet (the GPU issue)")
+        refusal = modes.refusal(mode, device, self.executor)
+        if refusal is not None:
+            raise HarliConfigError(refusal)
+        executor = modes.executor_for(mode, device, self.executor) if self.enabled else AUTO
         state_dir = os.path.abspath(
             os.path.expanduser(self.state_dir or user_cache_dir() / "state")
         )
@@ -309,7 +320,12 @@ class HarliConfig:
             )
         reserve_mb = 0.0 if self.reserve_mb == AUTO and has_cuda else self.reserve_mb
         return dataclasses.replace(
-            self, mode=mode, state_dir=state_dir, kernels=kernels, reserve_mb=reserve_mb
+            self,
+            mode=mode,
+            executor=ExecutorKind(executor),
+            state_dir=state_dir,
+            kernels=kernels,
+            reserve_mb=reserve_mb,
         )
 
 

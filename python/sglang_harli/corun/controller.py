@@ -1,7 +1,16 @@
-"""The co-run loop's bookkeeping: plan before each decode iteration, run the planned finetune
+"""The co-run loop: plan before each decode iteration, run the planned finetune beside or
 after it, measure the iteration, feed the measurement back. No SGLang here: the scheduler calls
-:meth:`CoRun.before_decode` from ``run_batch``, :meth:`CoRun.after_decode` once the decode is
-launched, :meth:`CoRun.interrupt` for any other batch, :meth:`CoRun.idle` on idle passes.
+:meth:`CoRun.before_decode` from ``run_batch``, :meth:`CoRun.beside_decode` just before the
+decode runs, :meth:`CoRun.after_decode` once it has, :meth:`CoRun.interrupt` for any other
+batch, :meth:`CoRun.idle` on idle passes.
+
+Where units run is the executor's business (``corun/executor.py``); what runs and when is this
+loop's. With the ``inline`` executor a plan is a time slice: units run after the decode while
+the policy admits them (``JobRunner.run_planned``). With a concurrent one a plan is a share:
+:meth:`CoRun.beside_decode` hands back what finished (:meth:`JobRunner.complete`, on this
+thread), then keeps at most ``max_inflight`` of the runner's units submitted at that share, so
+they run beside the decode, and a new plan takes effect at the next unit submitted. Nothing here
+waits for a unit on the decode path: results are taken when they are there.
 
 A decode iteration is measured from its ``run_batch`` to the next decode ``run_batch``: that
 interval is the time per output token its requests see (SGLang's loop around the forward
@@ -17,7 +26,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .executor import Executor, InlineExecutor, Share
 from .policy import CoRunPolicy, Iteration, Plan
+from .ranks import Verdict
 from .stats import CoRunStats, DecodeStats, Window, quantiles
 
 SAMPLE_KEYS = 256  # distinct decode shapes kept for profiles (the most recent)
@@ -25,6 +36,7 @@ SHAPE_TOKENS = 32  # decode shapes are told apart by batch size and context in 3
 # the spread of each profile row (its window of recent samples): what the fleet simulation
 # (bench/simulate.py) draws durations from, so its iterations miss as real ones do
 QUANTILE_LEVELS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
+TIMELINE = 128  # decodes and concurrent units kept with their times, for status
 
 
 @dataclasses.dataclass
@@ -44,11 +56,29 @@ class _Shape:
 
 
 class Runner(Protocol):
-    """What the loop drives: ``jobs.runner.JobRunner``."""
+    """What the loop drives: ``jobs.runner.JobRunner`` (a source of units; the inline executor
+    runs them through ``run_planned``, a concurrent one through ``next_unit``/``complete``)."""
 
     tokens_trained: int
 
     def run_planned(self, admit: Callable, observe: Callable | None = None) -> bool: ...
+
+
+class UnitSource(Runner, Protocol):
+    done: bool
+    in_flight: int
+
+    def signal(self) -> Verdict: ...
+
+    def next_unit(self) -> Any: ...
+
+    def issue(self, unit: Any) -> None: ...
+
+    def complete(
+        self, unit: Any, result: Any, error: BaseException | None, dropped: bool = False
+    ) -> None: ...
+
+    def stop(self, verdict: Verdict) -> None: ...
 
 
 @dataclasses.dataclass
@@ -61,11 +91,20 @@ class _Open:
     # stage 2 as planned: the decode prediction plus each admitted unit's predicted duration
     predicted_s: float | None = None
     forward_s: float | None = None  # from run_batch to the decode's return (then the slice)
+    beside: set[str] = dataclasses.field(default_factory=set)  # kinds in flight beside it
+    share: float = 0.0  # the share they ran at (the largest, if it changed)
 
 
 class CoRun:
-    def __init__(self, policy: CoRunPolicy, clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        policy: CoRunPolicy,
+        clock: Callable[[], float] = time.perf_counter,
+        executor: Executor | None = None,
+    ):
         self.policy, self.clock = policy, clock
+        self.executor = executor if executor is not None else InlineExecutor()
+        self._runner: Any = None  # the runner whose units are in flight (concurrent)
         self.stats = CoRunStats(policy.objective_s)
         self._open: _Open | None = None
         # measured samples for `python -m sglang_harli.profile`: solo decode per batch shape,
@@ -87,6 +126,10 @@ class CoRun:
         self._prefill_began: float | None = None
         self._prefill_after: DecodeStats | None = None  # the decode before it (None: idle)
         self.misses: collections.deque = collections.deque(maxlen=16)  # the latest, for status
+        # the latest decodes (run_batch to its return) and units a concurrent executor ran, as
+        # (start, end) on this loop's clock: what shows that units ran beside decode
+        self.recent_decodes: collections.deque = collections.deque(maxlen=TIMELINE)
+        self.recent_units: collections.deque = collections.deque(maxlen=TIMELINE)
 
     # --- the scheduler's calls ---------------------------------------------------------------
 
@@ -100,6 +143,7 @@ class CoRun:
             self._close(began)
         plan = self.policy.plan(stats)
         self._open = _Open(began, stats, plan, predicted_s=plan.predicted_decode_s)
+        self._note_beside()
         self.stats.last_plan = {
             "budget_ms": round(plan.budget_s * 1e3, 4),
             "predicted_decode_ms": None
@@ -120,6 +164,12 @@ class CoRun:
             return runner is not None
         began = self.clock()
         it.forward_s = began - it.start
+        self.recent_decodes.append((round(it.start, 6), round(began, 6)))
+        if self.executor.concurrent:
+            self._note_beside()
+            if runner is None:
+                return False
+            return self._collect(runner)
         if runner is None or not (it.plan.runs_finetune if runs is None else runs):
             return runner is not None
 
@@ -159,20 +209,57 @@ class CoRun:
         if self._idle_end is not None and self._interrupts <= 1:  # nothing ran in between
             self.idle_gaps.add(began - self._idle_end)
         quantum = self.policy.idle_quantum_s
-        still_running = self._train(
-            runner, lambda spent_s, kind, cost: spent_s < quantum, self._observe_unit
-        )
+        if self.executor.concurrent:
+            still_running = self._idle_beside(runner, quantum)
+        else:
+            still_running = self._train(
+                runner, lambda spent_s, kind, cost: spent_s < quantum, self._observe_unit
+            )
         self._idle_end, self._interrupts, self._prefill_began = self.clock(), 0, None
         return still_running
+
+    def beside_decode(self, runner: UnitSource | None) -> bool:
+        """Concurrent executor, just before the decode runs: what finished is handed back, and
+        units are submitted at this iteration's planned share (none when it plans none). False
+        once the runner is done."""
+        it = self._open
+        if runner is None:
+            return False
+        if not self._collect(runner):
+            return False
+        if it is not None and it.plan.share > 0:
+            self._submit(runner, Share(it.plan.share))
+            self._note_beside()
+        return not runner.done
+
+    def set_executor(self, executor: Executor) -> None:
+        """Another executor from the next iteration on (the old one must have nothing in
+        flight: the caller drains it off the decode path)."""
+        if self.executor.inflight:
+            raise RuntimeError("the executor still has units in flight")
+        self.executor.close()
+        self.executor = executor
+
+    def drain(self, runner: UnitSource | None, timeout: float | None = None) -> bool:
+        """Off the decode path (a flush, a job's end, a switch): wait for every unit in flight
+        and hand it back. False once the runner is done."""
+        for completion in self.executor.drain(timeout):
+            self._complete(runner, completion)
+        return runner is not None and not runner.done
 
     # --- reporting ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.stats.to_dict(),
+            "executor": self.executor.to_dict(),
             "policy": self.policy.to_dict(),
             "predictor": self.policy.predictor.to_dict(),
             "recent_misses": list(self.misses),
+            "timeline": {
+                "decodes": list(self.recent_decodes),
+                "units": list(self.recent_units),
+            },
         }
 
     def samples(self) -> dict[str, Any]:
@@ -224,6 +311,76 @@ class CoRun:
         self.stats.finetune_tokens += runner.tokens_trained - before
         return still_running
 
+    def _note_beside(self) -> None:
+        """Units in flight now run beside the open iteration: it measures stage 2, not 1."""
+        it, executor = self._open, self.executor
+        if it is None or not executor.concurrent or not executor.inflight:
+            return
+        inflight = executor.in_flight_units()
+        it.beside.update(kind for kind, _ in inflight)
+        it.share = max([it.share, *(share for _, share in inflight)])
+
+    def _collect(self, runner: UnitSource) -> bool:
+        """Hand back what the executor finished; act on the job's signals (a cancelled or lost
+        job ends once nothing of it is in flight, its queued units dropped). False once the
+        runner is done."""
+        for completion in self.executor.poll():
+            self._complete(runner, completion)
+        if runner.done:
+            return False
+        signal = runner.signal()
+        if signal in (Verdict.DROP, Verdict.CANCEL):
+            self.executor.discard_queued()
+            if runner.in_flight:
+                return True
+            runner.stop(signal)
+            return False
+        return True
+
+    def _complete(self, runner: UnitSource | None, completion) -> None:
+        if runner is None:
+            return
+        before = runner.tokens_trained
+        error = completion.error
+        runner.complete(completion.unit, completion.result, error, completion.discarded)
+        self.stats.finetune_tokens += runner.tokens_trained - before
+        if error is None and not completion.discarded:
+            unit = completion.unit
+            self.stats.corun_units += 1
+            self.stats.corun_unit_s += completion.seconds
+            self.recent_units.append((round(completion.started, 6), round(completion.ended, 6)))
+            self.unit_samples.setdefault((unit.kind, unit.cost), Window(64)).add(completion.seconds)
+
+    def _submit(self, runner: UnitSource, share: Share) -> int:
+        """Keep the executor's queue full at ``share`` with the runner's next units."""
+        if runner.signal() != Verdict.RUN:
+            return 0  # paused (the store does not answer), or ending: _collect acts on it
+        submitted = 0
+        while self.executor.can_submit():
+            unit = runner.next_unit()
+            if unit is None:
+                break
+            runner.issue(unit)
+            self.executor.submit(unit, share)
+            submitted += 1
+        return submitted
+
+    def _idle_beside(self, runner: UnitSource, quantum_s: float) -> bool:
+        """Idle with a concurrent executor: finetune takes its whole part of the device, and
+        this thread waits for the worker (a quantum at most) rather than spin on SGLang's idle
+        loop: a request that arrives meanwhile waits that long at most, as inline."""
+        if not self._collect(runner):
+            return False
+        deadline = self.clock() + quantum_s
+        while self.clock() < deadline:
+            self._submit(runner, Share(1.0))
+            if not self.executor.inflight:
+                break  # nothing to run now (a checkpoint's write, a memory wait)
+            self.executor.last_fence().wait(max(deadline - self.clock(), 0.0))
+            if not self._collect(runner):
+                return False
+        return not runner.done
+
     def _record_prefill(self, stats: DecodeStats, seconds: float) -> None:
         """A prefill measured up to the decode of ``stats``: its requests are those the batch
         gained and its prompt tokens theirs (each sequence also holds its first token, and the
@@ -248,7 +405,10 @@ class CoRun:
         it, self._open = self._open, None
         total = now - it.start
         tail = None if it.forward_s is None else max(total - it.finetune_s - it.forward_s, 0.0)
-        iteration = Iteration(it.stats, it.plan, total, it.finetune_s, tuple(it.units), tail)
+        beside = (it.share, frozenset(it.beside)) if it.beside else None
+        iteration = Iteration(
+            it.stats, it.plan, total, it.finetune_s, tuple(it.units), tail, beside=beside
+        )
         self.policy.feedback(iteration)
         if not self.policy.within(total):
             self.misses.append(
@@ -264,7 +424,11 @@ class CoRun:
                 }
             )
         self.stats.record(
-            total, iteration.decode_s, it.finetune_s, it.predicted_s, ran_units=bool(it.units)
+            total,
+            iteration.decode_s,
+            it.finetune_s,
+            it.predicted_s,
+            ran_units=bool(it.units) or bool(it.beside),
         )
         stats = it.stats
         key = (

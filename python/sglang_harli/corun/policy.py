@@ -59,10 +59,13 @@ class Plan:
     num_sms: int | None = None  # GPU: the finetune SM share (None: not a spatial plan)
     max_inflight: int = 0  # GPU: finetune units queued at once
     reason: str = ""
+    # spatial: the fraction of finetune's part of the device (cores beside decode's on a CPU,
+    # SMs on a GPU) its units run on beside this decode, through a concurrent executor
+    share: float = 0.0
 
     @property
     def runs_finetune(self) -> bool:
-        return self.budget_s > 0 or bool(self.num_sms)
+        return self.budget_s > 0 or bool(self.num_sms) or self.share > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,8 @@ class Iteration:
     finetune_s: float  # of which finetune units ran
     units: tuple[tuple[str, float], ...] = ()  # (kind, cost) of the units run in it
     tail_s: float | None = None  # SGLang's work after the slice, where it was measured
+    # spatial: the share and the kinds of the units in flight beside it (None: nothing was)
+    beside: tuple[float, frozenset[str]] | None = None
 
     @property
     def decode_s(self) -> float:
@@ -83,9 +88,13 @@ class Iteration:
 
 
 class CoRunPolicy:
-    """The interface every mode implements; the base plans nothing beside decode."""
+    """The interface every mode implements; the base plans nothing beside decode.
+
+    ``spatial``: its plans are shares (units submitted to a concurrent executor before the
+    decode and run beside it), not time slices after it."""
 
     mode: Mode = Mode.IDLE_ONLY
+    spatial: bool = False
 
     def __init__(self, objective_s: float, idle_quantum_s: float, predictor: Predictor):
         self.objective_s, self.idle_quantum_s, self.predictor = (
@@ -107,8 +116,12 @@ class CoRunPolicy:
 
     def feedback(self, iteration: Iteration) -> None:
         """A measured iteration: the predictor learns from it (every mode, so its status and
-        the benchmarks can report prediction error for the baselines too)."""
-        self.predictor.observe_decode(iteration.stats, iteration.decode_s, iteration.tail_s)
+        the benchmarks can report prediction error for the baselines too). Stage 1 learns only
+        from iterations with nothing in flight beside them; stage 2 from the others."""
+        if iteration.beside:
+            self.predictor.observe_corun(iteration.stats, iteration.total_s, iteration.beside)
+        else:
+            self.predictor.observe_decode(iteration.stats, iteration.decode_s, iteration.tail_s)
 
     def within(self, seconds: float) -> bool:
         return seconds <= self.objective_s
@@ -142,9 +155,19 @@ class HarliPolicy(CoRunPolicy):
 
     mode = Mode.HARLI
 
-    def __init__(self, objective_s, idle_quantum_s, predictor, margin: float):
+    def __init__(
+        self,
+        objective_s,
+        idle_quantum_s,
+        predictor,
+        margin: float,
+        shares: Sequence[float] = (),
+    ):
         super().__init__(objective_s, idle_quantum_s, predictor)
         self.margin = margin
+        # spatial with a concurrent executor: the shares it may plan (empty: time slices)
+        self.shares = tuple(shares)
+        self.spatial = bool(self.shares)
         self.hold = 0.0  # the attainment controller's extra fraction of S held back
         self.backoff = 1.0  # the fraction of the predicted slack planned with
         self.misses = 0
@@ -154,6 +177,8 @@ class HarliPolicy(CoRunPolicy):
         return self.objective_s * (1.0 - self.margin - self.hold)
 
     def plan(self, stats: DecodeStats) -> Plan:
+        if self.spatial:
+            return self.plan_spatial(stats)
         decode_s = self.predictor.decode(stats)
         if decode_s is None:
             return Plan(0.0, None, reason="learning: no prediction yet")
@@ -193,6 +218,27 @@ class HarliPolicy(CoRunPolicy):
             if iteration.plan.runs_finetune:
                 self.hold = max(self.hold - HOLD_DOWN, 0.0)
 
+    def plan_spatial(self, stats: DecodeStats) -> Plan:
+        """The largest share of :attr:`shares` whose predicted decode beside finetune (stage 2,
+        the interference table) still meets the target; none when none does. A share never
+        measured here is tried only where the decode alone leaves most of the objective free
+        (``PROBE_FRACTION``), and its first iterations teach the table."""
+        decode_s = self.predictor.decode(stats)
+        if decode_s is None:
+            return Plan(0.0, None, reason="learning: no prediction yet")
+        target = decode_s + (self.target_s - decode_s) * self.backoff
+        if target <= decode_s:
+            return Plan(0.0, decode_s, reason="paused: no slack")
+        for share in sorted(self.shares, reverse=True):
+            factor = self.predictor.interference.factor_at(share)
+            if factor is None:
+                if decode_s <= (1 - PROBE_FRACTION) * target:
+                    return Plan(0.0, decode_s, reason="probing a share", share=share)
+                continue
+            if decode_s * factor <= target:
+                return Plan(0.0, decode_s, reason="share fits", share=share)
+        return Plan(0.0, decode_s, reason="paused: no share fits")
+
     def plan_share(
         self, stats: DecodeStats, ladder: Sequence[int], total_sms: int, kinds: Sequence[str]
     ) -> Plan:
@@ -217,6 +263,35 @@ class HarliPolicy(CoRunPolicy):
         }
 
 
+class StaticPolicy(CoRunPolicy):
+    """A fixed share beside every decode iteration, whatever it costs decode (a baseline)."""
+
+    mode = Mode.STATIC
+    spatial = True
+
+    def __init__(self, objective_s, idle_quantum_s, predictor, share: float):
+        super().__init__(objective_s, idle_quantum_s, predictor)
+        self.share = share
+
+    def plan(self, stats: DecodeStats) -> Plan:
+        return Plan(0.0, self.predictor.decode(stats), reason="fixed share", share=self.share)
+
+    def to_dict(self) -> dict:
+        return {"share": self.share}
+
+
+class NaivePolicy(StaticPolicy):
+    """Every resource finetune may have, beside every decode iteration, no prediction."""
+
+    mode = Mode.NAIVE
+
+    def __init__(self, objective_s, idle_quantum_s, predictor):
+        super().__init__(objective_s, idle_quantum_s, predictor, 1.0)
+
+    def plan(self, stats: DecodeStats) -> Plan:
+        return Plan(0.0, None, reason="every resource", share=1.0)
+
+
 def make_policy(
     mode: Mode,
     *,
@@ -225,12 +300,21 @@ def make_policy(
     budget_s: float,
     idle_quantum_s: float,
     predictor: Predictor,
+    shares: Sequence[float] = (),
+    static_share: float = 1.0,
 ) -> CoRunPolicy:
-    """The policy of a (resolved) mode that runs on a CPU or with time slices."""
+    """The policy of a (resolved) mode (``corun/modes.py`` says where each runs). ``shares``:
+    the shares a concurrent executor offers (empty: units run inline, in time slices)."""
     if mode == Mode.HARLI:
-        return HarliPolicy(objective_s, idle_quantum_s, predictor, margin)
+        return HarliPolicy(objective_s, idle_quantum_s, predictor, margin, shares)
     if mode == Mode.TIME_SLICED:
         return TimeSlicedPolicy(objective_s, idle_quantum_s, predictor, budget_s)
     if mode == Mode.IDLE_ONLY:
         return IdleOnlyPolicy(objective_s, idle_quantum_s, predictor)
+    if mode in (Mode.NAIVE, Mode.STATIC) and not shares:
+        raise ValueError(f"--harli-mode {mode} runs beside decode: it needs a concurrent executor")
+    if mode == Mode.NAIVE:
+        return NaivePolicy(objective_s, idle_quantum_s, predictor)
+    if mode == Mode.STATIC:
+        return StaticPolicy(objective_s, idle_quantum_s, predictor, static_share)
     raise ValueError(f"no policy executes --harli-mode {mode} here")

@@ -290,6 +290,21 @@ class Interference:
             measured_factor, predicted_factor
         )
 
+    def factor_at(self, share: float) -> float | None:
+        """Decode's latency multiplier beside units of any kind measured at ``share`` (the
+        worst kind: the plan is made before it is known which units will be in flight)."""
+        kinds = [kind for kind, points in self.table.items() if points]
+        return self.factor(kinds, share) if kinds else None
+
+    def learn(self, kinds: Iterable[str], share: float, slowdown: float) -> None:
+        """A measured iteration beside ``kinds`` at ``share``: decode took ``1 + slowdown``
+        times its solo prediction. Each kind's point at that share moves toward it (online, as
+        stage 1 does); a kind never measured at that share starts there."""
+        for kind in set(kinds):
+            points = self.table.setdefault(kind, {})
+            old = points.get(share)
+            points[share] = slowdown if old is None else old + self.alpha * (slowdown - old)
+
 
 @dataclasses.dataclass(frozen=True)
 class ProfileKey:
@@ -365,6 +380,16 @@ class Predictor:
             total += seconds
         return total
 
+    def observe_corun(
+        self, stats: DecodeStats, seconds: float, beside: tuple[float, frozenset[str]]
+    ) -> None:
+        """A measured iteration with units of ``beside`` = (share, kinds) in flight: stage 2's
+        table learns decode's slowdown there (stage 1 learns only from solo iterations)."""
+        solo = self.decode(stats)
+        share, kinds = beside
+        if solo is not None and solo > 0 and kinds:
+            self.interference.learn(kinds, share, max(seconds / solo - 1.0, 0.0))
+
     def corun_gpu(self, stats: DecodeStats, kinds: Iterable[str], share: float) -> float | None:
         """GPU stage 2: the iteration with finetune kernels of ``kinds`` on ``share`` of SMs."""
         solo, factor = self.decode(stats), self.interference.factor(kinds, share)
@@ -408,6 +433,10 @@ class Predictor:
             },
             "stage1_residuals": {
                 str(k): round(r.factor, 4) for k, r in self.stage1.residuals.items()
+            },
+            "interference": {
+                kind: {str(share): round(slow, 4) for share, slow in sorted(points.items())}
+                for kind, points in sorted(self.interference.table.items())
             },
             "unit_seconds_per_gflop": {
                 kind: round(rate.seconds_per_cost * 1e9 * rate.residual.factor, 6)

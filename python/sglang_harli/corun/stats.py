@@ -126,6 +126,8 @@ class CoRunStats:
     slack_s: float = 0.0  # sum over iterations of max(0, S - decode without finetune)
     finetune_tokens: int = 0  # target tokens of finished optimizer steps
     planned_finetune: int = 0  # iterations whose plan gave finetune time
+    corun_units: int = 0  # units a concurrent executor ran beside decode (or idle)
+    corun_unit_s: float = 0.0  # and their time, on the worker
     last_plan: dict | None = None
     last_iteration_ms: float | None = None
     measured_ms: Window = dataclasses.field(default_factory=Window)
@@ -167,6 +169,8 @@ class CoRunStats:
             "slack_used": self.finetune_s / self.slack_s if self.slack_s else None,
             "finetune_tokens": self.finetune_tokens,
             "planned_finetune": self.planned_finetune,
+            "corun_units": self.corun_units,
+            "corun_unit_s": round(self.corun_unit_s, 6),
             "last_plan": self.last_plan,
             "iteration_ms": {
                 "last": self.last_iteration_ms,

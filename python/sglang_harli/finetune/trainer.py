@@ -277,6 +277,18 @@ class Trainer:
         pending = self.pending_work()
         return pending[0] if pending else None
 
+    def unit_after(self, unit: WorkUnit) -> WorkUnit | None:
+        """The unit that runs after ``unit`` in its step, if that step is still open (what an
+        executor may queue behind it before it has run); None after the step's last."""
+        step = self._step
+        if step is None or step.index != unit.step:
+            return None
+        units = step.units
+        for i in range(step.next, len(units)):
+            if units[i] is unit:
+                return units[i + 1] if i + 1 < len(units) else None
+        return None
+
     def run_step(self) -> StepResult | None:
         """Run every remaining unit of the current (or next) step."""
         result = None

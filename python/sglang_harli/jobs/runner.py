@@ -110,6 +110,17 @@ _GONE = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 REPLAN_AFTER_S = 1.0
 
 
+@dataclasses.dataclass(eq=False)
+class RunnerUnit:
+    """A unit of this job's work as an executor runs it (``corun/executor.py``): ``run`` on
+    any thread, the outcome handed back to :meth:`JobRunner.complete` on the scheduler's."""
+
+    kind: str
+    cost: float
+    run: Callable[[], Any]
+    work: Any  # the trainer's WorkUnit, or a checkpoint's or planning's callable
+
+
 class DatasetUnavailable(ValueError):
     """The job's training or validation data cannot be read: the job fails (no retry)."""
 
@@ -153,6 +164,8 @@ class JobRunner:
         # at tensor parallel size > 1: the ranks' one decision before each unit (the scheduler's)
         self.ranks: RankSync | None = None
         self.started_at_step = trainer.state.step  # its ranks' runners all start here
+        self._issued: collections.deque[RunnerUnit] = collections.deque()  # in flight, in order
+        self._failed: BaseException | None = None  # a unit's failure, handled once none in flight
 
     # --- start: on the agent's thread --------------------------------------------------------
 
@@ -262,7 +275,7 @@ class JobRunner:
 
     @property
     def _done(self) -> bool:
-        """The job ended here, or its adapter is handed over."""
+        """The job ended here, or its adapter is handed over (units may still be in flight)."""
         return self._ended or self.checkpoints.finished
 
     def run_for(self, budget_s: float) -> bool:
@@ -270,8 +283,10 @@ class JobRunner:
         return self.run_planned(lambda spent_s, kind, cost: spent_s == 0 or spent_s < budget_s)
 
     def run_planned(self, admit: Admit, observe: Observe | None = None) -> bool:
-        """Run work units while ``admit(spent_s, kind, cost)`` lets the next one start; tell
-        ``observe(kind, cost, seconds)`` what each took. False once the runner is done.
+        """Run work units here, one after another, while ``admit(spent_s, kind, cost)`` lets the
+        next one start; tell ``observe(kind, cost, seconds)`` what each took. False once the
+        runner is done. The inline way through :meth:`next_unit` and :meth:`complete` (what an
+        executor does elsewhere), and the one tensor parallelism runs.
 
         ``spent_s`` is exactly 0 before the first unit of the call, then the time since it began.
         With :attr:`ranks` (tensor parallel size > 1) rank 0's verdict before each unit is every
@@ -280,37 +295,134 @@ class JobRunner:
         try:
             start, ran = time.perf_counter(), False
             while True:
-                if self._done:
+                if self.done:
                     return False
-                unit = self._next_unit()
-                verdict = self._verdict(unit, admit, time.perf_counter() - start if ran else 0.0)
+                unit = self.next_unit()
+                spent_s = time.perf_counter() - start if ran else 0.0
+                verdict = self._verdict(unit, admit, spent_s)
                 if self.ranks is not None:
-                    verdict = self.ranks.unit(verdict, None if unit is None else unit[0])
+                    verdict = self.ranks.unit(verdict, None if unit is None else unit.kind)
                 if verdict in (Verdict.DROP, Verdict.CANCEL):
-                    self._stop(verdict)
+                    self.stop(verdict)
                     return False
                 if verdict != Verdict.RUN:
                     # paused (decode goes on, the writes wait for the store), nothing to do
                     # before the next slice, or the slice is spent
                     return True
-                kind, cost, run = unit
-                began, ran = time.perf_counter(), True
+                ran = True
+                self.issue(unit)
+                began = time.perf_counter()
                 try:
-                    run()
-                except MemoryWait as wait:
-                    return self._wait_for_memory(str(wait))  # decode goes on, the job waits
+                    result, error = unit.run(), None
+                except Exception as exc:  # noqa: BLE001 - complete() decides what it means
+                    result, error = None, exc
+                seconds = time.perf_counter() - began
+                self.complete(unit, result, error)
+                if error is not None:  # waiting for memory (decode goes on), or ended
+                    return not self.done
+                if observe is not None:
+                    observe(unit.kind, unit.cost, seconds)
+        except Exception as exc:  # noqa: BLE001 - a job's failure must not stop serving
+            self._issued.clear()
+            self._fail(exc)
+            return False
+
+    # --- a source of units (corun/controller.py drives it through an executor) ---------------
+
+    @property
+    def done(self) -> bool:
+        """Nothing more to run: the job ended here, or its adapter is handed over."""
+        return self._done and not self._issued
+
+    @property
+    def in_flight(self) -> int:
+        """Units issued and not yet completed."""
+        return len(self._issued)
+
+    def signal(self) -> Verdict:
+        """The job's own say before more units (rank 0's, at TP > 1): DROP (another server's
+        now, or the agent failed it), CANCEL, PAUSE (the store does not answer), else RUN."""
+        verdict = self._verdict(None, lambda *_: True, 0.0)
+        return Verdict.RUN if verdict == Verdict.WAIT else verdict
+
+    def next_unit(self) -> RunnerUnit | None:
+        """The unit to issue next, without issuing it (:meth:`issue`); None when none can be
+        now: done, waiting for the previous checkpoint's write, or one in flight that the next
+        depends on. Trainer units of one step may be issued ahead of the previous ones'
+        completion (they run in order); anything else waits for what is in flight."""
+        if self._done or self._failed is not None:
+            return None
+        if self._issued:
+            last = self._issued[-1].work
+            if not isinstance(last, WorkUnit) or last.kind == "optimizer":
+                return None  # what follows it depends on its outcome
+            following = self.trainer.unit_after(last)
+            if following is None:
+                return None
+            return self._unit(following.kind, following.cost, following)
+        try:
+            work = self._work_now()
+        except Exception as exc:  # noqa: BLE001 - a job's failure must not stop serving
+            self._fail(exc)
+            return None
+        if work is None:
+            return None
+        kind, cost, run = work
+        return self._unit(kind, cost, run)
+
+    def issue(self, unit: RunnerUnit) -> None:
+        """``unit`` (from :meth:`next_unit`) is submitted: it runs before anything issued later."""
+        self._issued.append(unit)
+
+    def complete(
+        self, unit: RunnerUnit, result: Any, error: BaseException | None, dropped: bool = False
+    ) -> None:
+        """An issued unit ran (or was ``dropped`` unrun by its executor: the job ends), in
+        issue order, on the scheduler thread: its step's end, a memory wait, a failure. Units
+        issued after a failed one fail as out of order; their errors say nothing new."""
+        if not self._issued or self._issued[0] is not unit:
+            raise RuntimeError(f"{unit.kind} unit completed out of order")
+        self._issued.popleft()
+        if dropped:
+            pass
+        elif self._failed is None and error is not None:
+            self._failed = error  # the first failure; handled once nothing is in flight
+        elif self._failed is None and error is None:
+            try:
+                if isinstance(unit.work, WorkUnit) and result is not None:
+                    self.tokens_trained += result.num_targets
+                    self._on_step(result)
                 if ended := self.memory_waits.resume():
                     self.link.submit(*ended)
-                if observe is not None:
-                    observe(kind, cost, time.perf_counter() - began)
-        except Exception as exc:  # noqa: BLE001 - a job's failure must not stop serving
-            logger.exception("fine-tuning job %s failed", self.job.id)
-            self._end(
-                JobStatus.FAILED,
-                f"Job failed: {type(exc).__name__}: {exc}",
-                {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}"},
-            )
-            return False
+            except Exception as exc:  # noqa: BLE001 - a job's failure must not stop serving
+                self._failed = exc
+        if self._issued or self._failed is None:
+            return
+        failed, self._failed = self._failed, None
+        if isinstance(failed, MemoryWait):
+            self._wait_for_memory(str(failed))  # decode goes on, the job waits
+        elif not self._done:
+            self._fail(failed)
+
+    def stop(self, verdict: Verdict) -> None:
+        """Cancelled or dropped (:meth:`signal`): the job ends here; nothing may be in flight."""
+        if self._issued:
+            raise RuntimeError(f"{len(self._issued)} units in flight: drain them first")
+        self._stop(verdict)
+
+    def _unit(self, kind: str, cost: float, work: Any) -> RunnerUnit:
+        run = functools.partial(work.run) if isinstance(work, WorkUnit) else work
+        return RunnerUnit(kind, cost, run, work)
+
+    def _fail(self, exc: BaseException) -> None:
+        logger.error(
+            "fine-tuning job %s failed", self.job.id, exc_info=(type(exc), exc, exc.__traceback__)
+        )
+        self._end(
+            JobStatus.FAILED,
+            f"Job failed: {type(exc).__name__}: {exc}",
+            {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}"},
+        )
 
     def end_if_stopped(self) -> bool:
         """Rank 0, before its ranks agree on this job (TP > 1): no unit has run, so none waits
@@ -343,8 +455,7 @@ class JobRunner:
             return Verdict.PAUSE
         if unit is None:
             return Verdict.WAIT
-        kind, cost, _ = unit
-        return Verdict.RUN if admit(spent_s, kind, cost) else Verdict.STOP
+        return Verdict.RUN if admit(spent_s, unit.kind, unit.cost) else Verdict.STOP
 
     def _wait_for_memory(self, reason: str) -> bool:
         """No room for the next unit's activations: the job waits, and says so once the wait
@@ -385,7 +496,7 @@ class JobRunner:
             "reserve_bytes": None if self.reserve is None else self.reserve.numel(),
         }
 
-    def _next_unit(self) -> tuple[str, float, Callable[[], None]] | None:
+    def _work_now(self) -> tuple[str, float, Any] | None:
         """The next unit of work as (kind, cost, run), or None if there is none now (done, or
         waiting for the previous checkpoint's write). Kinds: the trainer's units, ``plan``
         (packing a step's micro-batches), and a checkpoint's (``checkpointing.py``):
@@ -399,14 +510,8 @@ class JobRunner:
         if unit is None:  # trained: the final checkpoint (and validation) are what is left
             state = self.trainer.state
             self.checkpoints.start(state.step, state.last_loss, final=True)
-            return self._next_unit()
-        return unit.kind, unit.cost, functools.partial(self._trainer_unit, unit)
-
-    def _trainer_unit(self, unit: WorkUnit) -> None:
-        result = unit.run()
-        if result is not None:
-            self.tokens_trained += result.num_targets
-            self._on_step(result)
+            return self._work_now()
+        return unit.kind, unit.cost, unit
 
     def _on_step(self, result: StepResult) -> None:
         now = time.monotonic()

@@ -22,8 +22,10 @@ Plain tensors only: nothing here knows SGLang, and the engine uses the arena thr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -101,6 +103,18 @@ def _own_alias(t: torch.Tensor) -> torch.Tensor:
     return alias
 
 
+def _locked(method):
+    """One caller at a time: with a concurrent executor the finetune worker allocates and frees
+    blocks while the scheduler thread lends and reads what is in use (``corun/executor.py``)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Arena:
     def __init__(self, *, align: int = ALIGN, poison: bool = False):
         if align < 1 or align & (align - 1):
@@ -109,9 +123,11 @@ class Arena:
         self.stats = ArenaStats()
         self._leases: dict[int, _Lease] = {}
         self._ids = itertools.count(1)
+        self._lock = threading.RLock()
 
     # --- leases --------------------------------------------------------------------------------
 
+    @_locked
     def add_lease(self, chunks: Sequence[torch.Tensor], *, revocable: bool = True) -> int:
         """Take ``chunks`` (contiguous tensors, any dtype) as one lease; returns its id."""
         lease = _Lease(next(self._ids), [], revocable)
@@ -123,6 +139,7 @@ class Arena:
         self.stats.leases_added += 1
         return lease.id
 
+    @_locked
     def revoke(self, lease_id: int) -> list[Block]:
         """Take the lease back: its blocks become invalid (their owners are told) and its
         memory is never handed out again. Returns the blocks that were in use."""
@@ -137,18 +154,22 @@ class Arena:
                 block.owner(block)
         return lost
 
+    @_locked
     def leases(self) -> list[int]:
         return list(self._leases)
 
+    @_locked
     def lease_in_use(self, lease_id: int) -> int:
         """Bytes of live blocks in the lease (what revoking it would cost its owners)."""
         return self._leases[lease_id].in_use
 
+    @_locked
     def lease_capacity(self, lease_id: int) -> int:
         return self._leases[lease_id].capacity
 
     # --- blocks --------------------------------------------------------------------------------
 
+    @_locked
     def alloc(
         self,
         shape: Sequence[int],
@@ -174,6 +195,7 @@ class Arena:
         self.stats.failed_allocations += 1
         return None
 
+    @_locked
     def free(self, block: Block) -> None:
         """Give a block's space back; a block already revoked or freed is ignored."""
         if not block.valid:
@@ -202,17 +224,21 @@ class Arena:
     # --- reporting -----------------------------------------------------------------------------
 
     def blocks(self) -> Iterator[Block]:
-        for lease in self._leases.values():
-            yield from lease.blocks.values()
+        with self._lock:
+            blocks = [b for lease in self._leases.values() for b in lease.blocks.values()]
+        yield from blocks
 
     @property
     def capacity_bytes(self) -> int:
-        return sum(lease.capacity for lease in self._leases.values())
+        with self._lock:
+            return sum(lease.capacity for lease in self._leases.values())
 
     @property
     def in_use_bytes(self) -> int:
-        return sum(lease.in_use for lease in self._leases.values())
+        with self._lock:
+            return sum(lease.in_use for lease in self._leases.values())
 
+    @_locked
     def largest_free_bytes(self) -> int:
         """The biggest block that could be handed out now (before alignment)."""
         return max(
@@ -220,6 +246,7 @@ class Arena:
             default=0,
         )
 
+    @_locked
     def count_fitting(self, nbytes: int) -> int:
         """How many blocks of ``nbytes`` the free space holds now (each aligned, one chunk
         each): what a caller sizes its work by before asking."""
@@ -246,6 +273,7 @@ class Arena:
         aligned: what a reserve for them is sized to."""
         return count * self.span(nbytes) + self.align
 
+    @_locked
     def fixed_fitting(self, nbytes: int) -> int:
         """How many blocks of ``nbytes`` the never-revoked leases (reserves) hold when empty."""
         return sum(
@@ -255,6 +283,7 @@ class Arena:
             for chunk in lease.chunks
         )
 
+    @_locked
     def to_dict(self) -> dict[str, Any]:
         return {
             "leases": len(self._leases),

@@ -78,6 +78,8 @@ class LendStats:
     revoked_in_use: int = 0  # leases revoked with finetune data in them
     released_all: int = 0  # every lease given back: no job trains
     cache_evicted_slots: int = 0  # radix-cache tokens evicted to lend their slots
+    fence_waits: int = 0  # give-backs that waited for finetune units in flight
+    fence_wait_s: float = 0.0  # and for how long, in all
 
 
 class KVLender:
@@ -97,6 +99,9 @@ class KVLender:
         self._relend_at = 0.0
         self._reclaim_ms = Window(256)  # recent reclaim latencies
         self._finetune_done: Any = None  # a CUDA event after the last finetune work
+        # the executor's last fence (corun/executor.py): units in flight may use lent slots,
+        # so a lease goes back to decode only once they have finished
+        self.fence: Any = None
 
     # --- what is lent ------------------------------------------------------------------------
 
@@ -164,6 +169,12 @@ class KVLender:
         self._relend_at = time.monotonic() + self.config.relend_delay_s
 
     def _give_back(self, lease: int) -> int:
+        fence = None if self.fence is None else self.fence()
+        if fence is not None and not fence.done():
+            began = time.perf_counter()
+            fence.wait()
+            self.stats.fence_waits += 1
+            self.stats.fence_wait_s += time.perf_counter() - began
         run = self._runs.pop(lease)
         if self.arena.lease_in_use(lease):
             self.stats.revoked_in_use += 1

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import sys
 
 import torch
@@ -40,8 +41,9 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.runtime_context import get_serving
 
-from sglang_harli.config import HarliConfig
+from sglang_harli.config import ExecutorKind, HarliConfig
 from sglang_harli.corun.controller import CoRun
+from sglang_harli.corun.executor import Executor, InlineExecutor, Share, ThreadExecutor
 from sglang_harli.corun.policy import make_policy
 from sglang_harli.corun.predictor import MIN_SAMPLES, Predictor, ProfileKey, load_profile
 from sglang_harli.corun.ranks import RankSync
@@ -73,12 +75,15 @@ class HarliScheduler(Scheduler):
         self._check_kv_pools()
         self._harli_runner: JobRunner | None = None
         self.harli_arena, self.harli_lender = self._harli_memory(harli_config)
-        self.harli_corun = CoRun(self._harli_policy(harli_config))
+        group = self.tp_group
+        executor = self._harli_executor(harli_config, group.world_size)
+        self.harli_corun = CoRun(self._harli_policy(harli_config, executor), executor=executor)
+        if self.harli_lender is not None:
+            self.harli_lender.fence = lambda: self.harli_corun.executor.last_fence()
         self.harli_metrics = harli_metrics(self)  # None without --enable-metrics
         # TP > 1: each rank trains its shard; rank 0 decides for all (corun/ranks.py)
         tp = None
         self.harli_ranks: RankSync | None = None
-        group = self.tp_group
         if group.world_size > 1:
             tp = TensorParallel(group.rank_in_group, group.world_size, group.device_group)
             self.harli_ranks = RankSync(group.rank_in_group, group.world_size, group.cpu_group)
@@ -144,7 +149,48 @@ class HarliScheduler(Scheduler):
             )
         return arena, lender
 
-    def _harli_policy(self, config: HarliConfig):
+    def _harli_executor(self, config: HarliConfig, tp_size: int) -> Executor:
+        """Where the mode's units run (``corun/executor.py``, ``corun/modes.py``). On a CPU the
+        concurrent worker gets the cores decode leaves (SGLang's intra-op threads take all but
+        one, ``srt/cpu.py``): at least one, shared with the HTTP and tokenizer processes."""
+        if config.executor != ExecutorKind.CPU_CONCURRENT:
+            return InlineExecutor()
+        if tp_size > 1:
+            # every rank's units hold collectives: they must start on the same hook on every
+            # rank, which the inline loop's per-unit agreement guarantees (corun/ranks.py)
+            logger.warning("Harli: at --tp-size > 1 finetune units run inline, not concurrent")
+            return InlineExecutor()
+        cores = sorted(os.sched_getaffinity(0))
+        decode_threads = torch.get_num_threads()
+        spare = cores[decode_threads:] or cores[-1:]  # the cores decode's threads leave
+        self._harli_spare_cores = spare
+
+        def setup() -> None:
+            # this thread only (Linux: an affinity of pid 0 is the calling thread's)
+            try:
+                os.sched_setaffinity(0, spare)
+            except OSError as exc:
+                logger.info("Harli finetune worker: cores not pinned (%s)", exc)
+            torch.set_num_threads(len(spare))
+
+        def apply_share(share: Share) -> None:
+            torch.set_num_threads(share.workers(len(spare)))
+
+        logger.info(
+            "Harli finetune worker: beside decode's %d intra-op threads, on cores %s",
+            decode_threads,
+            spare,
+        )
+        return ThreadExecutor(setup=setup, apply_share=apply_share)
+
+    def _harli_shares(self, executor: Executor) -> tuple[float, ...]:
+        """The shares a concurrent executor offers: each count of the spare cores."""
+        if not executor.concurrent:
+            return ()
+        n = len(getattr(self, "_harli_spare_cores", [0]))
+        return tuple(k / n for k in range(1, n + 1))
+
+    def _harli_policy(self, config: HarliConfig, executor: Executor):
         """The mode's policy, over a predictor from a matching profile or learning online."""
         predictor = Predictor()
         if config.profile is not None:
@@ -168,6 +214,8 @@ class HarliScheduler(Scheduler):
             budget_s=config.finetune_budget_ms / 1e3,
             idle_quantum_s=config.idle_quantum_ms / 1e3,
             predictor=predictor,
+            shares=self._harli_shares(executor),
+            static_share=config.static_share,
         )
 
     def harli_profile_key(self) -> ProfileKey:
@@ -228,6 +276,8 @@ class HarliScheduler(Scheduler):
             plan = self.harli_corun.before_decode(stats)
             if self.harli_metrics is not None:
                 self.harli_metrics.update(self.harli_corun)
+        if self.harli_corun.executor.concurrent:
+            return self._harli_run_beside(batch, pp_proxy_tensors, plan)
         result = super().run_batch(batch, pp_proxy_tensors)
         runs = plan.runs_finetune
         if self.harli_ranks is not None:
@@ -244,6 +294,26 @@ class HarliScheduler(Scheduler):
         with self.harli_stats.timed("finetune_slice", overhead=False):
             with torch.inference_mode(False), torch.enable_grad():
                 still_running = self.harli_corun.after_decode(runner, runs=True)
+            self._harli_keep(runner, still_running)
+        return result
+
+    def _harli_run_beside(self, batch, pp_proxy_tensors, plan):
+        """A decode with a concurrent executor: the planned share's units are submitted before
+        the decode runs, so they run beside it; what finished is taken after it."""
+        runner = self._harli_runner
+        if runner is None and plan.share > 0:
+            runner = self._harli_take_runner()
+        if runner is not None:
+            self._harli_lend(runner)
+            with self.harli_stats.timed("submit"):
+                still_running = self.harli_corun.beside_decode(runner)
+            if not still_running:
+                self._harli_keep(runner, False)
+                runner = None
+        result = super().run_batch(batch, pp_proxy_tensors)
+        with self.harli_stats.timed("collect"):
+            still_running = self.harli_corun.after_decode(runner)
+        if runner is not None:
             self._harli_keep(runner, still_running)
         return result
 
@@ -355,6 +425,9 @@ class HarliScheduler(Scheduler):
         if lender is not None and self.is_fully_idle(
             ignore_waiting=getattr(self, "_engine_paused", False)
         ):
+            runner = self._harli_runner
+            if not self.harli_corun.drain(runner) and runner is not None:
+                self._harli_keep(runner, False)
             lender.release_all()
         return super().flush_cache(empty_cache)
 
