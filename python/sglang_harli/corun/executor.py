@@ -249,7 +249,8 @@ class ThreadExecutor(Executor):
         self.setup, self.apply_share = setup, apply_share
         self._cond = threading.Condition()
         self._queue: collections.deque[tuple[Unit, Ticket]] = collections.deque()
-        self._done: collections.deque[Completion] = collections.deque()
+        self._done: dict[int, Completion] = {}  # by seq: handed back in submission order
+        self._next_out = 1  # the seq poll hands back next
         self._inflight = 0  # submitted, not yet polled
         self._finished_seq = 0  # every unit up to this one finished (or was discarded)
         self._running: Ticket | None = None  # the unit the worker runs now
@@ -274,8 +275,12 @@ class ThreadExecutor(Executor):
         return ticket
 
     def poll(self) -> list[Completion]:
+        done = []
         with self._cond:
-            done, self._done = list(self._done), collections.deque()
+            # in submission order: a unit dropped from the queue waits behind the running one
+            while self._next_out in self._done:
+                done.append(self._done.pop(self._next_out))
+                self._next_out += 1
             self._inflight -= len(done)
         self.busy_s += sum(c.seconds for c in done if not c.discarded)
         return done
@@ -300,7 +305,7 @@ class ThreadExecutor(Executor):
             self._queue.clear()
             now = self.clock()
             for unit, ticket in dropped:
-                self._done.append(Completion(ticket, unit, now, now, discarded=True))
+                self._done[ticket.seq] = Completion(ticket, unit, now, now, discarded=True)
             if dropped and self._running is None:  # else the running unit's end says so
                 self._finished_seq = dropped[-1][1].seq
             self._cond.notify_all()
@@ -333,7 +338,7 @@ class ThreadExecutor(Executor):
                 self._share = ticket.share
             completion = _execute(unit, ticket, self.clock)
             with self._cond:
-                self._done.append(completion)
+                self._done[ticket.seq] = completion
                 self._running = None
                 # units discarded behind it were handed back already: the fence covers them
                 last = self._queue[0][1].seq - 1 if self._queue else self.submitted

@@ -32,6 +32,9 @@ from .stats import DecodeStats
 # whose budget is at least this fraction of the objective (else it waits for an idle quantum,
 # where its duration is learned at no risk).
 PROBE_FRACTION = 0.5
+# A share never measured beside decode is tried only where decode could be this much slower and
+# still meet the target (its first iterations then measure the real slowdown).
+PROBE_SLOWDOWN = 1.5
 # a decode this much slower than predicted marks the machine as slow right now (below it, the
 # difference is ordinary noise that the margin absorbs)
 SLOW_DECODE = 1.25
@@ -211,7 +214,7 @@ class HarliPolicy(CoRunPolicy):
         if not self.within(iteration.total_s):
             self.misses += 1
             self.backoff = max(self.backoff / 2, MIN_BACKOFF)
-            if iteration.units:  # a miss finetune may have caused
+            if iteration.units or iteration.beside:  # a miss finetune may have caused
                 self.hold = min(self.hold + HOLD_UP, MAX_HOLD)
         else:
             self.backoff = min(self.backoff + RECOVERY_STEP, 1.0)
@@ -222,7 +225,7 @@ class HarliPolicy(CoRunPolicy):
         """The largest share of :attr:`shares` whose predicted decode beside finetune (stage 2,
         the interference table) still meets the target; none when none does. A share never
         measured here is tried only where the decode alone leaves most of the objective free
-        (``PROBE_FRACTION``), and its first iterations teach the table."""
+        (``PROBE_SLOWDOWN``), and its first iterations teach the table."""
         decode_s = self.predictor.decode(stats)
         if decode_s is None:
             return Plan(0.0, None, reason="learning: no prediction yet")
@@ -232,7 +235,7 @@ class HarliPolicy(CoRunPolicy):
         for share in sorted(self.shares, reverse=True):
             factor = self.predictor.interference.factor_at(share)
             if factor is None:
-                if decode_s <= (1 - PROBE_FRACTION) * target:
+                if decode_s * PROBE_SLOWDOWN <= target:
                     return Plan(0.0, decode_s, reason="probing a share", share=share)
                 continue
             if decode_s * factor <= target:

@@ -19,6 +19,11 @@ import pytest
 import torch
 from starlette.responses import JSONResponse
 
+from sglang_harli.corun.controller import CoRun
+from sglang_harli.corun.executor import ThreadExecutor
+from sglang_harli.corun.policy import NaivePolicy
+from sglang_harli.corun.predictor import Predictor
+from sglang_harli.corun.stats import DecodeStats
 from sglang_harli.finetune.base_model import BaseModelView
 from sglang_harli.finetune.data import Example, save_examples
 from sglang_harli.finetune.peft_io import load_adapter
@@ -521,3 +526,70 @@ def test_a_step_planned_for_memory_a_burst_took_back_is_planned_again_smaller(
     assert done.status == "running" and done.adapter_path is not None  # trained to the end
     assert trainer.state.abandoned_steps >= 1
     assert trainer.memory_use.micro_batch_tokens == 16  # one example: what the reserve holds
+
+
+# --- the runner as a source of units, driven by the co-run loop through a concurrent executor
+
+
+class ConcurrentScheduler(MiniScheduler):
+    """The scheduler's side with a worker thread (``cpu-concurrent``): units are submitted
+    before each (fake) decode and taken back after it, as ``srt/scheduler.py`` does."""
+
+    def __init__(self, agent: JobAgent, executor):
+        super().__init__(agent)
+        self.corun = CoRun(NaivePolicy(1.0, 0.01, Predictor()), executor=executor)
+
+    def slice(self) -> None:
+        started = time.perf_counter()
+        if self.runner is None:
+            self.runner = self.agent.take_runner()
+        self.corun.before_decode(DecodeStats(1, 16, 16))
+        if self.runner is not None and not self.corun.beside_decode(self.runner):
+            self.runner = None
+        time.sleep(0.002)  # the decode, while the worker runs units
+        if self.runner is not None and not self.corun.after_decode(self.runner):
+            self.runner = None
+        self.slices.append(time.perf_counter() - started)
+
+
+def one_thread():
+    torch.set_num_threads(1)  # as the view's fixture: the same sums as the inline run
+
+
+def test_a_job_trained_beside_decode_on_a_worker_matches_the_inline_run(tmp_path, view):
+    """The same job through the worker thread ends with the adapter the inline run writes: the
+    units ran in the trainer's order, each once, their results handed back on this thread."""
+    adapters = {}
+    for name in ("inline", "worker"):
+        store = JobStore(tmp_path / name)
+        job = queue_job(store, examples(8, view.config.vocab_size), n_epochs=3)
+        agent = make_agent(tmp_path / name, view, checkpoint_every=2, keep=2)
+        if name == "inline":
+            scheduler = MiniScheduler(agent)
+        else:
+            executor = ThreadExecutor(max_inflight=3, setup=one_thread)
+            scheduler = ConcurrentScheduler(agent, executor)
+        done = run_until(store, job.id, finished, (agent, scheduler))
+        assert done.status == "running" and done.adapter_path, done.error
+        adapters[name] = load_adapter(done.adapter_path, view.config)
+        assert metric_steps(store, job.id) == [1, 2, 3]
+    executor.close()
+    assert executor.submitted > 0 and scheduler.corun.stats.corun_units == executor.submitted
+    inline, worker = (a.state_dict() for a in (adapters["inline"], adapters["worker"]))
+    assert inline.keys() == worker.keys()
+    for key in inline:
+        torch.testing.assert_close(worker[key], inline[key], rtol=0, atol=0)
+
+
+def test_a_job_cancelled_with_units_in_flight_ends_once_they_are_back(tmp_path, view):
+    store = JobStore(tmp_path)
+    job = queue_job(store, examples(8, view.config.vocab_size), n_epochs=1000)
+    agent = make_agent(tmp_path, view)
+    executor = ThreadExecutor(max_inflight=3, setup=one_thread)
+    scheduler = ConcurrentScheduler(agent, executor)
+    run_until(store, job.id, lambda j: j.trained_tokens, (agent, scheduler))
+    store.request_cancel(job.id)
+    done = run_until(store, job.id, lambda j: j.status == "cancelled", (agent, scheduler))
+    assert done.status == "cancelled" and scheduler.runner is None
+    assert executor.inflight == 0 and executor.last_fence().done()
+    executor.close()
