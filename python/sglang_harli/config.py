@@ -20,32 +20,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-AUTO = "auto"
+from sglang_harli.corun.modes import AUTO, ExecutorKind, Mode
 
-
-class Mode(enum.StrEnum):
-    """How finetune work shares the device with decode (``--harli-mode``).
-
-    Every mode but ``off`` is one :class:`~sglang_harli.corun.policy.CoRunPolicy`, so the
-    benchmarks compare like with like (``corun/policy.py``).
-    """
-
-    AUTO = AUTO  # resolved at start-up: harli
-    HARLI = "harli"  # the QoS policy: the most finetune the TPOT objective allows, per iteration
-    TIME_SLICED = "time-sliced"  # a fixed finetune slice after each decode iteration (baseline)
-    IDLE_ONLY = "idle-only"  # finetune only when no decode runs (baseline)
-    NAIVE = "naive"  # GPU: finetune on its own stream with every SM, no prediction (baseline)
-    STATIC = "static"  # GPU: finetune on a fixed SM share (baseline)
-    OFF = "off"  # plain SGLang: no Harli scheduler, no fine-tuning
-
-
-class ExecutorKind(enum.StrEnum):
-    """``--harli-executor``: where a mode's finetune units run (``corun/executor.py``)."""
-
-    AUTO = AUTO  # the mode's own default (corun/modes.py)
-    INLINE = "inline"  # on the scheduler thread, after the decode (temporal)
-    CPU_CONCURRENT = "cpu-concurrent"  # a worker thread beside decode, on its own cores
-    CUDA = "cuda"  # a finetune stream on an SM partition (the GPU issue; not built yet)
+__all__ = ["AUTO", "ExecutorKind", "Mode", "HarliConfig", "HarliConfigError", "Kernels"]
 
 
 class Kernels(enum.StrEnum):

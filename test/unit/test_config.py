@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_harli.config import HarliConfig, HarliConfigError, parse_harli_args
+from sglang_harli.config import HarliConfig, HarliConfigError, Mode, parse_harli_args
 
 
 def test_harli_flags_are_split_off_and_sglang_flags_kept_in_order():
@@ -126,14 +126,57 @@ def test_the_readme_documents_every_flag():
 
 
 @pytest.mark.parametrize("mode", ["naive", "static"])
-def test_spatial_modes_are_refused_without_a_gpu_saying_why(mode):
-    with pytest.raises(HarliConfigError, match="needs a CUDA GPU"):
-        HarliConfig(mode=mode).resolved(has_cuda=False)
+def test_spatial_baselines_run_beside_decode_on_a_cpu(mode):
+    config = HarliConfig(mode=mode).resolved(has_cuda=False)
+    assert (config.mode, config.executor) == (mode, "cpu-concurrent")
+    with pytest.raises(HarliConfigError, match="runs with --harli-executor cpu-concurrent"):
+        HarliConfig(mode=mode, executor="inline").resolved(has_cuda=False)
+
+
+@pytest.mark.parametrize(
+    ("mode", "executor", "runs"),
+    [
+        ("time-sliced", "auto", "inline"),
+        ("idle-only", "auto", "inline"),
+        ("harli", "inline", "inline"),
+        ("harli", "cpu-concurrent", "cpu-concurrent"),
+        ("off", "auto", "auto"),
+    ],
+)
+def test_each_mode_runs_on_its_executor(mode, executor, runs):
+    assert HarliConfig(mode=mode, executor=executor).resolved(has_cuda=False).executor == runs
+
+
+def test_the_modes_table_covers_every_mode_and_policy():
+    from sglang_harli.corun.modes import MODES, runnable
+    from sglang_harli.corun.policy import make_policy
+    from sglang_harli.corun.predictor import Predictor
+
+    assert set(MODES) == set(Mode) - {Mode.AUTO, Mode.OFF}
+    for mode, facts in MODES.items():
+        spatial = facts.cpu_executors[0] == "cpu-concurrent"
+        policy = make_policy(
+            mode,
+            objective_s=0.05,
+            margin=0.05,
+            budget_s=0.02,
+            idle_quantum_s=0.1,
+            predictor=Predictor(),
+            shares=(1.0,) if spatial else (),
+        )
+        assert policy.mode == mode and policy.spatial == spatial
+    assert runnable("cpu") == ["harli", "time-sliced", "idle-only", "naive", "static"]
+    assert runnable("cuda") == ["time-sliced", "idle-only"]
+
+
+def test_the_cuda_executor_is_refused_until_built():
+    with pytest.raises(HarliConfigError, match="not built yet"):
+        HarliConfig(executor="cuda").resolved(has_cuda=True)
 
 
 @pytest.mark.parametrize("mode", ["harli", "naive", "static"])
 def test_gpu_co_run_modes_are_refused_on_a_gpu_until_built(mode):
-    with pytest.raises(HarliConfigError, match="not built yet"):
+    with pytest.raises(HarliConfigError, match="is not built yet"):
         HarliConfig(mode=mode).resolved(has_cuda=True)
 
 

@@ -141,6 +141,19 @@ class _Clock:
         return self.now
 
 
+class _SimUnit:
+    """One unit of a simulated job: running it moves the clock by its drawn duration."""
+
+    __slots__ = ("kind", "cost", "job", "median", "draw")
+
+    def __init__(self, kind: str, cost: float, job: SimJob, median: float, draw: Draws):
+        self.kind, self.cost, self.job, self.median, self.draw = kind, cost, job, median, draw
+
+    def run(self) -> None:
+        self.job.clock.now += self.median * self.draw()
+        self.job._advance(self.kind)
+
+
 class SimJob:
     """A job runner on the simulated clock (``controller.Runner``): its units, one at a time,
     each admitted by the caller before it starts, each lasting a draw of the machine."""
@@ -195,21 +208,30 @@ class SimJob:
         if self._pos == len(self._units):
             self._next_step()
 
-    def run_planned(self, admit: Callable, observe: Callable | None = None) -> bool:
-        """As ``JobRunner.run_planned``: units while ``admit(spent_s, kind, cost)`` lets the
-        next one start (``spent_s`` exactly 0 before the first); the job never ends."""
-        clock = self.clock
-        start, ran = clock.now, False
-        while True:
-            kind, cost, median, draw = self._units[self._pos]
-            if not admit(clock.now - start if ran else 0.0, kind, cost):
-                return True
-            seconds = median * draw()
-            clock.now += seconds
-            ran = True
-            self._advance(kind)
-            if observe is not None:
-                observe(kind, cost, seconds)
+    # --- a source of units, as ``jobs.runner.JobRunner`` (``corun.controller.Runner``); the
+    # job never ends, never pauses, and its units only move the simulated clock
+
+    done = False
+    in_flight = 0
+
+    def signal(self) -> str:
+        return "run"
+
+    def next_unit(self) -> _SimUnit:
+        kind, cost, median, draw = self._units[self._pos]
+        return _SimUnit(kind, cost, self, median, draw)
+
+    def issue(self, unit: _SimUnit) -> None:
+        pass
+
+    def complete(self, unit, result, error, dropped: bool = False) -> None:
+        pass
+
+    def stop(self, signal: str) -> None:
+        raise AssertionError("a simulated job is never stopped")
+
+    def fail(self, exc: BaseException) -> None:
+        raise exc
 
     def train_quanta(
         self, until_s: float, quantum_s: float, gap: Callable[[], float], observe: Callable

@@ -28,8 +28,10 @@ from typing import Any, Protocol
 
 from .executor import Executor, InlineExecutor, Share
 from .policy import CoRunPolicy, Iteration, Plan
-from .ranks import Verdict
+from .ranks import RankSync, Verdict
 from .stats import CoRunStats, DecodeStats, Window, quantiles
+
+FULL = Share(1.0)  # inline units have the device to themselves
 
 SAMPLE_KEYS = 256  # distinct decode shapes kept for profiles (the most recent)
 SHAPE_TOKENS = 32  # decode shapes are told apart by batch size and context in 32-token steps
@@ -56,19 +58,15 @@ class _Shape:
 
 
 class Runner(Protocol):
-    """What the loop drives: ``jobs.runner.JobRunner`` (a source of units; the inline executor
-    runs them through ``run_planned``, a concurrent one through ``next_unit``/``complete``)."""
+    """What the loop drives: a source of work units (``jobs.runner.JobRunner``; the fleet
+    simulation's ``bench.instance.SimRunner``). ``signal()`` is one of "run", "pause",
+    "cancel", "drop" (``jobs.runner.JobSignal``)."""
 
     tokens_trained: int
-
-    def run_planned(self, admit: Callable, observe: Callable | None = None) -> bool: ...
-
-
-class UnitSource(Runner, Protocol):
     done: bool
     in_flight: int
 
-    def signal(self) -> Verdict: ...
+    def signal(self) -> str: ...
 
     def next_unit(self) -> Any: ...
 
@@ -78,7 +76,18 @@ class UnitSource(Runner, Protocol):
         self, unit: Any, result: Any, error: BaseException | None, dropped: bool = False
     ) -> None: ...
 
-    def stop(self, verdict: Verdict) -> None: ...
+    def stop(self, signal: str) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+# a runner's signal -> the verdict every rank acts on
+_SIGNALS = {
+    "run": Verdict.RUN,
+    "pause": Verdict.PAUSE,
+    "cancel": Verdict.CANCEL,
+    "drop": Verdict.DROP,
+}
 
 
 @dataclasses.dataclass
@@ -101,9 +110,12 @@ class CoRun:
         policy: CoRunPolicy,
         clock: Callable[[], float] = time.perf_counter,
         executor: Executor | None = None,
+        ranks: RankSync | None = None,
     ):
         self.policy, self.clock = policy, clock
-        self.executor = executor if executor is not None else InlineExecutor()
+        self.executor = executor if executor is not None else InlineExecutor(clock=clock)
+        # TP > 1: rank 0's verdict before each unit is every rank's (corun/ranks.py)
+        self.ranks = ranks
         self._runner: Any = None  # the runner whose units are in flight (concurrent)
         self.stats = CoRunStats(policy.objective_s)
         self._open: _Open | None = None
@@ -188,7 +200,7 @@ class CoRun:
             it.units.append((kind, cost))
             self._observe_unit(kind, cost, seconds)
 
-        still_running = self._train(runner, admit, observe)
+        still_running = self.train(runner, admit, observe)
         it.finetune_s += self.clock() - began
         return still_running
 
@@ -212,13 +224,15 @@ class CoRun:
         if self.executor.concurrent:
             still_running = self._idle_beside(runner, quantum)
         else:
-            still_running = self._train(
-                runner, lambda spent_s, kind, cost: spent_s < quantum, self._observe_unit
+            still_running = self.train(
+                runner,
+                lambda spent_s, kind, cost: spent_s == 0 or spent_s < quantum,  # one at least
+                self._observe_unit,
             )
         self._idle_end, self._interrupts, self._prefill_began = self.clock(), 0, None
         return still_running
 
-    def beside_decode(self, runner: UnitSource | None) -> bool:
+    def beside_decode(self, runner: Runner | None) -> bool:
         """Concurrent executor, just before the decode runs: what finished is handed back, and
         units are submitted at this iteration's planned share (none when it plans none). False
         once the runner is done."""
@@ -240,7 +254,7 @@ class CoRun:
         self.executor.close()
         self.executor = executor
 
-    def drain(self, runner: UnitSource | None, timeout: float | None = None) -> bool:
+    def drain(self, runner: Runner | None, timeout: float | None = None) -> bool:
         """Off the decode path (a flush, a job's end, a switch): wait for every unit in flight
         and hand it back. False once the runner is done."""
         for completion in self.executor.drain(timeout):
@@ -305,11 +319,66 @@ class CoRun:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _train(self, runner: Runner, admit: Callable, observe: Callable) -> bool:
+    def train(self, runner: Runner, admit: Callable, observe: Callable) -> bool:
+        """Units one after another on this thread (the inline executor) while ``admit(spent_s,
+        kind, cost)`` lets the next start (``spent_s`` exactly 0 before the first); at TP > 1
+        rank 0's verdict before each unit is every rank's. False once the runner is done."""
         before = runner.tokens_trained
-        still_running = runner.run_planned(admit, observe)
-        self.stats.finetune_tokens += runner.tokens_trained - before
-        return still_running
+        try:
+            return self._run_inline(runner, admit, observe)
+        except Exception as exc:  # noqa: BLE001 - ranks that diverged: the job fails, not serving
+            runner.fail(exc)
+            return False
+        finally:
+            self.stats.finetune_tokens += runner.tokens_trained - before
+
+    def _run_inline(self, runner: Runner, admit: Callable, observe: Callable) -> bool:
+        start, ran = self.clock(), False
+        while not runner.done:
+            unit = runner.next_unit()
+            verdict = self._verdict(runner, unit, admit, self.clock() - start if ran else 0.0)
+            if self.ranks is not None:
+                verdict = self.ranks.unit(verdict, None if unit is None else unit.kind)
+            if verdict in (Verdict.DROP, Verdict.CANCEL):
+                runner.stop(verdict.name.lower())
+                return False
+            if verdict != Verdict.RUN:
+                # paused (decode goes on, the writes wait for the store), nothing to do before
+                # the next slice, or the slice is spent
+                return True
+            ran = True
+            runner.issue(unit)
+            self.executor.submit(unit, FULL)
+            (done,) = self.executor.poll()
+            runner.complete(unit, done.result, done.error)
+            if done.error is not None:  # waiting for memory (decode goes on), or ended
+                return not runner.done
+            observe(unit.kind, unit.cost, done.seconds)
+        return False
+
+    def _verdict(self, runner: Runner, unit: Any, admit: Callable, spent_s: float) -> Verdict:
+        """This rank's say on the next unit; a TP follower only says whether it has one."""
+        if self.ranks is not None and not self.ranks.leader:
+            return Verdict.WAIT if unit is None else Verdict.RUN
+        signal = _SIGNALS[runner.signal()]
+        if signal != Verdict.RUN:
+            return signal
+        if unit is None:
+            return Verdict.WAIT
+        return Verdict.RUN if admit(spent_s, unit.kind, unit.cost) else Verdict.STOP
+
+    def agree(self, runner: Runner | None, agent: Any) -> tuple[Runner | None, bool]:
+        """TP > 1, at a hook that may train, on every rank: (the runner this rank holds now,
+        whether the ranks agree on it: then its units run, rank 0 deciding each). Rank 0 ends a
+        cancelled or lost job here while the followers still build theirs (no unit has run, so
+        none waits for it)."""
+        held, agreed = self.ranks.agree_runner(runner, agent)
+        if self.ranks.leader and held is not None and not agreed:
+            signal = held.signal()
+            if signal in ("cancel", "drop"):
+                held.stop(signal)
+                return None, False
+        return held, agreed
 
     def _note_beside(self) -> None:
         """Units in flight now run beside the open iteration: it measures stage 2, not 1."""
@@ -320,7 +389,7 @@ class CoRun:
         it.beside.update(kind for kind, _ in inflight)
         it.share = max([it.share, *(share for _, share in inflight)])
 
-    def _collect(self, runner: UnitSource) -> bool:
+    def _collect(self, runner: Runner) -> bool:
         """Hand back what the executor finished; act on the job's signals (a cancelled or lost
         job ends once nothing of it is in flight, its queued units dropped). False once the
         runner is done."""
@@ -329,7 +398,7 @@ class CoRun:
         if runner.done:
             return False
         signal = runner.signal()
-        if signal in (Verdict.DROP, Verdict.CANCEL):
+        if signal in ("drop", "cancel"):
             self.executor.discard_queued()
             if runner.in_flight:
                 return True
@@ -337,7 +406,7 @@ class CoRun:
             return False
         return True
 
-    def _complete(self, runner: UnitSource | None, completion) -> None:
+    def _complete(self, runner: Runner | None, completion) -> None:
         if runner is None:
             return
         before = runner.tokens_trained
@@ -351,9 +420,9 @@ class CoRun:
             self.recent_units.append((round(completion.started, 6), round(completion.ended, 6)))
             self.unit_samples.setdefault((unit.kind, unit.cost), Window(64)).add(completion.seconds)
 
-    def _submit(self, runner: UnitSource, share: Share) -> int:
+    def _submit(self, runner: Runner, share: Share) -> int:
         """Keep the executor's queue full at ``share`` with the runner's next units."""
-        if runner.signal() != Verdict.RUN:
+        if runner.signal() != "run":
             return 0  # paused (the store does not answer), or ending: _collect acts on it
         submitted = 0
         while self.executor.can_submit():
@@ -365,7 +434,7 @@ class CoRun:
             submitted += 1
         return submitted
 
-    def _idle_beside(self, runner: UnitSource, quantum_s: float) -> bool:
+    def _idle_beside(self, runner: Runner, quantum_s: float) -> bool:
         """Idle with a concurrent executor: finetune takes its whole part of the device, and
         this thread waits for the worker (a quantum at most) rather than spin on SGLang's idle
         loop: a request that arrives meanwhile waits that long at most, as inline."""

@@ -10,8 +10,34 @@ benchmarks' mode lists (``bench/modes.py``) all read it here. Imports neither to
 from __future__ import annotations
 
 import dataclasses
+import enum
 
-from sglang_harli.config import ExecutorKind, Mode
+AUTO = "auto"
+
+
+class Mode(enum.StrEnum):
+    """How finetune work shares the device with decode (``--harli-mode``).
+
+    Every mode but ``off`` is one :class:`~sglang_harli.corun.policy.CoRunPolicy`, so the
+    benchmarks compare like with like (``corun/policy.py``).
+    """
+
+    AUTO = AUTO  # resolved at start-up (AUTO_MODE below)
+    HARLI = "harli"  # the QoS policy: the most finetune the TPOT objective allows, per iteration
+    TIME_SLICED = "time-sliced"  # a fixed finetune slice after each decode iteration (baseline)
+    IDLE_ONLY = "idle-only"  # finetune only when no decode runs (baseline)
+    NAIVE = "naive"  # finetune beside decode with every resource it may have, no prediction
+    STATIC = "static"  # finetune beside decode on a fixed share (--harli-static-share)
+    OFF = "off"  # plain SGLang: no Harli scheduler, no fine-tuning
+
+
+class ExecutorKind(enum.StrEnum):
+    """``--harli-executor``: where a mode's finetune units run (``corun/executor.py``)."""
+
+    AUTO = AUTO  # the mode's own default (corun/modes.py)
+    INLINE = "inline"  # on the scheduler thread, after the decode (temporal)
+    CPU_CONCURRENT = "cpu-concurrent"  # a worker thread beside decode, on its own cores
+    CUDA = "cuda"  # a finetune stream on an SM partition (the GPU issue; not built yet)
 
 
 @dataclasses.dataclass(frozen=True)

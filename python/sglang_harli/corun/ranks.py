@@ -111,10 +111,7 @@ class RankSync:
         if lead is None:  # a follower's runner of a job rank 0 no longer trains
             agent.forget()
             return None, False
-        built = agent.runner_for(lead.job_id, lead.step)
-        if built is not None:
-            built.ranks = self
-        return built, False
+        return agent.runner_for(lead.job_id, lead.step), False
 
     def unit(self, verdict: Verdict, kind: str | None) -> Verdict:
         """Before a unit: this rank's verdict and next unit kind -> the verdict all act on."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import functools
 import logging
 import math
@@ -37,7 +38,6 @@ from typing import Any
 import torch
 
 from sglang_harli.config import Kernels
-from sglang_harli.corun.ranks import RankSync, Verdict
 from sglang_harli.finetune.base_model import BaseModelView
 from sglang_harli.finetune.checkpoint import read_checkpoint
 from sglang_harli.finetune.data import Example, load_examples
@@ -98,16 +98,21 @@ class RunnerConfig:
     job_reserve: bool = False
 
 
-# admit(spent_s, kind, cost): may the next unit start? observe(kind, cost, seconds): it ran
-Admit = Callable[[float, str, float], bool]
-Observe = Callable[[str, float, float], None]
-
 # a checkpoint directory or file that is not there: an older checkpoint is the answer
 _GONE = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 # a step planned for memory a burst took back is planned again, smaller, after this long
 REPLAN_AFTER_S = 1.0
+
+
+class JobSignal(enum.StrEnum):
+    """What the job itself says before more of its units run (:meth:`JobRunner.signal`)."""
+
+    RUN = "run"
+    PAUSE = "pause"  # the job store does not answer: no units until it does
+    CANCEL = "cancel"
+    DROP = "drop"  # no longer this server's job (or the agent failed it): end, write nothing
 
 
 @dataclasses.dataclass(eq=False)
@@ -126,7 +131,8 @@ class DatasetUnavailable(ValueError):
 
 
 class JobRunner:
-    """Trains one job; ``run_for`` returns False once the runner is done with it."""
+    """Trains one job: a source of work units (:meth:`next_unit`, :meth:`issue`,
+    :meth:`complete`) that the co-run loop drives (``corun/controller.py``)."""
 
     def __init__(
         self,
@@ -161,8 +167,6 @@ class JobRunner:
         # here off the scheduler thread; the scheduler adds it to the arena while the job runs
         self.reserve: torch.Tensor | None = None
         self.reserve_lease: int | None = None
-        # at tensor parallel size > 1: the ranks' one decision before each unit (the scheduler's)
-        self.ranks: RankSync | None = None
         self.started_at_step = trainer.state.step  # its ranks' runners all start here
         self._issued: collections.deque[RunnerUnit] = collections.deque()  # in flight, in order
         self._failed: BaseException | None = None  # a unit's failure, handled once none in flight
@@ -278,55 +282,6 @@ class JobRunner:
         """The job ended here, or its adapter is handed over (units may still be in flight)."""
         return self._ended or self.checkpoints.finished
 
-    def run_for(self, budget_s: float) -> bool:
-        """Run work units for about ``budget_s`` seconds (at least one); False when done."""
-        return self.run_planned(lambda spent_s, kind, cost: spent_s == 0 or spent_s < budget_s)
-
-    def run_planned(self, admit: Admit, observe: Observe | None = None) -> bool:
-        """Run work units here, one after another, while ``admit(spent_s, kind, cost)`` lets the
-        next one start; tell ``observe(kind, cost, seconds)`` what each took. False once the
-        runner is done. The inline way through :meth:`next_unit` and :meth:`complete` (what an
-        executor does elsewhere), and the one tensor parallelism runs.
-
-        ``spent_s`` is exactly 0 before the first unit of the call, then the time since it began.
-        With :attr:`ranks` (tensor parallel size > 1) rank 0's verdict before each unit is every
-        rank's (``corun/ranks.py``): followers neither admit nor read the job's signals.
-        """
-        try:
-            start, ran = time.perf_counter(), False
-            while True:
-                if self.done:
-                    return False
-                unit = self.next_unit()
-                spent_s = time.perf_counter() - start if ran else 0.0
-                verdict = self._verdict(unit, admit, spent_s)
-                if self.ranks is not None:
-                    verdict = self.ranks.unit(verdict, None if unit is None else unit.kind)
-                if verdict in (Verdict.DROP, Verdict.CANCEL):
-                    self.stop(verdict)
-                    return False
-                if verdict != Verdict.RUN:
-                    # paused (decode goes on, the writes wait for the store), nothing to do
-                    # before the next slice, or the slice is spent
-                    return True
-                ran = True
-                self.issue(unit)
-                began = time.perf_counter()
-                try:
-                    result, error = unit.run(), None
-                except Exception as exc:  # noqa: BLE001 - complete() decides what it means
-                    result, error = None, exc
-                seconds = time.perf_counter() - began
-                self.complete(unit, result, error)
-                if error is not None:  # waiting for memory (decode goes on), or ended
-                    return not self.done
-                if observe is not None:
-                    observe(unit.kind, unit.cost, seconds)
-        except Exception as exc:  # noqa: BLE001 - a job's failure must not stop serving
-            self._issued.clear()
-            self._fail(exc)
-            return False
-
     # --- a source of units (corun/controller.py drives it through an executor) ---------------
 
     @property
@@ -339,11 +294,17 @@ class JobRunner:
         """Units issued and not yet completed."""
         return len(self._issued)
 
-    def signal(self) -> Verdict:
-        """The job's own say before more units (rank 0's, at TP > 1): DROP (another server's
-        now, or the agent failed it), CANCEL, PAUSE (the store does not answer), else RUN."""
-        verdict = self._verdict(None, lambda *_: True, 0.0)
-        return Verdict.RUN if verdict == Verdict.WAIT else verdict
+    def signal(self) -> JobSignal:
+        """The job's own say before more units (what rank 0 reads for every rank at TP > 1):
+        DROP (another server's now, or the agent failed it), CANCEL, PAUSE (the store does not
+        answer: decode goes on, the writes wait), else RUN."""
+        if self.link.stopped:
+            return JobSignal.DROP
+        if self.link.cancel_requested:
+            return JobSignal.CANCEL
+        if self.link.store_failing:
+            return JobSignal.PAUSE
+        return JobSignal.RUN
 
     def next_unit(self) -> RunnerUnit | None:
         """The unit to issue next, without issuing it (:meth:`issue`); None when none can be
@@ -404,15 +365,21 @@ class JobRunner:
         elif not self._done:
             self._fail(failed)
 
-    def stop(self, verdict: Verdict) -> None:
+    def stop(self, signal: JobSignal | str) -> None:
         """Cancelled or dropped (:meth:`signal`): the job ends here; nothing may be in flight."""
         if self._issued:
             raise RuntimeError(f"{len(self._issued)} units in flight: drain them first")
-        self._stop(verdict)
+        self._stop(JobSignal(signal))
 
     def _unit(self, kind: str, cost: float, work: Any) -> RunnerUnit:
         run = functools.partial(work.run) if isinstance(work, WorkUnit) else work
         return RunnerUnit(kind, cost, run, work)
+
+    def fail(self, exc: BaseException) -> None:
+        """The loop that drives this runner met ``exc`` (ranks that diverged, say): the job
+        fails with it, whatever is in flight (the loop drops it)."""
+        self._issued.clear()
+        self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
         logger.error(
@@ -424,17 +391,8 @@ class JobRunner:
             {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}"},
         )
 
-    def end_if_stopped(self) -> bool:
-        """Rank 0, before its ranks agree on this job (TP > 1): no unit has run, so none waits
-        for it, and a cancelled or lost job ends here alone; True if it ended."""
-        verdict = self._verdict(None, lambda *_: False, 0.0)
-        if verdict not in (Verdict.DROP, Verdict.CANCEL):
-            return False
-        self._stop(verdict)
-        return True
-
-    def _stop(self, verdict: Verdict) -> None:
-        if verdict == Verdict.CANCEL:
+    def _stop(self, signal: JobSignal) -> None:
+        if signal == JobSignal.CANCEL:
             self._end(JobStatus.CANCELLED, "Job cancelled")
             return
         # lost to another server, or failed by the agent: drop it, writing nothing
@@ -442,20 +400,6 @@ class JobRunner:
         self.checkpoints.drop()
         self._ended = True
         self.link.close()
-
-    def _verdict(self, unit, admit: Admit, spent_s: float) -> Verdict:
-        """This rank's say on the next unit; a follower only says whether it has one."""
-        if self.ranks is not None and not self.ranks.leader:
-            return Verdict.WAIT if unit is None else Verdict.RUN
-        if self.link.stopped:
-            return Verdict.DROP
-        if self.link.cancel_requested:
-            return Verdict.CANCEL
-        if self.link.store_failing:
-            return Verdict.PAUSE
-        if unit is None:
-            return Verdict.WAIT
-        return Verdict.RUN if admit(spent_s, unit.kind, unit.cost) else Verdict.STOP
 
     def _wait_for_memory(self, reason: str) -> bool:
         """No room for the next unit's activations: the job waits, and says so once the wait

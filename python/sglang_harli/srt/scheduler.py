@@ -75,18 +75,19 @@ class HarliScheduler(Scheduler):
         self._check_kv_pools()
         self._harli_runner: JobRunner | None = None
         self.harli_arena, self.harli_lender = self._harli_memory(harli_config)
-        group = self.tp_group
-        executor = self._harli_executor(harli_config, group.world_size)
-        self.harli_corun = CoRun(self._harli_policy(harli_config, executor), executor=executor)
-        if self.harli_lender is not None:
-            self.harli_lender.fence = lambda: self.harli_corun.executor.last_fence()
-        self.harli_metrics = harli_metrics(self)  # None without --enable-metrics
         # TP > 1: each rank trains its shard; rank 0 decides for all (corun/ranks.py)
+        group = self.tp_group
         tp = None
         self.harli_ranks: RankSync | None = None
         if group.world_size > 1:
             tp = TensorParallel(group.rank_in_group, group.world_size, group.device_group)
             self.harli_ranks = RankSync(group.rank_in_group, group.world_size, group.cpu_group)
+        executor = self._harli_executor(harli_config, group.world_size)
+        policy = self._harli_policy(harli_config, executor)
+        self.harli_corun = CoRun(policy, executor=executor, ranks=self.harli_ranks)
+        if self.harli_lender is not None:
+            self.harli_lender.fence = lambda: self.harli_corun.executor.last_fence()
+        self.harli_metrics = harli_metrics(self)  # None without --enable-metrics
         build = functools.partial(
             JobRunner.build,
             view=base_model_view(self.tp_worker.model_runner.model, tp),
@@ -352,7 +353,6 @@ class HarliScheduler(Scheduler):
         if self._harli_runner is None:
             runner = self._harli_runner = self.harli_agent.take_runner()
             if runner is not None:
-                runner.ranks = self.harli_ranks
                 self._harli_give_memory(runner)
                 logger.info("fine-tuning job %s starts", runner.job.id)
         return self._harli_runner
@@ -386,9 +386,7 @@ class HarliScheduler(Scheduler):
         ranks = self.harli_ranks
         runner = self._harli_take_runner() if ranks.leader else self._harli_runner
         with self.harli_stats.timed("tp_sync"):
-            held, agreed = ranks.agree_runner(runner, self.harli_agent)
-        if ranks.leader and held is not None and not agreed and held.end_if_stopped():
-            held = None  # cancelled or lost while the followers were still building theirs
+            held, agreed = self.harli_corun.agree(runner, self.harli_agent)
         if held is not runner:
             if runner is not None and not ranks.leader:
                 logger.info("fine-tuning job %s: rank 0 trains another job", runner.job.id)

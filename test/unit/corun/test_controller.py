@@ -41,10 +41,22 @@ class ListClock:
         return self.ticks.pop(0) if len(self.ticks) > 1 else self.ticks[0]
 
 
+class FakeUnit:
+    def __init__(self, runner: FakeRunner, kind: str, cost: float, seconds: float):
+        self.runner, self.kind, self.cost, self.seconds = runner, kind, cost, seconds
+
+    def run(self) -> None:
+        runner = self.runner
+        runner.clock.advance(self.seconds)
+        runner.tokens_trained += runner.tokens_per_unit
+        runner.next = next(runner.units, None)
+
+
 class FakeRunner:
-    """JobRunner.run_planned's contract: ask ``admit(spent_s, kind, cost)`` before each unit
-    (spent_s exactly 0.0 before the first), run it (the clock advances by its duration), tell
-    ``observe``; stop when admit says no (True: more to do) or the units run out (False)."""
+    """A source of units (``jobs.runner.JobRunner``'s contract) whose units advance the fake
+    clock by their durations; done when they run out. ``asked`` records the admission
+    questions the loop put to its policy (``spent_s``, kind, cost), when :func:`asking` wraps
+    it."""
 
     def __init__(self, clock: Clock, units: Iterable[tuple[str, float, float]], tokens=10):
         self.clock = clock
@@ -52,23 +64,44 @@ class FakeRunner:
         self.next = next(self.units, None)
         self.tokens_per_unit = tokens
         self.tokens_trained = 0
+        self.issued = 0
+        self.in_flight = 0
         self.asked: list[tuple[float, str, float]] = []
 
-    def run_planned(self, admit, observe=None) -> bool:
-        start, ran = self.clock(), False
-        while self.next is not None:
-            kind, cost, seconds = self.next
-            spent = self.clock() - start if ran else 0.0
-            self.asked.append((spent, kind, cost))
-            if not admit(spent, kind, cost):
-                return True
-            began, ran = self.clock(), True
-            self.clock.advance(seconds)
-            self.tokens_trained += self.tokens_per_unit
-            if observe is not None:
-                observe(kind, cost, self.clock() - began)
-            self.next = next(self.units, None)
-        return False
+    @property
+    def done(self) -> bool:
+        return self.next is None
+
+    def signal(self) -> str:
+        return "run"
+
+    def next_unit(self) -> FakeUnit | None:
+        return None if self.next is None else FakeUnit(self, *self.next)
+
+    def issue(self, unit) -> None:
+        self.issued += 1
+
+    def complete(self, unit, result, error, dropped=False) -> None:
+        if error is not None:
+            raise error
+
+    def stop(self, signal) -> None:
+        raise AssertionError(signal)
+
+    def fail(self, exc) -> None:
+        raise exc
+
+
+def asking(corun: CoRun, runner: FakeRunner) -> FakeRunner:
+    """Record in ``runner.asked`` every admission the loop asks of ``corun``'s policy."""
+    admit = corun.policy.admit
+
+    def recorded(plan, spent_s, kind, cost, elapsed_s=None):
+        runner.asked.append((spent_s, kind, cost))
+        return admit(plan, spent_s, kind, cost, elapsed_s)
+
+    corun.policy.admit = recorded
+    return runner
 
 
 def forever(kind: str = "forward", cost: float = 1e6, seconds: float = 0.003):
@@ -86,7 +119,8 @@ def sliced(clock: Clock, budget_s: float = 0.004) -> CoRun:
 def test_an_iteration_runs_from_one_before_decode_to_the_next():
     """Decode (5 ms) plus the finetune run after it (two 3 ms units in a 4 ms slice) = 11 ms."""
     clock = Clock()
-    corun, runner = sliced(clock), FakeRunner(clock, forever())
+    corun = sliced(clock)
+    runner = asking(corun, FakeRunner(clock, forever()))
 
     corun.before_decode(A)
     clock.advance(0.005)
@@ -218,7 +252,7 @@ def test_no_finetune_runs_when_the_plan_gives_none():
 
     corun.before_decode(A)
     assert corun.after_decode(runner) is True
-    assert runner.asked == []
+    assert runner.issued == 0
     assert corun.stats.planned_finetune == 0
 
 

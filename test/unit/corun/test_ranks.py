@@ -22,6 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sglang_harli.corun.controller import CoRun
+from sglang_harli.corun.policy import IdleOnlyPolicy
+from sglang_harli.corun.predictor import Predictor
 from sglang_harli.corun.ranks import RankSync
 from sglang_harli.finetune.base_model import BaseModelView
 from sglang_harli.finetune.parallel import TensorParallel
@@ -66,6 +69,7 @@ def _rank(rank: int, state_dir: str, out: str, follower_checkpoint_every: int | 
             build = _unbuildable
         agent = (JobAgent if rank == 0 else FollowerAgent)(state_dir, build, config).start()
         ranks = RankSync(rank, TP)
+        corun = CoRun(IdleOnlyPolicy(1.0, 0.0, Predictor()), ranks=ranks)
         rng = random.Random(rank)
         runner, units, hooks, ended, job_id = None, [], 0, None, None
         deadline = time.monotonic() + 120
@@ -77,13 +81,14 @@ def _rank(rank: int, state_dir: str, out: str, follower_checkpoint_every: int | 
             if rank == 0 and runner is None:
                 runner = agent.take_runner()
                 if runner is not None:
-                    runner.ranks, job_id = ranks, runner.job.id
-            runner, go = ranks.agree_runner(runner, agent)
-            if rank == 0 and runner is not None and not go:
-                if cannot_build and hooks >= 200 and not runner.link.cancel_requested:
+                    job_id = runner.job.id
+            if rank == 0 and runner is not None and cannot_build and hooks >= 200:
+                if not runner.link.cancel_requested:
                     JobStore(state_dir).request_cancel(runner.job.id)  # the agent reads it
-                if runner.end_if_stopped():  # as the scheduler does before an agreement
-                    ended, runner = runner.trainer.state.step, None
+            held, go = corun.agree(runner, agent)  # as the scheduler does at each hook
+            if rank == 0 and runner is not None and held is None:  # ended before an agreement
+                ended = runner.trainer.state.step
+            runner = held
             if not go:
                 time.sleep(0.001)
                 continue
@@ -99,7 +104,7 @@ def _rank(rank: int, state_dir: str, out: str, follower_checkpoint_every: int | 
                 units.append(kind)
                 time.sleep(rank * rng.uniform(0.0, 0.005))  # rank 1 is slower
 
-            if not runner.run_planned(admit, observe):
+            if not corun.train(runner, admit, observe):
                 ended = runner.trainer.state.step
         if rank == 0:  # its agent's thread writes the job's end: let it
             store = JobStore(state_dir)

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse
 
 from sglang_harli.corun.controller import CoRun
 from sglang_harli.corun.executor import ThreadExecutor
-from sglang_harli.corun.policy import NaivePolicy
+from sglang_harli.corun.policy import IdleOnlyPolicy, NaivePolicy
 from sglang_harli.corun.predictor import Predictor
 from sglang_harli.corun.stats import DecodeStats
 from sglang_harli.finetune.base_model import BaseModelView
@@ -96,12 +96,17 @@ def make_agent(state_dir, view, owner=None, checkpoint_every=2, keep=2, **config
     return JobAgent(state_dir, build, AgentConfig(**config), owner=owner)
 
 
+def slicer(budget_s: float) -> CoRun:
+    """The co-run loop giving a runner idle quanta of ``budget_s`` (at least one unit each)."""
+    return CoRun(IdleOnlyPolicy(1.0, budget_s, Predictor()))
+
+
 class MiniScheduler:
-    """The scheduler's side in miniature: takes the agent's runner, gives it slices, and
-    times each (what decode would wait for)."""
+    """The scheduler's side in miniature: takes the agent's runner, gives it slices through
+    the co-run loop, and times each (what decode would wait for)."""
 
     def __init__(self, agent: JobAgent, budget_s: float = 0.01):
-        self.agent, self.budget_s = agent, budget_s
+        self.agent, self.corun = agent, slicer(budget_s)
         self.runner: JobRunner | None = None
         self.slices: list[float] = []
 
@@ -109,7 +114,7 @@ class MiniScheduler:
         started = time.perf_counter()
         if self.runner is None:
             self.runner = self.agent.take_runner()
-        if self.runner is not None and not self.runner.run_for(self.budget_s):
+        if self.runner is not None and not self.corun.idle(self.runner):
             self.runner = None
         self.slices.append(time.perf_counter() - started)
 
@@ -317,7 +322,7 @@ def test_starting_a_job_and_checkpointing_cost_the_scheduler_little(tmp_path, vi
     slices = []
     while store.get_job(job.id).step < 2 or not store.list_checkpoints(job.id)[0]:
         started = time.perf_counter()
-        runner.run_for(0.0)  # one unit per slice: a checkpoint's snapshot is one of them
+        slicer(0.0).idle(runner)  # one unit per slice: a checkpoint's snapshot is one of them
         slices.append(time.perf_counter() - started)
         agent.pump()
     print(f"build {build_s * 1e3:.0f} ms (agent thread), take {take_s * 1e6:.0f} us, "
@@ -391,7 +396,7 @@ def test_a_tp_followers_runner_starts_where_rank_0s_did_and_writes_nothing(tmp_p
     assert build(resume_step=0).started_at_step == 0  # rank 0 started it afresh
     with pytest.raises(ValueError, match="rank 0 resumed from step 3"):
         build(resume_step=3)
-    assert at_2.run_for(0.05)  # trains; its progress and events go nowhere
+    assert slicer(0.05).idle(at_2)  # trains; its progress and events go nowhere
     assert len(store.list_events(job.id, limit=1000)[0]) == events
     assert store.get_job(job.id).step == 5
 
