@@ -109,7 +109,12 @@ def imports_of(prefix: str) -> dict[str, set[str]]:
                 "sglang_harli.corun",
             ),
         ),
-        ("sglang_harli.jobs", ("sglang", "fastapi", "requests", "sglang_harli.srt")),
+        # the job service is driven: the co-run loop (corun/) pulls units from the runner and
+        # hands results back; nothing in jobs/ imports it or calls back into it
+        (
+            "sglang_harli.jobs",
+            ("sglang", "fastapi", "requests", "sglang_harli.srt", "sglang_harli.corun"),
+        ),
         ("sglang_harli.corun", ("sglang", "sglang_harli.srt", "sglang_harli.jobs")),
         (
             "sglang_harli.memory",

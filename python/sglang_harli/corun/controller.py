@@ -109,11 +109,14 @@ class CoRun:
         self,
         policy: CoRunPolicy,
         clock: Callable[[], float] = time.perf_counter,
-        executor: Executor | None = None,
+        worker: Executor | None = None,
         ranks: RankSync | None = None,
     ):
         self.policy, self.clock = policy, clock
-        self.executor = executor if executor is not None else InlineExecutor(clock=clock)
+        # units run here, after the decode, for a policy that plans time slices; on the
+        # concurrent ``worker`` (when the server has one) for a policy that plans shares
+        self.inline = InlineExecutor(clock=clock)
+        self.worker = worker
         # TP > 1: rank 0's verdict before each unit is every rank's (corun/ranks.py)
         self.ranks = ranks
         self._runner: Any = None  # the runner whose units are in flight (concurrent)
@@ -177,7 +180,7 @@ class CoRun:
         began = self.clock()
         it.forward_s = began - it.start
         self.recent_decodes.append((round(it.start, 6), round(began, 6)))
-        if self.executor.concurrent:
+        if self.spatial or self.worker_busy:
             self._note_beside()
             if runner is None:
                 return False
@@ -221,8 +224,10 @@ class CoRun:
         if self._idle_end is not None and self._interrupts <= 1:  # nothing ran in between
             self.idle_gaps.add(began - self._idle_end)
         quantum = self.policy.idle_quantum_s
-        if self.executor.concurrent:
+        if self.spatial:
             still_running = self._idle_beside(runner, quantum)
+        elif self.worker_busy:  # switched to a slice policy: the worker's units first
+            still_running = self._collect(runner)
         else:
             still_running = self.train(
                 runner,
@@ -246,18 +251,25 @@ class CoRun:
             self._note_beside()
         return not runner.done
 
-    def set_executor(self, executor: Executor) -> None:
-        """Another executor from the next iteration on (the old one must have nothing in
-        flight: the caller drains it off the decode path)."""
-        if self.executor.inflight:
-            raise RuntimeError("the executor still has units in flight")
-        self.executor.close()
-        self.executor = executor
+    @property
+    def executor(self) -> Executor:
+        """Where the policy's units run: the worker for shares, else this thread."""
+        if self.policy.spatial and self.worker is not None:
+            return self.worker
+        return self.inline
+
+    @property
+    def spatial(self) -> bool:
+        return self.executor.concurrent
+
+    def last_fence(self):
+        """What a lent slot waits for before it goes back to decode: every unit submitted."""
+        return (self.worker or self.inline).last_fence()
 
     def drain(self, runner: Runner | None, timeout: float | None = None) -> bool:
         """Off the decode path (a flush, a job's end, a switch): wait for every unit in flight
         and hand it back. False once the runner is done."""
-        for completion in self.executor.drain(timeout):
+        for completion in (self.worker or self.inline).drain(timeout):
             self._complete(runner, completion)
         return runner is not None and not runner.done
 
@@ -267,6 +279,7 @@ class CoRun:
         return {
             **self.stats.to_dict(),
             "executor": self.executor.to_dict(),
+            "worker": None if self.worker is None else self.worker.to_dict(),
             "policy": self.policy.to_dict(),
             "predictor": self.policy.predictor.to_dict(),
             "recent_misses": list(self.misses),
@@ -348,8 +361,8 @@ class CoRun:
                 return True
             ran = True
             runner.issue(unit)
-            self.executor.submit(unit, FULL)
-            (done,) = self.executor.poll()
+            self.inline.submit(unit, FULL)
+            (done,) = self.inline.poll()
             runner.complete(unit, done.result, done.error)
             if done.error is not None:  # waiting for memory (decode goes on), or ended
                 return not runner.done
@@ -380,10 +393,16 @@ class CoRun:
                 return None, False
         return held, agreed
 
+    @property
+    def worker_busy(self) -> bool:
+        """Units of a share plan still in flight after a switch to a time-slice policy: they
+        come back before any unit runs here (a runner's units run in order)."""
+        return self.worker is not None and self.worker.inflight > 0
+
     def _note_beside(self) -> None:
         """Units in flight now run beside the open iteration: it measures stage 2, not 1."""
-        it, executor = self._open, self.executor
-        if it is None or not executor.concurrent or not executor.inflight:
+        it, executor = self._open, self.worker
+        if it is None or executor is None or not executor.inflight:
             return
         inflight = executor.in_flight_units()
         it.beside.update(kind for kind, _ in inflight)
@@ -393,13 +412,14 @@ class CoRun:
         """Hand back what the executor finished; act on the job's signals (a cancelled or lost
         job ends once nothing of it is in flight, its queued units dropped). False once the
         runner is done."""
-        for completion in self.executor.poll():
+        executor = self.worker if self.worker_busy else self.executor
+        for completion in executor.poll():
             self._complete(runner, completion)
         if runner.done:
             return False
         signal = runner.signal()
         if signal in ("drop", "cancel"):
-            self.executor.discard_queued()
+            executor.discard_queued()
             if runner.in_flight:
                 return True
             runner.stop(signal)

@@ -305,11 +305,15 @@ def make_policy(
     predictor: Predictor,
     shares: Sequence[float] = (),
     static_share: float = 1.0,
+    spatial: bool = True,
 ) -> CoRunPolicy:
     """The policy of a (resolved) mode (``corun/modes.py`` says where each runs). ``shares``:
-    the shares a concurrent executor offers (empty: units run inline, in time slices)."""
+    the shares the server's concurrent executor offers (empty: none, units run inline);
+    ``spatial``: whether harli plans shares (its executor is the concurrent one) or slices."""
     if mode == Mode.HARLI:
-        return HarliPolicy(objective_s, idle_quantum_s, predictor, margin, shares)
+        return HarliPolicy(
+            objective_s, idle_quantum_s, predictor, margin, shares if spatial else ()
+        )
     if mode == Mode.TIME_SLICED:
         return TimeSlicedPolicy(objective_s, idle_quantum_s, predictor, budget_s)
     if mode == Mode.IDLE_ONLY:

@@ -43,7 +43,7 @@ from sglang.srt.runtime_context import get_serving
 
 from sglang_harli.config import ExecutorKind, HarliConfig
 from sglang_harli.corun.controller import CoRun
-from sglang_harli.corun.executor import Executor, InlineExecutor, Share, ThreadExecutor
+from sglang_harli.corun.executor import Executor, Share, ThreadExecutor
 from sglang_harli.corun.policy import make_policy
 from sglang_harli.corun.predictor import MIN_SAMPLES, Predictor, ProfileKey, load_profile
 from sglang_harli.corun.ranks import RankSync
@@ -82,11 +82,11 @@ class HarliScheduler(Scheduler):
         if group.world_size > 1:
             tp = TensorParallel(group.rank_in_group, group.world_size, group.device_group)
             self.harli_ranks = RankSync(group.rank_in_group, group.world_size, group.cpu_group)
-        executor = self._harli_executor(harli_config, group.world_size)
-        policy = self._harli_policy(harli_config, executor)
-        self.harli_corun = CoRun(policy, executor=executor, ranks=self.harli_ranks)
+        worker = self._harli_worker(harli_config, group.world_size)
+        policy = self._harli_policy(harli_config, worker)
+        self.harli_corun = CoRun(policy, worker=worker, ranks=self.harli_ranks)
         if self.harli_lender is not None:
-            self.harli_lender.fence = lambda: self.harli_corun.executor.last_fence()
+            self.harli_lender.fence = self.harli_corun.last_fence
         self.harli_metrics = harli_metrics(self)  # None without --enable-metrics
         build = functools.partial(
             JobRunner.build,
@@ -150,17 +150,20 @@ class HarliScheduler(Scheduler):
             )
         return arena, lender
 
-    def _harli_executor(self, config: HarliConfig, tp_size: int) -> Executor:
-        """Where the mode's units run (``corun/executor.py``, ``corun/modes.py``). On a CPU the
-        concurrent worker gets the cores decode leaves (SGLang's intra-op threads take all but
-        one, ``srt/cpu.py``): at least one, shared with the HTTP and tokenizer processes."""
-        if config.executor != ExecutorKind.CPU_CONCURRENT:
-            return InlineExecutor()
+    def _harli_worker(self, config: HarliConfig, tp_size: int) -> Executor | None:
+        """The concurrent executor the share-planning modes run on (``corun/executor.py``,
+        ``corun/modes.py``), on a CPU at TP 1, whatever the mode at start-up (a mode switch may
+        need it); an idle thread costs nothing. It gets the cores decode leaves (SGLang's
+        intra-op threads take all but one, ``srt/cpu.py``): at least one, shared with the HTTP
+        and tokenizer processes."""
+        if self.tp_worker.model_runner.device != "cpu":
+            return None  # the CUDA executor is the GPU issue's
         if tp_size > 1:
             # every rank's units hold collectives: they must start on the same hook on every
             # rank, which the inline loop's per-unit agreement guarantees (corun/ranks.py)
-            logger.warning("Harli: at --tp-size > 1 finetune units run inline, not concurrent")
-            return InlineExecutor()
+            if config.executor == ExecutorKind.CPU_CONCURRENT:
+                logger.warning("Harli: at --tp-size > 1 finetune units run inline")
+            return None
         cores = sorted(os.sched_getaffinity(0))
         decode_threads = torch.get_num_threads()
         spare = cores[decode_threads:] or cores[-1:]  # the cores decode's threads leave
@@ -184,14 +187,14 @@ class HarliScheduler(Scheduler):
         )
         return ThreadExecutor(setup=setup, apply_share=apply_share)
 
-    def _harli_shares(self, executor: Executor) -> tuple[float, ...]:
-        """The shares a concurrent executor offers: each count of the spare cores."""
-        if not executor.concurrent:
+    def _harli_shares(self, worker: Executor | None) -> tuple[float, ...]:
+        """The shares the concurrent worker offers: each count of the spare cores."""
+        if worker is None:
             return ()
-        n = len(getattr(self, "_harli_spare_cores", [0]))
+        n = len(self._harli_spare_cores)
         return tuple(k / n for k in range(1, n + 1))
 
-    def _harli_policy(self, config: HarliConfig, executor: Executor):
+    def _harli_policy(self, config: HarliConfig, worker: Executor | None):
         """The mode's policy, over a predictor from a matching profile or learning online."""
         predictor = Predictor()
         if config.profile is not None:
@@ -215,8 +218,9 @@ class HarliScheduler(Scheduler):
             budget_s=config.finetune_budget_ms / 1e3,
             idle_quantum_s=config.idle_quantum_ms / 1e3,
             predictor=predictor,
-            shares=self._harli_shares(executor),
+            shares=self._harli_shares(worker),
             static_share=config.static_share,
+            spatial=config.executor == ExecutorKind.CPU_CONCURRENT,
         )
 
     def harli_profile_key(self) -> ProfileKey:
@@ -277,7 +281,7 @@ class HarliScheduler(Scheduler):
             plan = self.harli_corun.before_decode(stats)
             if self.harli_metrics is not None:
                 self.harli_metrics.update(self.harli_corun)
-        if self.harli_corun.executor.concurrent:
+        if self.harli_corun.spatial or self.harli_corun.worker_busy:
             return self._harli_run_beside(batch, pp_proxy_tensors, plan)
         result = super().run_batch(batch, pp_proxy_tensors)
         runs = plan.runs_finetune

@@ -542,7 +542,7 @@ class ConcurrentScheduler(MiniScheduler):
 
     def __init__(self, agent: JobAgent, executor):
         super().__init__(agent)
-        self.corun = CoRun(NaivePolicy(1.0, 0.01, Predictor()), executor=executor)
+        self.corun = CoRun(NaivePolicy(1.0, 0.01, Predictor()), worker=executor)
 
     def slice(self) -> None:
         started = time.perf_counter()
