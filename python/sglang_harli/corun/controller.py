@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .objective import Objective
 from .policy import CoRunPolicy, Iteration, Plan
 from .stats import CoRunStats, DecodeStats, Window, quantiles
 
@@ -64,9 +65,18 @@ class _Open:
 
 
 class CoRun:
-    def __init__(self, policy: CoRunPolicy, clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        policy: CoRunPolicy,
+        clock: Callable[[], float] = time.perf_counter,
+        objective: Objective | None = None,
+    ):
+        """``objective``: the objective in force (default: the policy's, a fixed number); the
+        policy's ``objective_s`` and the stats' follow it (:meth:`_objective_changed`)."""
         self.policy, self.clock = policy, clock
-        self.stats = CoRunStats(policy.objective_s)
+        self.objective = objective or Objective(policy.objective_s)
+        self.stats = CoRunStats(self.objective.seconds)
+        self.policy.objective_s = self.objective.seconds
         self._open: _Open | None = None
         # measured samples for `python -m sglang_harli.profile`: solo decode per batch shape,
         # unit durations per (kind, cost), and whole co-run iterations
@@ -98,6 +108,7 @@ class CoRun:
         self._idle_end = self._prefill_began = None
         if self._open is not None:
             self._close(began)
+        self._track_objective(stats)
         plan = self.policy.plan(stats)
         self._open = _Open(began, stats, plan, predicted_s=plan.predicted_decode_s)
         self.stats.last_plan = {
@@ -165,11 +176,42 @@ class CoRun:
         self._idle_end, self._interrupts, self._prefill_began = self.clock(), 0, None
         return still_running
 
+    # --- runtime control (POST /harli/mode) ---------------------------------------------------
+
+    def set_policy(self, policy: CoRunPolicy) -> None:
+        """Plan with ``policy`` from the next decode iteration on (the scheduler calls this
+        between iterations). It keeps the objective in force; the open iteration, planned by
+        the previous policy, is not measured."""
+        policy.objective_s = self.objective.seconds
+        self.policy = policy
+        self._open = None
+
+    def set_objective(self, seconds: float | None, source: str = "request") -> None:
+        """A new objective (``None``: auto), in force from the next decode iteration, and
+        judged at once against stage 1's estimate of the last decode."""
+        self.objective.reset(seconds, source)
+        self._open = None  # planned and to be judged under the previous objective
+        self._objective_changed()
+        if self.objective.last_stats is not None:
+            self._track_objective(self.objective.last_stats)
+
+    def _track_objective(self, stats: DecodeStats) -> None:
+        """Stage 1's solo decode at this batch: an auto objective follows it, and the
+        diagnosis says whether the mode can plan anything under the objective."""
+        margin = getattr(self.policy, "margin", 0.0)
+        if self.objective.observe(stats, self.policy.predictor.decode(stats), margin):
+            self._objective_changed()
+
+    def _objective_changed(self) -> None:
+        """The objective is one number everywhere it is checked: the policy's and the stats'."""
+        self.policy.objective_s = self.stats.objective_s = self.objective.seconds
+
     # --- reporting ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.stats.to_dict(),
+            "objective": self.objective.to_dict(),
             "policy": self.policy.to_dict(),
             "predictor": self.policy.predictor.to_dict(),
             "recent_misses": list(self.misses),
