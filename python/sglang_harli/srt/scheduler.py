@@ -34,6 +34,7 @@ import logging
 import sys
 
 import torch
+from sglang.srt.managers.io_struct import SetInternalStateReq, SetInternalStateReqOutput
 from sglang.srt.managers.scheduler import Scheduler
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
@@ -41,8 +42,8 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.runtime_context import get_serving
 
 from sglang_harli.config import HarliConfig
+from sglang_harli.corun.control import Control, ControlError, Settings, from_wire, split_wire
 from sglang_harli.corun.controller import CoRun
-from sglang_harli.corun.policy import make_policy
 from sglang_harli.corun.predictor import MIN_SAMPLES, Predictor, ProfileKey, load_profile
 from sglang_harli.corun.ranks import RankSync
 from sglang_harli.corun.stats import DecodeStats, HookStats
@@ -75,6 +76,7 @@ class HarliScheduler(Scheduler):
         self.harli_arena, self.harli_lender = self._harli_memory(harli_config)
         self.harli_corun = CoRun(self._harli_policy(harli_config))
         self.harli_metrics = harli_metrics(self)  # None without --enable-metrics
+        self._harli_init_control(harli_config)
         # TP > 1: each rank trains its shard; rank 0 decides for all (corun/ranks.py)
         tp = None
         self.harli_ranks: RankSync | None = None
@@ -161,14 +163,15 @@ class HarliScheduler(Scheduler):
                 "%d decode iterations, then learning from every iteration",
                 MIN_SAMPLES,
             )
-        return make_policy(
-            config.mode,
-            objective_s=config.tpot_slo_ms / 1e3,
-            margin=config.slo_margin,
-            budget_s=config.finetune_budget_ms / 1e3,
-            idle_quantum_s=config.idle_quantum_ms / 1e3,
-            predictor=predictor,
-        )
+        return Settings.from_config(config).policy(predictor, config.idle_quantum_ms / 1e3)
+
+    def _harli_init_control(self, config: HarliConfig) -> None:
+        """The settings in force (``POST /harli/mode`` changes them) and the objective's."""
+        self.harli_control = Control(Settings.from_config(config))
+        source = "auto" if config.objective_auto else "flag"
+        self.harli_corun.set_objective(self.harli_control.settings.objective_s, source)
+        if self.harli_metrics is not None:
+            self.harli_metrics.update_control(self.harli_control, self.harli_corun)
 
     def harli_profile_key(self) -> ProfileKey:
         """What this server's latency depends on: a profile of another kind is not used."""
@@ -370,6 +373,48 @@ class HarliScheduler(Scheduler):
             if self.harli_metrics is not None:
                 self.harli_metrics.update_memory(lender)
 
+    # --- runtime control -------------------------------------------------------------------
+
+    def set_internal_state(self, recv_req):
+        # POST /harli/mode rides on SGLang's own scheduler RPC, as /harli/status does: our
+        # settings are the harli.-prefixed keys (corun/control.py), SGLang's are the rest. It
+        # runs on this thread between iterations, so the next decode iteration plans with it.
+        ours, theirs = split_wire(recv_req.server_args)
+        if not ours:
+            return super().set_internal_state(recv_req)
+        try:
+            change = from_wire(ours, self.harli_config, torch.cuda.is_available())
+        except ControlError as exc:
+            logger.warning("Harli control: refused %s: %s", ours, exc)
+            return SetInternalStateReqOutput(updated=False)
+        if theirs:
+            output = super().set_internal_state(SetInternalStateReq(server_args=theirs))
+            if not output.updated:
+                return output
+        self.harli_switch(change)
+        return SetInternalStateReqOutput(updated=True)
+
+    def harli_switch(self, change: dict) -> None:
+        """Validated settings in force from the next decode iteration: the mode's policy
+        rebuilt over the same predictor (what it learned is kept), the objective set."""
+        control, corun = self.harli_control, self.harli_corun
+        settings = control.apply(change, corun.stats)
+        if settings is None:
+            return  # nothing changed
+        self.harli_config = dataclasses.replace(self.harli_config, **change)
+        corun.set_policy(
+            settings.policy(corun.policy.predictor, self.harli_config.idle_quantum_ms / 1e3)
+        )
+        source = corun.objective.source
+        if "tpot_slo_ms" in change:
+            source = "auto" if settings.objective_s is None else "request"
+        corun.set_objective(settings.objective_s, source)
+        logger.info(
+            "Harli control: switch %d: %s", control.switches, control.last_switch["changed"]
+        )
+        if self.harli_metrics is not None:
+            self.harli_metrics.update_control(control, corun)
+
     # --- reporting ---------------------------------------------------------------------------
 
     def get_internal_state(self, recv_req):
@@ -377,7 +422,8 @@ class HarliScheduler(Scheduler):
         output = super().get_internal_state(recv_req)
         runner = self._harli_runner
         output.internal_state["harli"] = {
-            "mode": str(self.harli_config.mode),
+            "mode": str(self.harli_control.settings.mode),
+            "control": self.harli_control.to_dict(self.harli_corun.stats),
             "running_job": runner.job.id if runner is not None else None,
             "job_paused": runner.paused if runner is not None else None,
             "jobs": self.harli_agent.status(),
