@@ -75,8 +75,8 @@ class Objective:
             if not self.known or abs(wanted - self.seconds) > AUTO_HYSTERESIS * self.seconds:
                 if not self.known:
                     logger.info(
-                        "Harli objective (auto): %g x the solo decode at batch %d (%.2f ms) = "
-                        "%.2f ms; it follows the measured decode",
+                        "Harli objective (auto): %g x the solo decode at batch %d (%.4g ms) = "
+                        "%.4g ms; it follows the measured decode",
                         AUTO_SLO_MULTIPLE,
                         stats.batch_size,
                         solo_s * 1e3,
@@ -96,7 +96,7 @@ class Objective:
             if self._fit_streak >= FIT_AGAIN_ITERATIONS:
                 self.fits, self._miss = True, None
                 logger.info(
-                    "Harli objective: the solo decode fits the %.2f ms objective again (%.2f ms "
+                    "Harli objective: the solo decode fits the %.4g ms objective again (%.4g ms "
                     "at batch %d for the last %d iterations)",
                     self.seconds * 1e3,
                     solo_s * 1e3,
@@ -125,13 +125,13 @@ class Objective:
         batch, solo_s, room_s, seconds = self._miss
         if room_s < seconds:
             within = (
-                f"the {room_s * 1e3:.2f} ms harli plans within (the {seconds * 1e3:.2f} ms "
+                f"the {room_s * 1e3:.4g} ms harli plans within (the {seconds * 1e3:.4g} ms "
                 f"objective less its {1 - room_s / seconds:.0%} margin): harli cannot train "
                 "beside decode"
             )
         else:
             within = (
-                f"the {seconds * 1e3:.2f} ms objective: decode alone misses it, whatever runs "
+                f"the {seconds * 1e3:.4g} ms objective: decode alone misses it, whatever runs "
                 "beside it"
             )
         if self.auto:
@@ -144,7 +144,7 @@ class Objective:
         else:
             fix = "raise --harli-tpot-slo-ms or use auto"
         return (
-            f"the solo decode at batch {batch} takes {solo_s * 1e3:.2f} ms, above {within}; {fix}"
+            f"the solo decode at batch {batch} takes {solo_s * 1e3:.4g} ms, above {within}; {fix}"
         )
 
     def to_dict(self) -> dict[str, Any]:
