@@ -43,10 +43,12 @@ class Objective:
     """The objective ``S`` (:attr:`seconds`: ``inf`` while an auto objective has nothing measured
     yet) and the diagnosis of whether the solo decode fits under it."""
 
-    def __init__(self, seconds: float | None, source: str = "flag"):
-        """``seconds``: a fixed objective; None: auto."""
+    def __init__(self, seconds: float | None, source: str = "flag", log: bool = True):
+        """``seconds``: a fixed objective; None: auto. ``log``: say what changes in the log (a
+        server; a simulated instance of the fleet does not)."""
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        self.log = logger if log else None
         self.auto = seconds is None
         self.source = "auto" if self.auto else source
         self.seconds = math.inf if seconds is None else float(seconds)
@@ -73,8 +75,8 @@ class Objective:
         if self.auto:
             wanted = AUTO_SLO_MULTIPLE * solo_s
             if not self.known or abs(wanted - self.seconds) > AUTO_HYSTERESIS * self.seconds:
-                if not self.known:
-                    logger.info(
+                if not self.known and self.log:
+                    self.log.info(
                         "Harli objective (auto): %g x the solo decode at batch %d (%.4g ms) = "
                         "%.4g ms; it follows the measured decode",
                         AUTO_SLO_MULTIPLE,
@@ -90,19 +92,21 @@ class Objective:
             self._fit_streak = 0
             if self.fits is not False:
                 self.fits = False
-                logger.warning("Harli objective: %s", self.reason)
+                if self.log:
+                    self.log.warning("Harli objective: %s", self.reason)
         elif self.fits is False:
             self._fit_streak += 1
             if self._fit_streak >= FIT_AGAIN_ITERATIONS:
                 self.fits, self._miss = True, None
-                logger.info(
-                    "Harli objective: the solo decode fits the %.4g ms objective again (%.4g ms "
-                    "at batch %d for the last %d iterations)",
-                    self.seconds * 1e3,
-                    solo_s * 1e3,
-                    stats.batch_size,
-                    FIT_AGAIN_ITERATIONS,
-                )
+                if self.log:
+                    self.log.info(
+                        "Harli objective: the solo decode fits the %.4g ms objective again (%.4g ms "
+                        "at batch %d for the last %d iterations)",
+                        self.seconds * 1e3,
+                        solo_s * 1e3,
+                        stats.batch_size,
+                        FIT_AGAIN_ITERATIONS,
+                    )
         else:
             self.fits = True
         return changed
@@ -112,7 +116,7 @@ class Objective:
         if it was auto already; the diagnosis starts over (the caller observes again)."""
         kept = self.seconds if self.auto and seconds is None else None
         last_stats = self.last_stats
-        self.__init__(seconds, source)
+        self.__init__(seconds, source, log=self.log is not None)
         self.last_stats = last_stats
         if kept is not None:
             self.seconds = kept

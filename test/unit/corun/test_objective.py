@@ -209,3 +209,16 @@ def test_set_policy_keeps_the_objective_and_the_predictor_and_drops_the_open_ite
     assert corun.stats.iterations == 2
     assert corun.policy.objective_s == 0.020 and corun.policy.predictor is predictor
     assert corun.to_dict()["policy"]["target_ms"] == pytest.approx(18.0)
+
+
+def test_a_simulated_instance_keeps_the_diagnosis_out_of_the_log(caplog):
+    """The fleet simulation runs many instances: each says it in its status, not in the log."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    clock = Clock()
+    policy = HarliPolicy(0.050, 0.1, flat_predictor(0.070), margin=0.05)
+    corun = CoRun(policy, clock=clock, objective=Objective(0.050, log=False))
+    loop(corun, clock, 0.070, 10)
+    corun.set_objective(None, "auto")
+    assert corun.objective.fits is True and corun.objective.log is None
+    assert corun.to_dict()["objective"]["source"] == "auto"
+    assert caplog.records == []
