@@ -100,8 +100,8 @@ class Objective:
                 self.fits, self._miss = True, None
                 if self.log:
                     self.log.info(
-                        "Harli objective: the solo decode fits the %.4g ms objective again (%.4g ms "
-                        "at batch %d for the last %d iterations)",
+                        "Harli objective: the solo decode fits the %.4g ms objective again "
+                        "(%.4g ms at batch %d for the last %d iterations)",
                         self.seconds * 1e3,
                         solo_s * 1e3,
                         stats.batch_size,

@@ -406,7 +406,7 @@ class HarliScheduler(Scheduler):
             settings.policy(corun.policy.predictor, self.harli_config.idle_quantum_ms / 1e3)
         )
         source = corun.objective.source
-        if "tpot_slo_ms" in change:
+        if "tpot_slo_ms" in control.last_switch["changed"]:
             source = "auto" if settings.objective_s is None else "request"
         corun.set_objective(settings.objective_s, source)
         logger.info(
