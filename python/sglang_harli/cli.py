@@ -2,6 +2,7 @@
 
     create DATASET.jsonl [--wait] [--suffix S] [--n-epochs N] [--lora-rank R] ...
     list | get JOB | events JOB [--follow] | cancel JOB | checkpoints JOB
+    mode [--mode M] [--tpot-slo-ms MS|auto] [--slo-margin F] ...   (the server's co-run settings)
 
 It speaks the server's OpenAI-style fine-tuning API over HTTP. Keys follow SGLang's rules: reads
 send ``--api-key``; writes (upload, create, cancel) send ``--admin-api-key`` if given, else
@@ -159,6 +160,34 @@ def cmd_checkpoints(client: HarliClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_mode(client: HarliClient, args: argparse.Namespace) -> int:
+    """The server's co-run settings; switched first when any is given."""
+    settings = {name: getattr(args, name) for name in MODE_SETTINGS}
+    if any(value is not None for value in settings.values()):
+        answer = client.set_mode(**settings)
+        control, objective = answer["control"], answer["objective"]
+    else:
+        scheduler = client.scheduler()
+        if scheduler is None:
+            print("the server runs --harli-mode off: no co-run settings")
+            return EXIT_OK
+        control, objective = scheduler["control"], scheduler["corun"]["objective"]
+    print(
+        f"mode {control['mode']}  objective {control['tpot_slo_ms']}"
+        f"{' ms' if control['tpot_slo_ms'] != 'auto' else ''}  margin {control['slo_margin']}  "
+        f"share {control['static_share']}  budget {control['finetune_budget_ms']} ms  "
+        f"switches {control['switches']}"
+    )
+    if objective["tpot_slo_ms"] is not None and control["tpot_slo_ms"] == "auto":
+        print(f"auto objective now {objective['tpot_slo_ms']:.2f} ms")
+    if objective.get("reason"):
+        print(objective["reason"])
+    return EXIT_OK
+
+
+MODE_SETTINGS = ("mode", "tpot_slo_ms", "slo_margin", "static_share", "finetune_budget_ms")
+
+
 def wait(client: HarliClient, job_id: str, poll_s: float) -> int:
     """Show progress until the job ends; the exit code says how it ended."""
     tty = sys.stdout.isatty()
@@ -275,9 +304,29 @@ def _parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=text)
         command.add_argument("job")
         command.set_defaults(run=run)
+    mode = sub.add_parser(
+        "mode",
+        help="the server's co-run mode and objective; given any option, switch them (POST "
+        "/harli/mode, the admin key if the server has one)",
+    )
+    mode.add_argument("--mode", help="harli, time-sliced or idle-only (what the server runs)")
+    mode.add_argument("--tpot-slo-ms", type=_number_or_auto, help="the objective (ms), or auto")
+    mode.add_argument("--slo-margin", type=float, help="fraction of the objective kept free")
+    mode.add_argument("--static-share", type=float, help="static mode: the finetune share")
+    mode.add_argument("--finetune-budget-ms", type=float, help="time-sliced mode: ms per iteration")
+    mode.set_defaults(run=cmd_mode)
     sub.choices["events"].add_argument("--follow", action="store_true")
     sub.choices["events"].add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     return parser
+
+
+def _number_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of ms or auto: {text}") from None
 
 
 def _seconds(text: str) -> float:

@@ -1,17 +1,18 @@
-"""A client for sglang-harli's own HTTP API: files, fine-tuning jobs, ``/harli/status``.
+"""A client for sglang-harli's own HTTP API: files, fine-tuning jobs, ``/harli/status`` and
+``/harli/mode``.
 
 One place that speaks the API for the CLI (``cli.py``), the profile tool, the benchmarks
 (``bench/``, ``scripts/``) and the tests: a plain class over ``requests`` (the shape of
 mini-sglang's benchmark client). It imports no torch and no SGLang, so it runs on any machine
 that reaches the server.
 
-Keys follow SGLang's rules: reads send ``api_key``; routes that write (upload, create, cancel)
-send ``admin_api_key`` if given, else ``api_key``. An https server with a self-signed
-certificate is trusted through ``ca_cert`` (a file). Failures are typed, so a caller can tell
-them apart: :class:`ApiError` (the server answered 4xx/5xx), :class:`Unreachable` (nothing was
-sent: no connection, or the certificate could not be verified) and :class:`TransportError` (the
-request was sent but the answer did not come: a read timeout or a broken connection; whether it
-took effect is unknown).
+Keys follow SGLang's rules: reads send ``api_key``; routes that write (upload, create, cancel,
+``/harli/mode``) send ``admin_api_key`` if given, else ``api_key``. An https server with a
+self-signed certificate is trusted through ``ca_cert`` (a file). Failures are typed, so a
+caller can tell them apart: :class:`ApiError` (the server answered 4xx/5xx), :class:`Unreachable`
+(nothing was sent: no connection, or the certificate could not be verified) and
+:class:`TransportError` (the request was sent but the answer did not come: a read timeout or a
+broken connection; whether it took effect is unknown).
 """
 
 from __future__ import annotations
@@ -275,6 +276,40 @@ class HarliClient:
         """The first scheduler's co-run counters (cumulative), or None without a scheduler."""
         scheduler = self.scheduler()
         return None if scheduler is None else scheduler["corun"]
+
+    # --- runtime control -----------------------------------------------------------------------
+
+    def set_mode(
+        self,
+        mode: str | None = None,
+        *,
+        tpot_slo_ms: float | str | None = None,
+        slo_margin: float | None = None,
+        static_share: float | None = None,
+        finetune_budget_ms: float | None = None,
+    ) -> dict:
+        """``POST /harli/mode``: switch the co-run settings given (the others stay), in force
+        from the server's next decode iteration. ``tpot_slo_ms`` may be ``"auto"``. Returns the
+        settings in force (``control``) and the objective (``objective``); a bad value is an
+        :class:`ApiError` (400) and changes nothing."""
+        body = {
+            name: value
+            for name, value in (
+                ("mode", mode),
+                ("tpot_slo_ms", tpot_slo_ms),
+                ("slo_margin", slo_margin),
+                ("static_share", static_share),
+                ("finetune_budget_ms", finetune_budget_ms),
+            )
+            if value is not None
+        }
+        return self.request("POST", "/harli/mode", write=True, json=body)
+
+    def control(self) -> dict | None:
+        """The first scheduler's settings in force and their switches (``control``), or None
+        without a scheduler."""
+        scheduler = self.scheduler()
+        return None if scheduler is None else scheduler["control"]
 
 
 def corun_delta(before: dict, after: dict) -> dict:

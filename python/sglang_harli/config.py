@@ -40,6 +40,15 @@ class DefaultModel(enum.StrEnum):
     TINY = "tiny"  # a tiny random-weight Llama built locally (tiny_model.py): answers nonsense
 
 
+# --harli-tpot-slo-ms: the default objective, and what 'auto' means. The auto objective is this
+# multiple of the solo decode that stage 1 of the predictor measures at the current batch: a
+# token at most 1.5x as late as decode alone would deliver it leaves fine-tuning a third of each
+# iteration (1 - 1/1.5) before the margin, and streams still run at two thirds of their solo
+# rate (a 20 ms decode keeps 33 tokens/s per stream, well above reading speed).
+DEFAULT_TPOT_SLO_MS = 50.0
+AUTO_SLO_MULTIPLE = 1.5
+
+
 class HarliConfigError(ValueError):
     """A --harli-* flag has a value we cannot run with."""
 
@@ -126,12 +135,16 @@ class HarliConfig:
         "default: ~/.cache/sglang_harli/state",
         metavar="DIR",
     )
-    tpot_slo_ms: float = _flag(
-        50.0,
+    tpot_slo_ms: float | str = _flag(
+        DEFAULT_TPOT_SLO_MS,
         "the decode objective: the time per output token (ms) every decode iteration must stay "
-        "within while finetune runs beside it (default %(default)s: 20 tokens/s per stream, "
-        "faster than people read)",
-        _number(float, 0, inclusive=False),
+        "within while finetune runs beside it, or 'auto': "
+        f"{AUTO_SLO_MULTIPLE:g}x the solo decode the server measures at its current batch, "
+        "followed as the machine changes (docs/corun.md). Default %(default)s (20 tokens/s per "
+        "stream, faster than people read); 'auto' when the server serves its embedded default "
+        "model on a CPU, where no fixed figure fits every machine (SmolLM2 decodes at about 70 "
+        "ms per token on 2 cores, so a 50 ms objective would leave nothing to train beside it)",
+        _number(float, 0, inclusive=False, auto=True),
         metavar="MS",
     )
     slo_margin: float = _flag(
@@ -261,6 +274,20 @@ class HarliConfig:
     def fixed_reserve_mb(self) -> float:
         """The server-wide reserve, MB (0 with per-job reserves)."""
         return 0.0 if self.reserve_mb == AUTO else float(self.reserve_mb)
+
+    @property
+    def objective_auto(self) -> bool:
+        """``--harli-tpot-slo-ms auto``: the objective follows the measured solo decode."""
+        return self.tpot_slo_ms == AUTO
+
+    def with_objective_default(self, given: bool, embedded_on_cpu: bool) -> HarliConfig:
+        """The objective when ``--harli-tpot-slo-ms`` is not ``given``: ``auto`` for the embedded
+        default model on a CPU (the server a new user tries first, on whatever machine they
+        have: a fixed figure fits some CPUs and not others), else the flag's default. An
+        explicit value is kept as it is."""
+        if given or not embedded_on_cpu:
+            return self
+        return dataclasses.replace(self, tpot_slo_ms=AUTO)
 
     @property
     def enabled(self) -> bool:

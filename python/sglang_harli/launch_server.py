@@ -39,7 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         harli_config, sglang_argv = parse_harli_args(argv)
         harli_config = harli_config.resolved(has_cuda=not on_cpu)
         sglang_argv = _expand_config_file(sglang_argv)
+        embedded = _names_no_model(sglang_argv)
         sglang_argv = _with_model(sglang_argv, harli_config.default_model)
+        harli_config = harli_config.with_objective_default(
+            given=cpu.has_flag(argv, "--harli-tpot-slo-ms"), embedded_on_cpu=embedded and on_cpu
+        )
         if harli_config.enabled:
             from sglang_harli.srt.server import lora_serving_flags
 
@@ -95,6 +99,11 @@ def _expand_config_file(argv: list[str]) -> list[str]:
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     return ConfigArgumentMerger(parser).merge_config_with_args(argv)
+
+
+def _names_no_model(argv: list[str]) -> bool:
+    """Whether SGLang's flags leave the model to us (the embedded default is served)."""
+    return (cpu.flag_value(argv, "--model-path") or cpu.flag_value(argv, "--model")) is None
 
 
 def _with_model(argv: list[str], default_model: DefaultModel) -> list[str]:

@@ -220,3 +220,41 @@ def test_a_missing_dataset_is_a_clear_error(tmp_path, capsys):
     assert code == cli.EXIT_REFUSED
     err = capsys.readouterr().err
     assert err.startswith("error:") and "missing.jsonl" in err
+
+
+def test_mode_switches_with_the_admin_key_and_shows_what_is_in_force(capsys):
+    """``mode --tpot-slo-ms auto --mode idle-only`` posts exactly those settings as a write (the
+    admin key); with no option it only reads the status and prints the reason a decode does
+    not fit."""
+    from sglang_harli import cli
+    from sglang_harli.client import HarliClient
+
+    control = {
+        "mode": "idle-only",
+        "tpot_slo_ms": "auto",
+        "slo_margin": 0.05,
+        "static_share": 0.5,
+        "finetune_budget_ms": 20.0,
+        "switches": 1,
+    }
+    objective = {"tpot_slo_ms": 12.0, "reason": None}
+    sent = []
+
+    class Answers(HarliClient):
+        def request(self, method, path, write=False, **kwargs):
+            sent.append((method, path, write, kwargs.get("json")))
+            if method == "POST":
+                return {"control": control, "objective": objective}
+            slow = {**objective, "reason": "the solo decode at batch 1 takes 70.00 ms, above"}
+            return {"schedulers": [{"control": control, "corun": {"objective": slow}}]}
+
+    args = cli._parser().parse_args(["mode", "--mode", "idle-only", "--tpot-slo-ms", "auto"])
+    assert args.run(Answers("http://unused"), args) == cli.EXIT_OK
+    assert sent == [("POST", "/harli/mode", True, {"mode": "idle-only", "tpot_slo_ms": "auto"})]
+    out = capsys.readouterr().out
+    assert "mode idle-only  objective auto" in out and "auto objective now 12.00 ms" in out
+
+    args = cli._parser().parse_args(["mode"])
+    assert args.run(Answers("http://unused"), args) == cli.EXIT_OK
+    assert sent[-1][:3] == ("GET", "/harli/status", False)
+    assert "takes 70.00 ms" in capsys.readouterr().out

@@ -186,3 +186,40 @@ def test_slo_flags_parse():
     )
     assert (config.tpot_slo_ms, config.slo_margin, config.profile) == (12.5, 0.2, "p.json")
     assert HarliConfig().tpot_slo_ms == 50.0 and HarliConfig().slo_margin == 0.05
+
+
+def test_the_objective_may_be_auto():
+    config, _ = parse_harli_args(["--harli-tpot-slo-ms", "auto"])
+    assert config.tpot_slo_ms == "auto" and config.objective_auto
+    assert not HarliConfig().objective_auto
+    with pytest.raises(HarliConfigError, match="not a number: 'fast'"):
+        parse_harli_args(["--harli-tpot-slo-ms", "fast"])
+
+
+@pytest.mark.parametrize(
+    "given, embedded_on_cpu, objective",
+    [
+        (False, True, "auto"),  # the embedded model on a CPU: the objective fits the machine
+        (False, False, 50.0),  # a model of one's own, or a GPU: the flag's default
+        (True, True, 30.0),  # an explicit number is kept as it is
+        (True, False, 30.0),
+    ],
+)
+def test_the_objective_default_is_auto_only_for_the_embedded_model_on_a_cpu(
+    given, embedded_on_cpu, objective
+):
+    argv = ["--harli-tpot-slo-ms", "30"] if given else []
+    config = parse_harli_args(argv)[0].with_objective_default(given, embedded_on_cpu)
+    assert config.tpot_slo_ms == objective
+
+
+def test_the_help_says_what_auto_is_and_when_it_is_the_default():
+    import argparse
+
+    from sglang_harli.config import add_harli_args
+
+    parser = argparse.ArgumentParser()
+    add_harli_args(parser)
+    text = " ".join(parser.format_help().split())
+    assert "or 'auto': 1.5x the solo decode the server measures at its current batch" in text
+    assert "'auto' when the server serves its embedded default model on a CPU" in text

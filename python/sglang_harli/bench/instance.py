@@ -39,6 +39,7 @@ from sglang_harli.bench.machine import Draws, Machine
 from sglang_harli.bench.trace import TraceRequest
 from sglang_harli.config import Mode
 from sglang_harli.corun.controller import CoRun
+from sglang_harli.corun.objective import Objective
 from sglang_harli.corun.policy import make_policy
 from sglang_harli.corun.predictor import Predictor
 from sglang_harli.corun.stats import DecodeStats
@@ -337,7 +338,9 @@ class Instance:
                 idle_quantum_s=config.idle_quantum_s,
                 predictor=predictor,
             )
-            self.corun = CoRun(policy, clock=self.clock)
+            # a fleet of instances: the objective's diagnosis is not logged once per instance
+            quiet = Objective(policy.objective_s, log=False)
+            self.corun = CoRun(policy, clock=self.clock, objective=quiet)
             if job is not None:
                 self.job = SimJob(job, machine, self.clock, config.seed)
         self.result = InstanceResult()

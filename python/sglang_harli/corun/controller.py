@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .executor import Executor, InlineExecutor, Share
+from .objective import Objective
 from .policy import CoRunPolicy, Iteration, Plan
 from .ranks import RankSync, Verdict
 from .stats import CoRunStats, DecodeStats, Window, quantiles
@@ -111,16 +112,22 @@ class CoRun:
         clock: Callable[[], float] = time.perf_counter,
         worker: Executor | None = None,
         ranks: RankSync | None = None,
+        objective: Objective | None = None,
     ):
+        """``worker``: the concurrent executor share plans run on (None: units run inline);
+        ``ranks``: TP > 1, rank 0's verdict before each unit is every rank's
+        (``corun/ranks.py``); ``objective``: the objective in force (default: the policy's, a
+        fixed number); the policy's ``objective_s`` and the stats' follow it
+        (:meth:`_objective_changed`)."""
         self.policy, self.clock = policy, clock
         # units run here, after the decode, for a policy that plans time slices; on the
         # concurrent ``worker`` (when the server has one) for a policy that plans shares
         self.inline = InlineExecutor(clock=clock)
         self.worker = worker
-        # TP > 1: rank 0's verdict before each unit is every rank's (corun/ranks.py)
         self.ranks = ranks
-        self._runner: Any = None  # the runner whose units are in flight (concurrent)
-        self.stats = CoRunStats(policy.objective_s)
+        self.objective = objective or Objective(policy.objective_s)
+        self.stats = CoRunStats(self.objective.seconds)
+        self.policy.objective_s = self.objective.seconds
         self._open: _Open | None = None
         # measured samples for `python -m sglang_harli.profile`: solo decode per batch shape,
         # unit durations per (kind, cost), and whole co-run iterations
@@ -156,6 +163,7 @@ class CoRun:
         self._idle_end = self._prefill_began = None
         if self._open is not None:
             self._close(began)
+        self._track_objective(stats)
         plan = self.policy.plan(stats)
         self._open = _Open(began, stats, plan, predicted_s=plan.predicted_decode_s)
         self._note_beside()
@@ -273,6 +281,36 @@ class CoRun:
             self._complete(runner, completion)
         return runner is not None and not runner.done
 
+    # --- runtime control (POST /harli/mode) ---------------------------------------------------
+
+    def set_policy(self, policy: CoRunPolicy) -> None:
+        """Plan with ``policy`` from the next decode iteration on (the scheduler calls this
+        between iterations). It keeps the objective in force; the open iteration, planned by
+        the previous policy, is not measured."""
+        policy.objective_s = self.objective.seconds
+        self.policy = policy
+        self._open = None
+
+    def set_objective(self, seconds: float | None, source: str = "request") -> None:
+        """A new objective (``None``: auto), in force from the next decode iteration, and
+        judged at once against stage 1's estimate of the last decode."""
+        self.objective.reset(seconds, source)
+        self._open = None  # planned and to be judged under the previous objective
+        self._objective_changed()
+        if self.objective.last_stats is not None:
+            self._track_objective(self.objective.last_stats)
+
+    def _track_objective(self, stats: DecodeStats) -> None:
+        """Stage 1's solo decode at this batch: an auto objective follows it, and the
+        diagnosis says whether the mode can plan anything under the objective."""
+        margin = getattr(self.policy, "margin", 0.0)
+        if self.objective.observe(stats, self.policy.predictor.decode(stats), margin):
+            self._objective_changed()
+
+    def _objective_changed(self) -> None:
+        """The objective is one number everywhere it is checked: the policy's and the stats'."""
+        self.policy.objective_s = self.stats.objective_s = self.objective.seconds
+
     # --- reporting ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,6 +318,7 @@ class CoRun:
             **self.stats.to_dict(),
             "executor": self.executor.to_dict(),
             "worker": None if self.worker is None else self.worker.to_dict(),
+            "objective": self.objective.to_dict(),
             "policy": self.policy.to_dict(),
             "predictor": self.policy.predictor.to_dict(),
             "recent_misses": list(self.misses),

@@ -15,12 +15,15 @@ One interface, one implementation per ``--harli-mode``, so benchmarks compare li
 - ``naive`` / ``static``: every SM / a fixed share, no prediction (GPU baselines).
 
 Every mode trains in quanta when no decode runs (:attr:`CoRunPolicy.idle_quantum_s`). The SLO
-check (``measured <= S``) exists once, here: :meth:`CoRunPolicy.within`.
+check (``measured <= S``) exists once, here: :meth:`CoRunPolicy.within`. ``S`` is
+:attr:`CoRunPolicy.objective_s`, a plain attribute the controller changes at runtime (an auto
+objective, ``POST /harli/mode``; ``corun/objective.py``): every check reads it when it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from sglang_harli.config import Mode
@@ -185,6 +188,8 @@ class HarliPolicy(CoRunPolicy):
         decode_s = self.predictor.decode(stats)
         if decode_s is None:
             return Plan(0.0, None, reason="learning: no prediction yet")
+        if not math.isfinite(self.objective_s):  # auto, before its first measurement
+            return Plan(0.0, decode_s, reason="learning: no objective yet")
         slack = (self.target_s - decode_s) * self.backoff
         if slack <= 0:
             return Plan(0.0, decode_s, reason="paused: no slack")
@@ -259,7 +264,7 @@ class HarliPolicy(CoRunPolicy):
 
     def to_dict(self) -> dict:
         return {
-            "target_ms": self.target_s * 1e3,
+            "target_ms": self.target_s * 1e3 if math.isfinite(self.target_s) else None,
             "hold": self.hold,
             "backoff": self.backoff,
             "misses": self.misses,

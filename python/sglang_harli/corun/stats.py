@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -113,11 +114,14 @@ class CoRunStats:
     measurement, the slack and what finetune used of it, and the policy's own cost.
 
     Totals are counters (a client takes differences between two reads); the windows give the
-    recent median and P99.
+    recent median and P99. Each iteration is judged against the objective in force when it was
+    measured (``objective_s``, changed at runtime by the controller); an auto objective that
+    has nothing measured yet (``inf``) judges none: those iterations count as ``unjudged``.
     """
 
     objective_s: float
     iterations: int = 0
+    unjudged: int = 0  # measured while there was no objective yet (auto, stage 1 learning)
     within_slo: int = 0
     # misses of iterations that ran finetune units: what fine-tuning may have caused (the
     # others are decode's own: a slow machine, a long batch)
@@ -142,14 +146,17 @@ class CoRunStats:
         predicted_s: float | None,
         ran_units: bool = False,
     ) -> None:
+        self.last_iteration_ms = total_s * 1e3
+        self.measured_ms.add(total_s * 1e3)
+        if not math.isfinite(self.objective_s):
+            self.unjudged += 1
+            return
         self.iterations += 1
         within = total_s <= self.objective_s
         self.within_slo += within
         self.misses_with_finetune += ran_units and not within
         self.finetune_s += finetune_s
         self.slack_s += max(self.objective_s - decode_s, 0.0)
-        self.last_iteration_ms = total_s * 1e3
-        self.measured_ms.add(total_s * 1e3)
         if predicted_s is not None and total_s > 0:
             self.prediction_error.add(abs(predicted_s - total_s) / total_s)
 
@@ -159,8 +166,9 @@ class CoRunStats:
             return None if value is None else round(value, 4)
 
         return {
-            "objective_ms": self.objective_s * 1e3,
+            "objective_ms": self.objective_s * 1e3 if math.isfinite(self.objective_s) else None,
             "iterations": self.iterations,
+            "unjudged": self.unjudged,
             "within_slo": self.within_slo,
             "misses_with_finetune": self.misses_with_finetune,
             "slo_attainment": self.within_slo / self.iterations if self.iterations else None,

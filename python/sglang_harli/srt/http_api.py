@@ -1,6 +1,8 @@
 """Harli's HTTP routes, mounted on SGLang's own FastAPI app in the main process.
 
 - ``GET /harli/status``: mode, decode iterations, hook overhead, the job being trained;
+- ``POST /harli/mode``: switch the co-run mode, objective, margin, share or budget of the running
+  server (``ADMIN_OPTIONAL``, like the other writes; ``corun/control.py`` decides what is valid);
 - OpenAI's fine-tuning API, in its shapes so the official ``openai`` client works unchanged:
   ``/v1/files`` (upload, list, get, content, delete) and ``/v1/fine_tuning/jobs`` (create,
   list, get, events, checkpoints, cancel). Errors use OpenAI's ``{"error": {...}}`` body.
@@ -33,6 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from sglang_harli import durable
 from sglang_harli.config import HarliConfig
+from sglang_harli.corun.control import ControlError, parse_change, to_wire
 from sglang_harli.jobs import hyperparameters as hp
 from sglang_harli.jobs.store import (
     STORE_ERRORS,
@@ -95,12 +98,62 @@ def mount_routes(app: FastAPI, harli_config: HarliConfig, limits: hp.ServingLimi
         internal_states = await manager.get_internal_state()
         schedulers = [state["harli"] for state in internal_states if "harli" in state]
         status = {
-            "mode": harli_config.mode,
+            # the mode in force (POST /harli/mode changes it), or the one the server started in
+            "mode": schedulers[0]["mode"] if schedulers else harli_config.mode,
             "decode_iterations": sum(s["decode_iterations"] for s in schedulers),
             "job_store": None if store is None else await run_in_threadpool(store_status, store),
             "schedulers": schedulers,
         }
         return status_view(status, may_write(request, manager.server_args))
+
+    from sglang.srt.utils.auth import AuthLevel, auth_level
+
+    @app.post("/harli/mode")
+    @auth_level(AuthLevel.ADMIN_OPTIONAL)  # a write: the key the fine-tuning writes need
+    async def harli_mode(request: Request):
+        """Switch the co-run settings of a running server (``corun/control.py``): validated
+        here, whole, before anything is sent; then SGLang's own scheduler RPC carries them to
+        every scheduler, which applies them before its next decode iteration. Answers the
+        settings in force, read back from the first scheduler."""
+        try:
+            return await _switch_settings(request, harli_config)
+        except ApiError as exc:  # in every mode, with or without the fine-tuning API mounted
+            return exc.response()
+
+
+async def _switch_settings(request: Request, harli_config: HarliConfig) -> dict:
+    if not harli_config.enabled:
+        raise ApiError(
+            409,
+            "this server runs --harli-mode off (plain SGLang, no Harli scheduler): there are no "
+            "co-run settings to switch; restart it in a Harli mode",
+            code="mode_off",
+        )
+    body = await _json_body(request)
+    try:
+        change = parse_change(body, harli_config, _has_cuda())
+    except ControlError as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_setting") from None
+    from sglang.srt.entrypoints.http_server import get_global_state
+    from sglang.srt.managers.io_struct import SetInternalStateReq
+
+    manager = get_global_state().tokenizer_manager
+    updated = await manager.set_internal_state(SetInternalStateReq(server_args=to_wire(change)))
+    if not updated or not all(updated):
+        logger.warning("POST /harli/mode: a scheduler refused %s", change)
+        message = "a scheduler refused the change; see the server log"
+        raise ApiError(500, message, type="server_error")
+    states = await manager.get_internal_state()
+    [first, *_] = [state["harli"] for state in states if "harli" in state]
+    answer = {"object": "harli.control", "control": first["control"]}
+    return status_view({**answer, "objective": first["corun"]["objective"]}, privileged=True)
+
+
+@functools.cache
+def _has_cuda() -> bool:
+    from sglang_harli.srt.cpu import cuda_available
+
+    return cuda_available()
 
 
 def _route(handler: Callable) -> Callable:

@@ -11,8 +11,10 @@ SGLang sets the multiprocess directory.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from sglang_harli.config import Mode
 from sglang_harli.corun.controller import CoRun
 
 _METRICS: HarliMetrics | None = None  # one set per process: prometheus refuses duplicates
@@ -91,6 +93,25 @@ class HarliMetrics:
         self.memory_wait = counter(
             "sglang:harli_job_memory_wait_seconds", "Time jobs spent in reported memory waits."
         )
+        # runtime control (POST /harli/mode): the settings in force and the switches
+        self.mode = Gauge(
+            "sglang:harli_mode",
+            "1 for the co-run mode in force, 0 for the others.",
+            [*names, "harli_mode"],
+            multiprocess_mode="mostrecent",
+        )
+        self._labels = labels
+        self.margin = gauge("sglang:harli_slo_margin", "The fraction of the objective kept free.")
+        self.budget_setting = gauge(
+            "sglang:harli_finetune_budget_setting_seconds",
+            "time-sliced mode: the finetune time after each decode iteration.",
+        )
+        self.fits = gauge(
+            "sglang:harli_objective_fits",
+            "1 while the solo decode fits under the objective, 0 when it does not (the reason "
+            "is in /harli/status), -1 before it is measured.",
+        )
+        self.switches = counter("sglang:harli_control_switches", "Runtime switches of settings.")
         self._seen = {"iterations": 0, "within": 0, "finetune": 0.0, "slack": 0.0, "tokens": 0}
         self._seen_reclaims = 0
 
@@ -99,7 +120,10 @@ class HarliMetrics:
         an idle quantum (``after_plan=False``: no new plan to report)."""
         stats = corun.stats
         if after_plan:
-            self.objective.set(stats.objective_s)
+            if math.isfinite(stats.objective_s):  # inf: auto, nothing measured yet
+                self.objective.set(stats.objective_s)
+            fits = corun.objective.fits
+            self.fits.set(-1 if fits is None else int(fits))
             plan = stats.last_plan or {}
             self.budget.set(plan.get("budget_ms", 0.0) / 1e3)
             if plan.get("predicted_decode_ms") is not None:
@@ -118,6 +142,21 @@ class HarliMetrics:
             if now > self._seen[name]:
                 metric.inc(now - self._seen[name])
                 self._seen[name] = now
+
+    def update_control(self, control, corun: CoRun) -> None:
+        """The settings in force (``corun/control.py``), after start-up or a switch."""
+        settings = control.settings
+        for mode in Mode:
+            self.mode.labels(**self._labels, harli_mode=str(mode)).set(int(mode == settings.mode))
+        self.margin.set(settings.slo_margin)
+        self.budget_setting.set(settings.finetune_budget_ms / 1e3)
+        if control.switches > self._seen.get("switches", 0):
+            self.switches.inc(control.switches - self._seen.get("switches", 0))
+            self._seen["switches"] = control.switches
+        if math.isfinite(corun.stats.objective_s):
+            self.objective.set(corun.stats.objective_s)
+        fits = corun.objective.fits
+        self.fits.set(-1 if fits is None else int(fits))
 
     def update_memory(self, lender) -> None:
         """The KV lender's figures (``srt/kv_lender.py``), after it lent or took back."""

@@ -35,6 +35,7 @@ import os
 import sys
 
 import torch
+from sglang.srt.managers.io_struct import SetInternalStateReq, SetInternalStateReqOutput
 from sglang.srt.managers.scheduler import Scheduler
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
@@ -42,9 +43,10 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.runtime_context import get_serving
 
 from sglang_harli.config import ExecutorKind, HarliConfig
+from sglang_harli.corun.control import Control, ControlError, Settings, from_wire, split_wire
 from sglang_harli.corun.controller import CoRun
 from sglang_harli.corun.executor import Executor, Share, ThreadExecutor
-from sglang_harli.corun.policy import make_policy
+from sglang_harli.corun.modes import MODES
 from sglang_harli.corun.predictor import MIN_SAMPLES, Predictor, ProfileKey, load_profile
 from sglang_harli.corun.ranks import RankSync
 from sglang_harli.corun.stats import DecodeStats, HookStats
@@ -88,6 +90,7 @@ class HarliScheduler(Scheduler):
         if self.harli_lender is not None:
             self.harli_lender.fence = self.harli_corun.last_fence
         self.harli_metrics = harli_metrics(self)  # None without --enable-metrics
+        self._harli_init_control(harli_config)
         build = functools.partial(
             JobRunner.build,
             view=base_model_view(self.tp_worker.model_runner.model, tp),
@@ -211,17 +214,20 @@ class HarliScheduler(Scheduler):
                 "%d decode iterations, then learning from every iteration",
                 MIN_SAMPLES,
             )
-        return make_policy(
-            config.mode,
-            objective_s=config.tpot_slo_ms / 1e3,
-            margin=config.slo_margin,
-            budget_s=config.finetune_budget_ms / 1e3,
-            idle_quantum_s=config.idle_quantum_ms / 1e3,
-            predictor=predictor,
+        return Settings.from_config(config).policy(
+            predictor,
+            config.idle_quantum_ms / 1e3,
             shares=self._harli_shares(worker),
-            static_share=config.static_share,
             spatial=config.executor == ExecutorKind.CPU_CONCURRENT,
         )
+
+    def _harli_init_control(self, config: HarliConfig) -> None:
+        """The settings in force (``POST /harli/mode`` changes them) and the objective's."""
+        self.harli_control = Control(Settings.from_config(config))
+        source = "auto" if config.objective_auto else "flag"
+        self.harli_corun.set_objective(self.harli_control.settings.objective_s, source)
+        if self.harli_metrics is not None:
+            self.harli_metrics.update_control(self.harli_control, self.harli_corun)
 
     def harli_profile_key(self) -> ProfileKey:
         """What this server's latency depends on: a profile of another kind is not used."""
@@ -445,6 +451,58 @@ class HarliScheduler(Scheduler):
             if self.harli_metrics is not None:
                 self.harli_metrics.update_memory(lender)
 
+    # --- runtime control -------------------------------------------------------------------
+
+    def set_internal_state(self, recv_req):
+        # POST /harli/mode rides on SGLang's own scheduler RPC, as /harli/status does: our
+        # settings are the harli.-prefixed keys (corun/control.py), SGLang's are the rest. It
+        # runs on this thread between iterations, so the next decode iteration plans with it.
+        ours, theirs = split_wire(recv_req.server_args)
+        if not ours:
+            return super().set_internal_state(recv_req)
+        try:
+            change = from_wire(ours, self.harli_config, torch.cuda.is_available())
+            mode = change.get("mode", self.harli_control.settings.mode)
+            if self.harli_corun.worker is None and MODES[mode].cpu_executors == (
+                ExecutorKind.CPU_CONCURRENT,
+            ):
+                raise ControlError(f"--harli-mode {mode} runs beside decode: not at TP > 1")
+        except ControlError as exc:
+            logger.warning("Harli control: refused %s: %s", ours, exc)
+            return SetInternalStateReqOutput(updated=False)
+        if theirs:
+            output = super().set_internal_state(SetInternalStateReq(server_args=theirs))
+            if not output.updated:
+                return output
+        self.harli_switch(change)
+        return SetInternalStateReqOutput(updated=True)
+
+    def harli_switch(self, change: dict) -> None:
+        """Validated settings in force from the next decode iteration: the mode's policy
+        rebuilt over the same predictor (what it learned is kept), the objective set."""
+        control, corun = self.harli_control, self.harli_corun
+        settings = control.apply(change, corun.stats)
+        if settings is None:
+            return  # nothing changed
+        self.harli_config = dataclasses.replace(self.harli_config, **change)
+        corun.set_policy(
+            settings.policy(
+                corun.policy.predictor,
+                self.harli_config.idle_quantum_ms / 1e3,
+                shares=self._harli_shares(corun.worker),
+                spatial=self.harli_config.executor == ExecutorKind.CPU_CONCURRENT,
+            )
+        )
+        source = corun.objective.source
+        if "tpot_slo_ms" in control.last_switch["changed"]:
+            source = "auto" if settings.objective_s is None else "request"
+        corun.set_objective(settings.objective_s, source)
+        logger.info(
+            "Harli control: switch %d: %s", control.switches, control.last_switch["changed"]
+        )
+        if self.harli_metrics is not None:
+            self.harli_metrics.update_control(control, corun)
+
     # --- reporting ---------------------------------------------------------------------------
 
     def get_internal_state(self, recv_req):
@@ -452,7 +510,8 @@ class HarliScheduler(Scheduler):
         output = super().get_internal_state(recv_req)
         runner = self._harli_runner
         output.internal_state["harli"] = {
-            "mode": str(self.harli_config.mode),
+            "mode": str(self.harli_control.settings.mode),
+            "control": self.harli_control.to_dict(self.harli_corun.stats),
             "running_job": runner.job.id if runner is not None else None,
             "job_paused": runner.paused if runner is not None else None,
             "jobs": self.harli_agent.status(),
