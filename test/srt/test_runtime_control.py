@@ -76,7 +76,7 @@ def metrics(server) -> dict[str, float]:
         ({}, 400, None),
         ({"mode": "turbo"}, 400, "mode"),
         ({"mode": "off"}, 400, "mode"),
-        ({"mode": "naive"}, 400, "mode"),  # a GPU mode, on this CPU
+        ({"mode": "Harli"}, 400, "mode"),  # modes are lower case
         ({"slo_margin": 1.5}, 400, "slo_margin"),
         ({"tpot_slo_ms": 0}, 400, "tpot_slo_ms"),
         ({"tpot_slo_ms": "fast"}, 400, "tpot_slo_ms"),
@@ -165,8 +165,9 @@ class Decoding:
 
 
 def test_a_job_keeps_training_across_switches_and_succeeds(server, admin, tiny_model_dir):
-    """Three switches while a job trains and requests decode: after each its step count still
-    rises, time-sliced runs finetune beside decode at once, and the job succeeds."""
+    """Four switches while a job trains and requests decode: after each its step count still
+    rises, time-sliced runs finetune after each decode at once, naive beside it on the worker
+    (and its units come back before the next mode runs any), and the job succeeds."""
     upload = admin.upload_chats(SHORT_CHATS, name="train.jsonl")
     # 200 steps: about 17 s on the 2-core dev machine with requests decoding, long enough for
     # the three switches below (each waits for one more step), short enough to finish here
@@ -174,7 +175,7 @@ def test_a_job_keeps_training_across_switches_and_succeeds(server, admin, tiny_m
     job = admin.create_job(str(tiny_model_dir), upload["id"], hyperparameters)
     with Decoding(server):
         step = admin.wait_for_step(job["id"], 1, timeout_s=120)["step"]
-        for mode in ("time-sliced", "idle-only", "harli"):
+        for mode in ("time-sliced", "naive", "idle-only", "harli"):
             admin.set_mode(mode)
             assert admin.control()["mode"] == mode
             if mode == "time-sliced":  # its fixed slice runs beside every decode iteration
@@ -183,6 +184,14 @@ def test_a_job_keeps_training_across_switches_and_succeeds(server, admin, tiny_m
                     60,
                     "time-sliced ran finetune beside decode",
                 )
+            if mode == "naive":  # its units go to the concurrent worker, beside decode
+                units = admin.corun()["corun_units"]
+                wait_until(
+                    lambda: admin.corun()["corun_units"] > units,
+                    60,
+                    "naive ran units on the worker",
+                )
+                assert admin.corun()["executor"]["kind"] == "cpu-concurrent"
             # still training under the new mode: a step more, before the job ends
             now = admin.job(job["id"])["step"]
             step = admin.wait_for_step(job["id"], now + 1, timeout_s=120)["step"]
@@ -190,7 +199,7 @@ def test_a_job_keeps_training_across_switches_and_succeeds(server, admin, tiny_m
     done = admin.wait(job["id"], timeout_s=180)
     assert done["status"] == "succeeded", done
     assert done["trained_tokens"] > 0
-    assert admin.control()["switches"] >= 3
+    assert admin.control()["switches"] >= 4
 
 
 def test_a_tiny_objective_does_not_fit_and_says_why_once(server, admin):

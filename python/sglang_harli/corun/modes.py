@@ -54,7 +54,7 @@ class ModeFacts:
 
 
 _NOT_ON_GPU_YET = (
-    "a finetune CUDA stream on an SM share is not built yet (the next issue); on a GPU use "
+    "a finetune CUDA stream on an SM share (the CUDA executor) is not built yet; on a GPU use "
     "time-sliced or idle-only"
 )
 

@@ -75,7 +75,7 @@ def server(monkeypatch, tmp_path):
         (b"[]", None),
         (b'{"mode": "turbo"}', "mode"),
         (b'{"mode": "off"}', "mode"),
-        (b'{"mode": "naive"}', "mode"),
+        (b'{"mode": "Naive"}', "mode"),
         (b'{"tpot_slo_ms": -1}', "tpot_slo_ms"),
         (b'{"tpot_slo_ms": "50"}', "tpot_slo_ms"),
         (b'{"slo_margin": 1.0}', "slo_margin"),
