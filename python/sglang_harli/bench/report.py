@@ -224,20 +224,23 @@ def load_lines(load: dict | None) -> list[str]:
         lines.append(f"Load: {rate}, given; not judged (no `off` server measured the capacity).")
     else:
         at_least = "at least " if load["capacity_is_lower_bound"] else ""
-        sustained = (
-            f"plain SGLang (`off`) sustained {at_least}{capacity:.3g} requests/s within S "
-            f"({load['concurrency']} concurrent streams of "
-            f"{load['context_tokens']} prompt and {load['output_tokens']} new tokens, median gap "
-            f"{load['gap_ms']:.1f} ms, prefill {load['prefill_ms']:.0f} ms)"
+        how = (
+            f"({load['concurrency']} concurrent streams of {load['context_tokens']} prompt and "
+            f"{load['output_tokens']} new tokens, median gap {load['gap_ms']:.1f} ms, prefill "
+            f"{load['prefill_ms']:.0f} ms"
         )
         if not load["within_objective"]:
-            sustained += "; even one stream's decode missed S, so no mode can keep it"
+            how += "; even one stream's decode missed S, so no mode can keep it"
         if load["calibrated"]:
             lines.append(
-                f"Load: calibrated: {sustained}; offered {load['target_fraction']:g} of it: {rate}."
+                f"Load: calibrated: plain SGLang (`off`) sustained {capacity:.3g} requests/s "
+                f"within S {how}); offered {load['target_fraction']:g} of it: {rate}."
             )
         else:
-            lines.append(f"Load: {rate}, given: {load['fraction']:.2f} of what {sustained}.")
+            lines.append(
+                f"Load: {rate}, given: {load['fraction']:.2f}x the {at_least}{capacity:.3g} "
+                f"requests/s plain SGLang (`off`) sustained within S {how})."
+            )
     return [*lines, ""]
 
 

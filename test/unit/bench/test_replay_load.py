@@ -227,7 +227,7 @@ def test_the_report_says_an_overload_first(tmp_path):
     write_markdown(report_of([None, ERRORS[0]], load_summary_of(overloaded=True)), path)
     text = path.read_text()
     assert text.index("**Overloaded") < text.index("| mode |")
-    assert "3.18 requests/s" in text and "0.3 requests/s" in text
+    assert "3.18 requests/s (`--rate-scale 1`), given: 10.61x the 0.3 requests/s" in text
     assert "| off |" in text and "/ 0 / 1 |" in text  # completed / failed / dropped
 
     calibrated = Load(TraceScaling(duration_s=60.0), explicit=False)
@@ -235,7 +235,8 @@ def test_the_report_says_an_overload_first(tmp_path):
     write_markdown(report_of([None], load_summary(calibrated)), path)
     text = path.read_text()
     assert "Overloaded" not in text and "Load: calibrated" in text
-    assert "0.5 requests/s within S (4 concurrent streams" in text and "offered 0.5 of it" in text
+    assert "sustained 0.5 requests/s within S (4 concurrent streams of 397 prompt" in text
+    assert "offered 0.5 of it: 0.25 requests/s" in text
 
     write_markdown(report_of([None], None), path)  # a report from before `load`
     assert "Load:" not in path.read_text()
