@@ -34,6 +34,10 @@ def test_replay_two_modes(tmp_path, tiny_model_dir):
     assert report["requests"] == len(expected) > 5
     assert list(report["modes"]) == ["off", "harli"]  # off first: S is calibrated on it
     assert report["objective_ms"] == pytest.approx(2 * report["solo_gap_ms"])
+    # the given rate, judged on the off server: the tiny model sustains it (else exit 3)
+    load = report["load"]
+    assert load["measured"] and not load["calibrated"] and load["overloaded"] is False
+    assert load["rate_scale"] == 0.5 and load["capacity_rps"] >= load["offered_rps"] > 0
     for name, mode in report["modes"].items():
         assert mode["requests_completed"] == len(expected) and mode["requests_failed"] == 0, name
         for key in ("tpot_p50_ms", "tpot_p99_ms", "ttft_p50_ms", "ttft_p99_ms"):
@@ -67,6 +71,7 @@ def test_replay_refuses_bad_input(tmp_path):
     base = [sys.executable, "-m", "sglang_harli.bench", "replay", "--out", str(tmp_path / "x")]
     for extra, message in (
         (["--modes", "harli"], "--objective-ms"),
+        (["--modes", "harli", "--objective-ms", "10"], "--rate-scale"),  # no off: no load probe
         (["--modes", "bogus"], "bogus"),
         (["--trace", "nope"], "unknown trace"),
         (["--rate-scale", "0"], "rate_scale"),

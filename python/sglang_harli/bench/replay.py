@@ -19,8 +19,38 @@ The objective ``S``: ``--objective-ms``, or calibrated on the ``off`` server bef
 runs with a slice of ``S`` minus that solo gap (``--time-slice-ms`` to choose): the slice an
 operator would derive from the solo TPOT, which load then overruns.
 
-Outputs in ``--out``: ``report.json`` (per mode and the run's settings, see
-:func:`.report.summarize`),
+The offered load. A trace's full rate is a large deployment's, not one machine's, so the replay
+measures what this machine sustains. On the ``off`` server (plain SGLang), after ``S``, a probe
+(:func:`probe_capacity`, within ``LOAD_BUDGET_S`` = 25 s, each step in the log) keeps 1, 2, 4, 8,
+16 concurrent greedy streams of the trace's mean capped request open, adding them one at a
+time, and measures the median inter-token gap ``g`` of 3 s at each step, up to the first
+that passes ``S``. The capacity is the largest request rate of the steps within ``S``:
+``c / (L g + c p)`` for ``c`` streams, the mean capped output length ``L`` and the measured
+prefill ``p``. Without ``--rate-scale`` the replay offers ``LOAD_FRACTION`` = 0.5 of it (the
+trace's bursts run at two or more times its mean, and a harli server decodes slower than plain
+SGLang): the rate scale at which the window holds that many requests
+(:func:`.trace.rate_scale_for`), the same trace for every mode. An explicit ``--rate-scale``
+is judged against the same probe (stopped as soon as a step sustains the rate): a mean rate
+over the capacity is an overload, said at the top of ``report.md``, in ``report.json``'s
+``load`` and in the log, and the requests that fail under it count as
+``dropped_under_overload``, not as failures. Without ``off`` in ``--modes`` nothing is measured:
+``--rate-scale`` (and ``--objective-ms``) must be given. So a first run needs only::
+
+    python -m sglang_harli.bench replay --out DIR --duration-s 60 --modes off,harli
+
+Exit status (what a script running the benchmark branches on):
+
+- 0: every mode ran and every request completed, at a load the machine sustains (or one not
+  judged, without ``off``);
+- 1: a mode could not run, or a request failed at a load the machine sustains: something to
+  look at (the report's ``errors``); it wins over 3;
+- 2: bad flags, nothing run or written;
+- 3: the report is written, but the offered mean rate was over what plain SGLang sustains
+  within ``S``: its figures measure a queue, not co-running, and requests dropped under it are
+  not counted as failures.
+
+Outputs in ``--out``: ``report.json`` (per mode, see :func:`.report.summarize`, the run's
+settings, and ``load``: what was offered and measured, :func:`load_summary`),
 ``report.md`` (the table, finetune throughput as a ratio to the best baseline's), ``raw.json``
 (every request's timings and the status timeline), ``profile.json`` (what the harli server
 measured: the latency profile ``bench simulate --profile`` takes) and the PNG plots of
@@ -51,17 +81,48 @@ from sglang_harli.bench import plots
 from sglang_harli.bench.modes import parse_modes
 from sglang_harli.bench.report import host, summarize, write_markdown
 from sglang_harli.bench.server import Server
-from sglang_harli.bench.trace import TraceRequest, add_trace_arguments, load_trace, scaling_of
+from sglang_harli.bench.trace import (
+    TraceRequest,
+    TraceScaling,
+    add_trace_arguments,
+    load_trace,
+    mean_lengths,
+    rate_scale_for,
+    scaling_of,
+    trace_duration_s,
+)
 from sglang_harli.bench.workload import JOB_PAIRS, prompt_ids
 from sglang_harli.client import ClientError, HarliClient
 from sglang_harli.config import Mode
-from sglang_harli.loadgen import stream_load
+from sglang_harli.loadgen import StreamRamp, stream_load
 from sglang_harli.profile import from_status
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.5  # status timeline resolution
 DRAIN_TIMEOUT_S = 300.0  # after the last arrival, for the requests still decoding
+
+# The exit status (the module's docstring says when each is given).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OVERLOADED = 0, 1, 2, 3
+
+# The offered load. Without --rate-scale the replay offers this fraction of the request rate
+# plain SGLang sustained within S on the off server. Not all of it: the trace is bursty (a
+# calibrated minute of the conv trace has 10-s stretches at 2-2.5 times its mean rate, the code
+# trace more), and the harli servers decode slower than plain SGLang (their LoRA serving: about
+# 1.3x TPOT on the CPU, docs/benchmarks.md), so a mean load at capacity would overrun S in
+# every burst and leave no slack to train in. Half puts conv's bursts at about the capacity.
+LOAD_FRACTION = 0.5
+# The probe: concurrent streams of the trace's mean capped request, added one at a time up this
+# ladder, STEP_WINDOW_S of gaps measured at each rung once the new streams' prefills are over,
+# until the median gap passes S (or the rate is known to suffice, or the budget is spent).
+LOAD_LADDER = (1, 2, 4, 8, 16)
+STEP_WINDOW_S = 3.0
+# the probe's rungs, warm-up included (then at most 2.5 s to let its streams go): with the 11 s of
+# the objective's calibration before it, under 40 s on the off server before its replay
+LOAD_BUDGET_S = 25.0
+MIN_GAPS = 10  # a window with fewer says nothing (a stalled server)
+ABORT_GRACE_S = 2.5  # SGLang aborts a request 2 s after its client closed the stream
+PROBE_INDEX = 1_000_000  # the probe's prompts are not the replay's (indices 0..N)
 
 
 @dataclasses.dataclass
@@ -255,13 +316,308 @@ def calibrate(server: Server, factor: float) -> tuple[float, float]:
     return factor * solo_ms, solo_ms
 
 
-def run_mode(args, mode: Mode, trace, objective: dict, workdir: Path) -> dict:
+# --- the offered load: what plain SGLang sustains within S -------------------------------------
+
+
+@dataclasses.dataclass
+class LoadStep:
+    """One rung of the probe: ``concurrency`` streams, the median gap of its window."""
+
+    concurrency: int
+    gap_ms: float
+    gaps: int
+
+
+def request_rate(concurrency: int, gap_s: float, output_tokens: float, prefill_s: float) -> float:
+    """Requests per second a server finishes with ``concurrency`` requests decoding, each
+    iteration taking ``gap_s``, each request ``output_tokens`` long and stalling decode for
+    ``prefill_s`` once: in a time T it prefills ``rate x T`` requests and decodes in the rest,
+    ``concurrency`` tokens an iteration, so ``rate = c / (L g + c p)``."""
+    return concurrency / (output_tokens * gap_s + concurrency * prefill_s)
+
+
+def capacity_of(
+    steps: list[LoadStep], objective_ms: float, output_tokens: float, prefill_ms: float
+) -> dict[str, Any]:
+    """The largest request rate of the rungs whose median gap met S. If none did (S is below
+    even one stream's decode), the first rung's rate, with ``within_objective`` false."""
+    if not steps:
+        raise ValueError("the load probe measured no rung")
+
+    def rate(step: LoadStep) -> float:
+        return request_rate(step.concurrency, step.gap_ms / 1e3, output_tokens, prefill_ms / 1e3)
+
+    within = [step for step in steps if step.gap_ms <= objective_ms]
+    best = max(within, key=rate) if within else steps[0]
+    return {
+        "capacity_rps": rate(best),
+        "concurrency": best.concurrency,
+        "gap_ms": best.gap_ms,
+        "within_objective": bool(within),
+        # the probe stopped before a rung missed S (rate enough, the ladder's end, the budget)
+        "capacity_is_lower_bound": bool(within) and steps[-1].gap_ms <= objective_ms,
+        "steps": [
+            {**dataclasses.asdict(step), "rps": rate(step), "within": step.gap_ms <= objective_ms}
+            for step in steps
+        ],
+    }
+
+
+def overloaded(offered_rps: float, capacity_rps: float | None) -> bool | None:
+    """Whether the offered mean rate is more than plain SGLang sustains within S (None: the
+    capacity was not measured). Bursts above it inside a window whose mean is under it are the
+    trace's nature, not an overload."""
+    return None if capacity_rps is None else offered_rps > capacity_rps
+
+
+def probe_capacity(
+    url: str,
+    objective_ms: float,
+    context_tokens: float,
+    output_tokens: float,
+    vocab_size: int,
+    shared_prefix: int = 0,
+    enough_rps: float | None = None,
+    budget_s: float = LOAD_BUDGET_S,
+) -> dict[str, Any]:
+    """Climb LOAD_LADDER on the server at ``url`` (plain SGLang) with streams of the trace's
+    mean capped request; what it sustained within ``objective_ms`` (:func:`capacity_of`). With
+    ``enough_rps`` (an explicit rate to judge) it stops as soon as a rung sustains that."""
+    started = time.monotonic()
+    deadline = started + budget_s
+    length, context = max(1, round(output_tokens)), max(1, round(context_tokens))
+
+    def body(n: int, max_new_tokens: int = length) -> dict[str, Any]:
+        shape = TraceRequest(0.0, context, max_new_tokens)
+        return {
+            "input_ids": prompt_ids(shape, PROBE_INDEX + n, vocab_size, shared_prefix),
+            "stream": True,
+            "sampling_params": {
+                "max_new_tokens": max_new_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        }
+
+    logger.info(
+        "load probe: streams of %d prompt and %d new tokens, 1 to %d of them, against S = "
+        "%.1f ms (at most %.0f s)",
+        context,
+        length,
+        LOAD_LADDER[-1],
+        objective_ms,
+        budget_s,
+    )
+    # the first prefill of a new prompt length is slow: not a rung's
+    warm = requests.post(url + "/generate", json={**body(-1, 2), "stream": False}, timeout=120)
+    warm.raise_for_status()
+    ramp = StreamRamp(url, body)
+    steps: list[LoadStep] = []
+    try:
+        for concurrency in LOAD_LADDER:
+            while ramp.streams < concurrency and not ramp.errors:
+                if ramp.add(deadline - time.monotonic() - STEP_WINDOW_S) is None:
+                    break
+            if ramp.errors or ramp.streams < concurrency:
+                why = ramp.errors[0] if ramp.errors else "no first token within the budget"
+                logger.info("load probe: stopped at %d streams: %s", concurrency, why)
+                break
+            gaps = ramp.window(STEP_WINDOW_S)
+            if len(gaps) < MIN_GAPS:
+                logger.info("load probe: %d streams gave %d gaps: stopped", concurrency, len(gaps))
+                break
+            steps.append(LoadStep(concurrency, statistics.median(gaps) * 1e3, len(gaps)))
+            prefill_s = statistics.median(ramp.ttfts)
+            rps = request_rate(concurrency, steps[-1].gap_ms / 1e3, length, prefill_s)
+            logger.info(
+                "load probe: %2d streams: median gap %.1f ms (S %.1f ms), prefill %.0f ms: "
+                "%.3g requests/s (%.0f s)",
+                concurrency,
+                steps[-1].gap_ms,
+                objective_ms,
+                prefill_s * 1e3,
+                rps,
+                time.monotonic() - started,
+            )
+            if steps[-1].gap_ms > objective_ms:
+                break
+            if enough_rps is not None and rps >= enough_rps:
+                break
+            if deadline - time.monotonic() < 2 * STEP_WINDOW_S:
+                logger.info("load probe: out of time after %d streams", concurrency)
+                break
+    finally:
+        ramp.close()
+        time.sleep(ABORT_GRACE_S)  # the probe's last requests aborted before the replay
+    if not steps:
+        raise RuntimeError(f"the load probe measured nothing: {(ramp.errors or ['no gaps'])[0]}")
+    prefill_ms = statistics.median(ramp.ttfts) * 1e3
+    out = capacity_of(steps, objective_ms, length, prefill_ms)
+    out.update(
+        prefill_ms=prefill_ms,
+        context_tokens=context,
+        output_tokens=length,
+        objective_ms=objective_ms,
+        seconds=time.monotonic() - started,
+    )
+    return out
+
+
+@dataclasses.dataclass
+class Load:
+    """The replay's offered load: the trace at its rate scale, and what the off server
+    sustained (``probe``) once measured. Every mode replays ``trace``."""
+
+    scaling: TraceScaling
+    explicit: bool  # --rate-scale given; otherwise calibrated on the off server
+    trace: list[TraceRequest] | None = None
+    probe: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.explicit and self.trace is None:
+            self.trace = load_trace(self.scaling)
+
+    @property
+    def offered_rps(self) -> float | None:
+        return None if self.trace is None else len(self.trace) / self.scaling.duration_s
+
+    @property
+    def overloaded(self) -> bool | None:
+        if self.probe is None or self.offered_rps is None:
+            return None
+        return overloaded(self.offered_rps, self.probe["capacity_rps"])
+
+    def choose(self, probe: dict[str, Any]) -> None:
+        """Take the off server's ``probe``; without an explicit rate, the scale that offers
+        LOAD_FRACTION of its capacity, and the trace at it."""
+        self.probe = probe
+        if not self.explicit:
+            scale = rate_scale_for(self.scaling, LOAD_FRACTION * probe["capacity_rps"])
+            self.scaling = dataclasses.replace(self.scaling, rate_scale=scale)
+            self.trace = load_trace(self.scaling)
+
+    def calibrate(self, url: str, objective_ms: float, vocab_size: int, shared_prefix: int):
+        """Measure what the off server at ``url`` sustains within S and :meth:`choose`."""
+        if self.explicit:  # judge the given rate: the trace's own mean request, stop when enough
+            assert self.trace
+            context = sum(r.context_tokens for r in self.trace) / len(self.trace)
+            output = sum(r.output_tokens for r in self.trace) / len(self.trace)
+            try:
+                probe = probe_capacity(
+                    url,
+                    objective_ms,
+                    context,
+                    output,
+                    vocab_size,
+                    shared_prefix,
+                    enough_rps=self.offered_rps,
+                )
+            except (RuntimeError, requests.RequestException) as exc:
+                logger.warning("load probe failed (%s): the load is not judged", exc)
+                return
+        else:
+            context, output = mean_lengths(self.scaling)
+            probe = probe_capacity(url, objective_ms, context, output, vocab_size, shared_prefix)
+        try:
+            self.choose(probe)
+        except ValueError as exc:  # the trace has too few requests for that rate
+            raise RuntimeError(str(exc)) from exc
+        log_load(self)
+
+
+def log_load(load: Load) -> None:
+    probe = load.probe
+    assert probe is not None and load.offered_rps is not None
+    if load.explicit:
+        logger.info(
+            "load: --rate-scale %g offers %.3g requests/s; plain SGLang sustains %s%.3g within S",
+            load.scaling.rate_scale,
+            load.offered_rps,
+            "at least " if probe["capacity_is_lower_bound"] else "",
+            probe["capacity_rps"],
+        )
+    else:
+        logger.info(
+            "load: plain SGLang sustains %.3g requests/s within S (%d streams, median gap "
+            "%.1f ms); offering %g of it: --rate-scale %.4g, %d requests in %g s (%.3g/s)",
+            probe["capacity_rps"],
+            probe["concurrency"],
+            probe["gap_ms"],
+            LOAD_FRACTION,
+            load.scaling.rate_scale,
+            len(load.trace or ()),
+            load.scaling.duration_s,
+            load.offered_rps,
+        )
+    if not probe["within_objective"]:
+        logger.warning(
+            "load: even one stream's decode (%.1f ms) misses S (%.1f ms): the capacity is one "
+            "stream's rate, and no mode can keep the objective",
+            probe["gap_ms"],
+            probe["objective_ms"],
+        )
+    if load.overloaded:
+        warn_overloaded(load)
+
+
+def warn_overloaded(load: Load) -> None:
+    assert load.probe is not None
+    logger.warning(
+        "load: OVERLOADED: the trace offers %.3g requests/s, more than the %.3g plain SGLang "
+        "sustains within S on this machine; requests that fail count as dropped under "
+        "overload, and the exit status is %d (leave out --rate-scale to offer %g of the "
+        "capacity)",
+        load.offered_rps,
+        load.probe["capacity_rps"],
+        EXIT_OVERLOADED,
+        LOAD_FRACTION,
+    )
+
+
+def load_summary(load: Load) -> dict[str, Any]:
+    """``report.json``'s ``load``: what was offered, and what plain SGLang sustained."""
+    probe = load.probe or {}
+    capacity, offered = probe.get("capacity_rps"), load.offered_rps
+    return {
+        "calibrated": not load.explicit and load.probe is not None,
+        "measured": load.probe is not None,
+        "rate_scale": load.scaling.rate_scale,
+        "offered_rps": offered,
+        "capacity_rps": capacity,
+        "fraction": offered / capacity if capacity and offered is not None else None,
+        "target_fraction": None if load.explicit else LOAD_FRACTION,
+        "overloaded": load.overloaded,
+        **{k: v for k, v in probe.items() if k != "capacity_rps"},
+    }
+
+
+def exit_status(report: dict) -> int:
+    """A mode that could not run, or a request that failed at a load the machine sustains:
+    EXIT_FAILED. Else an offered load over the capacity: EXIT_OVERLOADED. Else EXIT_OK."""
+    if report["modes_failed"] or any(m["requests_failed"] for m in report["modes"].values()):
+        return EXIT_FAILED
+    if (report.get("load") or {}).get("overloaded"):
+        return EXIT_OVERLOADED
+    return EXIT_OK
+
+
+def run_mode(args, mode: Mode, load: Load, objective: dict, workdir: Path) -> dict:
     server = start_server(args, mode, objective.get("ms"), objective.get("slice_ms"), workdir)
     try:
         model_id, vocab_size = model_info(server)
         if "ms" not in objective:  # the first server is off: calibrate on plain SGLang
             objective["ms"], objective["solo_ms"] = calibrate(server, args.objective_factor)
             objective["slice_ms"] = args.time_slice_ms or objective["ms"] - objective["solo_ms"]
+            logger.info(
+                "objective: S = %.1f ms (%g x the solo gap, %.1f ms)",
+                objective["ms"],
+                args.objective_factor,
+                objective["solo_ms"],
+            )
+        if mode == Mode.OFF:  # plain SGLang: what the machine sustains, the load from it
+            load.calibrate(server.url, objective["ms"], vocab_size, args.shared_prefix_tokens)
+        trace = load.trace
+        assert trace is not None  # explicit, or calibrated on off (the first mode)
         client = HarliClient(server.url)
         job = None
         if mode != Mode.OFF:  # the same job on every mode's server, once its first step is done
@@ -307,7 +663,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated --harli-mode values (default: off,idle-only,time-sliced,harli on "
         "a CPU; plus naive,static on a GPU)",
     )
-    add_trace_arguments(parser)
+    add_trace_arguments(
+        parser,
+        rate_scale_help="arrival rate multiplier: the trace's gaps are divided by it (default: "
+        f"calibrated, {LOAD_FRACTION:g} of the request rate the off server sustains within S)",
+    )
+    parser.set_defaults(rate_scale=None)  # not given: calibrated on the off server
     parser.add_argument(
         "--objective-ms", type=float, help="the TPOT objective S (default: calibrated)"
     )
@@ -335,19 +696,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s replay] %(message)s")
+    explicit = args.rate_scale is not None
     try:
-        scaling = scaling_of(args)
+        # without --rate-scale, 1 until the off server has been measured (Load.choose)
+        flags = args if explicit else argparse.Namespace(**{**vars(args), "rate_scale": 1.0})
+        scaling = scaling_of(flags)
         modes = parse_modes(args.modes, torch.cuda.is_available())
     except ValueError as exc:
         print(f"replay: error: {exc}", file=sys.stderr)
-        return 2
-    if args.objective_ms is None and Mode.OFF not in modes:
-        print("replay: error: give --objective-ms, or include off to calibrate it", file=sys.stderr)
-        return 2
-    trace = load_trace(scaling)
-    if not trace:
+        return EXIT_USAGE
+    given = {"--objective-ms": args.objective_ms is not None, "--rate-scale": explicit}
+    missing = [flag for flag, there in given.items() if not there]
+    if missing and Mode.OFF not in modes:
+        print(
+            "replay: error: without off in --modes nothing is calibrated (the objective and the "
+            f"offered load are measured on plain SGLang): give {' and '.join(missing)}, or "
+            "include off",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    load = Load(scaling, explicit)
+    if explicit:
+        empty = not load.trace
+    else:  # at any scale: whether a request comes after the start
+        empty = scaling.start_s > trace_duration_s(scaling.trace)
+    if empty:
         print("replay: error: no request of the trace falls in that window", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     args.out.mkdir(parents=True, exist_ok=True)
     objective: dict[str, float] = {}
     if args.objective_ms is not None:
@@ -363,25 +738,32 @@ def main(args) -> int:
         workdir = Path(tmp)
         for mode in modes:
             try:
-                results[str(mode)] = run_mode(args, mode, trace, objective, workdir)
+                results[str(mode)] = run_mode(args, mode, load, objective, workdir)
             except (RuntimeError, TimeoutError, requests.RequestException, ClientError) as exc:
                 logger.error("mode %s could not run: %s", mode, exc)
                 results[str(mode)] = {"mode": str(mode), "error": str(exc)}
-                if "ms" not in objective:  # off failed before calibrating: nothing to compare
-                    print(f"replay: error: no objective: {exc}", file=sys.stderr)
-                    return 1
+                if "ms" not in objective or load.trace is None:
+                    # off failed before calibrating: no objective or no load to replay
+                    what = "objective" if "ms" not in objective else "offered load"
+                    print(f"replay: error: no {what}: {exc}", file=sys.stderr)
+                    return EXIT_FAILED
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": host(),
         "model": next((r["model"] for r in results.values() if "model" in r), None),
-        "trace": dataclasses.asdict(scaling),
-        "requests": len(trace),
+        "trace": dataclasses.asdict(load.scaling),
+        "requests": len(load.trace),
+        "load": load_summary(load),
         "shared_prefix_tokens": args.shared_prefix_tokens,
         "objective_ms": objective["ms"],
         "solo_gap_ms": objective.get("solo_ms"),
         "time_slice_ms": objective.get("slice_ms"),
         "job": next((r["job"] for r in results.values() if r.get("job")), None),
-        "modes": {m: summarize(r, objective["ms"]) for m, r in results.items() if "run" in r},
+        "modes": {
+            m: summarize(r, objective["ms"], overloaded=bool(load.overloaded))
+            for m, r in results.items()
+            if "run" in r
+        },
         "modes_failed": {m: r["error"] for m, r in results.items() if "error" in r},
     }
     durable.write_bytes(args.out / "report.json", json.dumps(report, indent=2).encode())
@@ -392,8 +774,9 @@ def main(args) -> int:
     write_markdown(report, args.out / "report.md")
     plots.write_all(report, results, args.out)
     print((args.out / "report.md").read_text())
-    failed = report["modes_failed"] or any(m["requests_failed"] for m in report["modes"].values())
-    return 1 if failed else 0
+    if load.overloaded:
+        warn_overloaded(load)  # again, after the table
+    return exit_status(report)
 
 
 def _terminate(signum: int, frame: Any) -> None:

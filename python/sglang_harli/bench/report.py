@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,29 @@ def decode_gaps(requests_: list[dict]) -> list[float]:
     ]
 
 
-def summarize(result: dict, objective_ms: float) -> dict:
-    """One mode's figures: client latencies, attainment, finetune throughput."""
+def load_failure(error: str) -> bool:
+    """Whether a request's error is what too much load does (a timeout, a dropped connection,
+    a stream cut short, a 5xx, 408 or 429) rather than a request the server refused as wrong
+    (another 4xx): under an overload only the former are dropped, not failed."""
+    status = re.match(r"HTTPError: (\d{3}) ", error)
+    return status is None or not (400 <= int(status[1]) < 500) or status[1] in ("408", "429")
+
+
+def classify_failures(requests_: list[dict], overloaded: bool) -> tuple[int, int]:
+    """``(failed, dropped_under_overload)`` of a mode's requests: when the offered load was
+    over what the machine sustains, the load's failures are counted as dropped."""
+    errors = [r["error"] for r in requests_ if r["error"] is not None]
+    dropped = sum(load_failure(e) for e in errors) if overloaded else 0
+    return len(errors) - dropped, dropped
+
+
+def summarize(result: dict, objective_ms: float, overloaded: bool = False) -> dict:
+    """One mode's figures: client latencies, attainment, finetune throughput. With
+    ``overloaded`` (the offered load was over the capacity the off server measured), requests
+    that failed for the load count as ``dropped_under_overload``, not ``requests_failed``."""
     reqs = result["run"]["requests"]
     ok = [r for r in reqs if r["error"] is None]
+    failed, dropped = classify_failures(reqs, overloaded)
     gaps = [g for r in ok for g in r["gaps_s"]]
     decode_only = decode_gaps(reqs)
     ttfts = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
@@ -101,7 +121,8 @@ def summarize(result: dict, objective_ms: float) -> dict:
         "finetune_tokens_per_s": tokens / wall if wall else 0.0,
         "finetune_tokens": tokens,
         "requests_completed": len(ok),
-        "requests_failed": len(reqs) - len(ok),
+        "requests_failed": failed,
+        "dropped_under_overload": dropped,
         "errors": sorted({r["error"] for r in reqs if r["error"]})[:5],
         "wall_s": wall,
     }
@@ -138,6 +159,7 @@ def write_markdown(report: dict, path: Path) -> None:
         f"# Trace replay: {report['trace']['trace']} trace, objective "
         f"{report['objective_ms']:.2f} ms",
         "",
+        *load_lines(report.get("load")),
         f"Model `{report['model']}`; machine: {host['processor']}, {host['cpus']} CPUs{gpu}; "
         f"{report['date']}. Trace scaling: "
         + ", ".join(f"{k} {v}" for k, v in report["trace"].items())
@@ -145,7 +167,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         "| mode | TPOT p50 / p99 (ms) | TTFT p50 / p99 (ms) | iterations within S | gaps within "
         "S | requests within S | finetune tok/s | vs best baseline | vs best baseline within "
-        "S | prefix cache hits | completed / failed |",
+        "S | prefix cache hits | completed / failed / dropped |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, m in modes.items():
@@ -160,7 +182,8 @@ def write_markdown(report: dict, path: Path) -> None:
             f"{_pct(att['gaps'])} | {_pct(att['requests'])} | "
             f"{m['finetune_tokens_per_s']:.1f} | {ratios[0]} | {ratios[1]} | "
             f"{_pct(m.get('prefix_cache_hit_rate'))} | "
-            f"{m['requests_completed']} / {m['requests_failed']} |"
+            f"{m['requests_completed']} / {m['requests_failed']} / "
+            f"{m.get('dropped_under_overload', 0)} |"
         )
     lines += [
         "",
@@ -174,9 +197,51 @@ def write_markdown(report: dict, path: Path) -> None:
         "mode's wall time. The best baseline is the best of the modes other than harli and "
         f"off; within S, the best of those whose iterations met S {OBJECTIVE_KEPT:.0%} of the "
         "time. Prefix cache hits: the share of prompt tokens SGLang's radix cache held "
-        "(`--shared-prefix-tokens` gives the prompts a common head to hit).",
+        "(`--shared-prefix-tokens` gives the prompts a common head to hit). Dropped: requests "
+        "that failed for the load while it was over what plain SGLang sustains (not failures of "
+        "the mode).",
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def load_lines(load: dict | None) -> list[str]:
+    """The report's first word on the offered load: how it was chosen, what the machine
+    sustains, and, first of all, whether it was more than that."""
+    if not load:  # a report from before the load was measured
+        return []
+    offered, capacity = load["offered_rps"], load.get("capacity_rps")
+    rate = f"{offered:.3g} requests/s (`--rate-scale {load['rate_scale']:.4g}`)"
+    lines = []
+    if load.get("overloaded"):
+        lines += [
+            f"**Overloaded: this replay offered {rate}, more than the {capacity:.3g} requests/s "
+            "plain SGLang sustains within S on this machine.** Its figures describe a queue, not "
+            "co-running; requests that failed for the load are counted as dropped. Leave out "
+            "`--rate-scale` to offer a calibrated load.",
+            "",
+        ]
+    if not load.get("measured"):
+        lines.append(f"Load: {rate}, given; not judged (no `off` server measured the capacity).")
+    else:
+        at_least = "at least " if load["capacity_is_lower_bound"] else ""
+        how = (
+            f"({load['concurrency']} concurrent streams of {load['context_tokens']} prompt and "
+            f"{load['output_tokens']} new tokens, median gap {load['gap_ms']:.1f} ms, prefill "
+            f"{load['prefill_ms']:.0f} ms"
+        )
+        if not load["within_objective"]:
+            how += "; even one stream's decode missed S, so no mode can keep it"
+        if load["calibrated"]:
+            lines.append(
+                f"Load: calibrated: plain SGLang (`off`) sustained {capacity:.3g} requests/s "
+                f"within S {how}); offered {load['target_fraction']:g} of it: {rate}."
+            )
+        else:
+            lines.append(
+                f"Load: {rate}, given: {load['fraction']:.2f}x the {at_least}{capacity:.3g} "
+                f"requests/s plain SGLang (`off`) sustained within S {how})."
+            )
+    return [*lines, ""]
 
 
 def meets_objective(mode: dict) -> bool:

@@ -93,16 +93,58 @@ def load_trace(scaling: TraceScaling) -> list[TraceRequest]:
     return out
 
 
+def rate_scale_for(scaling: TraceScaling, offered_rps: float) -> float:
+    """The rate scale at which ``scaling``'s window (its start, its duration) offers
+    ``offered_rps`` on average: it holds the trace's next ``N = round(offered_rps x duration)``
+    requests (at least one), and the scale puts the window's end halfway between the N-th
+    arrival and the one after it, so the count does not hang on a rounding error. Arrivals
+    that share a timestamp stay together (the window then holds a few more). The window keeps
+    its own stretch of the trace, bursts and lulls alike: ``N / duration`` is its mean rate."""
+    if not (math.isfinite(offered_rps) and offered_rps > 0):
+        raise ValueError(f"the offered rate must be a positive number, got {offered_rps}")
+    arrivals = [r.arrival_s for r in _load(scaling.trace) if r.arrival_s >= scaling.start_s]
+    n = max(1, round(offered_rps * scaling.duration_s))
+    while n < len(arrivals) and arrivals[n] == arrivals[n - 1]:
+        n += 1
+    if n >= len(arrivals):
+        raise ValueError(
+            f"the {scaling.trace} trace has {len(arrivals)} requests after start_s "
+            f"{scaling.start_s:g}; {offered_rps:.3g} requests/s for {scaling.duration_s:g} s "
+            "needs more: shorten the duration or start earlier"
+        )
+    end = (arrivals[n - 1] + arrivals[n]) / 2
+    return (end - scaling.start_s) / scaling.duration_s
+
+
+def mean_lengths(scaling: TraceScaling, count: int = 200) -> tuple[float, float]:
+    """The mean capped context and output lengths of the trace's first ``count`` requests from
+    ``scaling.start_s`` on: the shape of a request before the rate scale (which decides which
+    requests a window holds) is known."""
+    requests = [r for r in _load(scaling.trace) if r.arrival_s >= scaling.start_s][:count]
+    if not requests:
+        raise ValueError(f"no request of the {scaling.trace} trace after {scaling.start_s:g} s")
+    contexts = [max(1, min(r.context_tokens, scaling.max_context_tokens)) for r in requests]
+    outputs = [max(1, min(r.output_tokens, scaling.max_output_tokens)) for r in requests]
+    return sum(contexts) / len(contexts), sum(outputs) / len(outputs)
+
+
 def trace_duration_s(trace: str) -> float:
     """How long the recorded trace lasts, unscaled."""
     return _load(trace)[-1].arrival_s
 
 
-def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
+def add_trace_arguments(
+    parser: argparse.ArgumentParser, rate_scale_help: str | None = None
+) -> None:
     """TraceScaling's fields as flags (the replay's and the simulation's)."""
     defaults = TraceScaling()
     parser.add_argument("--trace", default=defaults.trace, help="conv or code (Azure 2023)")
-    parser.add_argument("--rate-scale", type=float, default=defaults.rate_scale)
+    parser.add_argument(
+        "--rate-scale",
+        type=float,
+        default=defaults.rate_scale,
+        help=rate_scale_help or "arrival rate multiplier: the trace's gaps are divided by it",
+    )
     parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
     parser.add_argument("--start-s", type=float, default=defaults.start_s)
     parser.add_argument("--max-context-tokens", type=int, default=defaults.max_context_tokens)
