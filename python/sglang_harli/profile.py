@@ -8,6 +8,15 @@ units and whole co-run iterations), then reads what the server measured from
 ``GET /harli/status`` and writes the profile: JSON keyed by model, device, dtype and TP size.
 
     python -m sglang_harli.profile --url http://127.0.0.1:30000 --out profile.json --train
+    python -m sglang_harli.profile --url ... --out profile.json --sweep-shares 0,0.5,1
+
+``--sweep-shares`` measures stage 2's interference table: with a throwaway job training, it
+switches the running server (``POST /harli/mode``, no restart) to ``static`` at each share in
+turn (share 0: ``idle-only``, decode alone), drives the same decode load at each, and records
+decode's slowdown against share 0 and finetune's rate there (``share_sweep``); the server's
+predictor learns the table per unit kind from those iterations, and the profile keeps it
+(``interference``: loaded with the profile, corrected online). The server's settings are put
+back at the end.
 
 It speaks HTTP only (no torch, no SGLang), so it runs from any machine that reaches the server.
 """
@@ -25,7 +34,7 @@ import requests
 
 from sglang_harli import durable
 from sglang_harli.bench.workload import JOB_PAIRS
-from sglang_harli.client import ClientError, HarliClient
+from sglang_harli.client import ClientError, HarliClient, corun_delta
 from sglang_harli.corun.predictor import PROFILE_FORMAT
 from sglang_harli.loadgen import stream_load
 
@@ -46,12 +55,14 @@ def start_job(client: HarliClient, model: str) -> str:
 
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
-    client = HarliClient(args.url, args.api_key, timeout_s=30)
+    client = HarliClient(args.url, args.api_key, args.admin_api_key, timeout_s=30)
     url = client.base
-    job = None
-    if args.train:
+    job, sweep = None, None
+    if args.train or args.sweep_shares:
         job = start_job(client, client.model_id())
     try:
+        if args.sweep_shares:
+            sweep = sweep_shares(client, args)
         for streams in args.streams:
             for words in args.prompt_words:
                 prompts = [prompt_of(words, seed) for seed in range(streams)]
@@ -66,9 +77,57 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if job is not None:
             client.cancel(job)
-    return from_status(
+    result = from_status(
         measured, args.min_samples, {"streams": args.streams, "prompt_words": args.prompt_words}
     )
+    if sweep is not None:
+        result["share_sweep"] = sweep
+    return result
+
+
+def sweep_shares(client: HarliClient, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per share of ``args.sweep_shares``: the same decode load (``--sweep-streams`` streams
+    for ``--seconds``) beside the job's units at that share (``static``; 0: ``idle-only``),
+    the client's median inter-token gap, decode's slowdown against share 0, the server's
+    attainment there, and finetune's rate (target tokens/s, and the worker's busy fraction)."""
+    saved = client.control()
+    if saved is None:
+        raise SystemExit("the server runs no Harli scheduler (--harli-mode off?)")
+    streams = args.sweep_streams
+    prompts = [prompt_of(8, seed) for seed in range(streams)]
+    rows: list[dict[str, Any]] = []
+    try:
+        for share in sorted(args.sweep_shares):
+            if share == 0:
+                client.set_mode("idle-only")
+            else:
+                client.set_mode("static", static_share=share)
+            stream_load(client.base, 1.0, streams, args.max_new_tokens, prompts)  # settle
+            before, began = client.corun(), time.monotonic()
+            gaps = stream_load(client.base, args.seconds, streams, args.max_new_tokens, prompts)
+            after, elapsed = client.corun(), time.monotonic() - began
+            delta = corun_delta(before, after)
+            gaps.sort()
+            row = {
+                "share": share,
+                "gap_ms": round(gaps[len(gaps) // 2] * 1e3, 3) if gaps else None,
+                "attainment": round(delta["attainment"], 4),
+                "finetune_tokens_per_s": round(delta["finetune_tokens"] / elapsed, 3),
+                "worker_busy": round((after["corun_unit_s"] - before["corun_unit_s"]) / elapsed, 4),
+            }
+            base = rows[0]["gap_ms"] if rows and rows[0]["share"] == 0 else None
+            row["slowdown"] = None if not base or not row["gap_ms"] else row["gap_ms"] / base - 1
+            rows.append(row)
+            print(f"share {share}: {row}", file=sys.stderr)
+    finally:  # the operator's settings back, whatever happened
+        client.set_mode(
+            saved["mode"],
+            tpot_slo_ms=saved["tpot_slo_ms"],
+            slo_margin=saved["slo_margin"],
+            static_share=saved["static_share"],
+            finetune_budget_ms=saved["finetune_budget_ms"],
+        )
+    return rows
 
 
 def from_status(measured: dict[str, Any], min_samples: int, grid: dict | None) -> dict[str, Any]:
@@ -93,6 +152,13 @@ def from_status(measured: dict[str, Any], min_samples: int, grid: dict | None) -
         "tail": samples.get("tail"),
         "idle_gap": samples.get("idle_gap"),
         "prefill": samples.get("prefill"),
+        # stage 2: decode's slowdown beside units of each kind at each share, as the server's
+        # predictor learned it (from --sweep-shares, or whatever ran beside decode)
+        "interference": [
+            {"kind": kind, "share": float(share), "slowdown": slowdown}
+            for kind, points in measured["corun"]["predictor"].get("interference", {}).items()
+            for share, slowdown in points.items()
+        ],
     }
 
 
@@ -101,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:30000")
     parser.add_argument("--out", required=True, type=Path, help="where to write the profile")
     parser.add_argument("--api-key", default=None)
+    parser.add_argument(
+        "--admin-api-key", default=None, help="the server's admin key (--sweep-shares switches it)"
+    )
     parser.add_argument("--streams", type=_ints, default=[1, 2, 4, 8], help="e.g. 1,2,4,8")
     parser.add_argument("--prompt-words", type=_ints, default=[8, 200], help="e.g. 8,200")
     parser.add_argument("--seconds", type=float, default=5.0, help="per grid point")
@@ -109,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--train", action="store_true", help="also measure finetune units (a throwaway job)"
     )
+    parser.add_argument(
+        "--sweep-shares",
+        type=_shares,
+        default=None,
+        help="e.g. 0,0.5,1: decode's slowdown and finetune's rate at each share of the device "
+        "beside decode (switches the server's mode at runtime; implies --train)",
+    )
+    parser.add_argument("--sweep-streams", type=int, default=2, help="decode streams per share")
     args = parser.parse_args(argv)
     try:
         result = profile(args)
@@ -118,10 +195,23 @@ def main(argv: list[str] | None = None) -> int:
     durable.write_bytes(args.out, json.dumps(result, indent=1).encode())
     print(
         f"wrote {args.out}: {len(result['decode'])} decode shapes, {len(result['units'])} unit "
-        f"sizes, {len(result['corun'])} co-run iterations",
+        f"sizes, {len(result['corun'])} co-run iterations, {len(result['interference'])} "
+        "interference points",
         file=sys.stderr,
     )
+    for row in result.get("share_sweep") or []:
+        print(json.dumps(row))
     return 0
+
+
+def _shares(text: str) -> list[float]:
+    try:
+        values = sorted({float(v) for v in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of shares: {text}") from None
+    if not values or values[0] < 0 or values[-1] > 1:
+        raise argparse.ArgumentTypeError(f"shares are fractions in [0, 1]: {text}")
+    return values
 
 
 def _ints(text: str) -> list[int]:

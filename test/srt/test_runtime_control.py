@@ -6,19 +6,23 @@ One server for the module, with an admin key (the route is a write) and metrics 
 - a bad body is a 4xx in OpenAI's error shape and the settings stay as they were;
 - a switch of mode, objective and margin shows in the status, in ``/metrics`` and in the answer;
 - a job keeps training across three switches while requests decode, and succeeds;
-- a tiny objective is said not to fit, with the reason, once in the log; ``auto`` fits.
+- a tiny objective is said not to fit, with the reason, once in the log; ``auto`` fits;
+- the profile tool's share sweep switches the server through every share and back, and writes
+  stage 2's interference table and finetune's rate at each share.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 import requests
 
+from sglang_harli import profile
 from sglang_harli.bench.workload import SHORT_CHATS
 from sglang_harli.client import ApiError, HarliClient
-from sglang_harli.corun.predictor import MIN_SAMPLES
+from sglang_harli.corun.predictor import MIN_SAMPLES, Predictor
 from test.support.server_process import harli_server
 from test.support.serving import generate, wait_until
 
@@ -187,7 +191,7 @@ def test_a_job_keeps_training_across_switches_and_succeeds(server, admin, tiny_m
             if mode == "naive":  # its units go to the concurrent worker, beside decode
                 units = admin.corun()["corun_units"]
                 wait_until(
-                    lambda: admin.corun()["corun_units"] > units,
+                    lambda units=units: admin.corun()["corun_units"] > units,
                     60,
                     "naive ran units on the worker",
                 )
@@ -224,3 +228,24 @@ def test_a_tiny_objective_does_not_fit_and_says_why_once(server, admin):
     assert objective["source"] == "auto" and objective["fits"] is True
     assert objective["tpot_slo_ms"] == pytest.approx(1.5 * objective["solo_decode_ms"], rel=0.11)
     assert answer["control"]["tpot_slo_ms"] == "auto"
+
+
+def test_the_share_sweep_measures_interference_on_one_server_start(server, admin, tmp_path):
+    before = settings(admin)
+    out = tmp_path / "profile.json"
+    argv = ["--url", server.url, "--out", str(out), "--admin-api-key", ADMIN_KEY]
+    argv += ["--sweep-shares", "0,1", "--seconds", "3", "--streams", "1", "--prompt-words", "8"]
+    assert profile.main(argv) == 0
+    written = json.loads(out.read_text())
+    alone, beside = written["share_sweep"]
+    assert (alone["share"], beside["share"]) == (0.0, 1.0)
+    assert alone["worker_busy"] == 0 and beside["worker_busy"] > 0  # units ran beside decode
+    assert beside["slowdown"] is not None and alone["gap_ms"] > 0
+    # stage 2 as the server learned it, per unit kind, loaded with the profile
+    assert {row["share"] for row in written["interference"]} == {1.0}
+    predictor = Predictor.from_profile(written)
+    assert predictor.interference.factor_at(1.0) is not None
+    # the operator's settings are back (two switches more: the sweep's, then the restore)
+    after = settings(admin)
+    assert {k: after[k] for k in SETTINGS} == {k: before[k] for k in SETTINGS}
+    assert after["switches"] > before["switches"]
