@@ -78,7 +78,7 @@ import torch
 
 from sglang_harli import durable
 from sglang_harli.bench import plots
-from sglang_harli.bench.modes import parse_modes
+from sglang_harli.bench.modes import parse_modes, replay_modes
 from sglang_harli.bench.report import host, summarize, write_markdown
 from sglang_harli.bench.server import Server
 from sglang_harli.bench.trace import (
@@ -294,11 +294,42 @@ def start_server(args, mode: Mode, objective_ms: float | None, slice_ms, workdir
         argv += ["--model-path", args.model_path]
     if objective_ms is not None and mode != Mode.OFF:
         argv += ["--harli-tpot-slo-ms", f"{objective_ms:.3f}"]
-    if mode == Mode.TIME_SLICED and slice_ms is not None:
+    if mode != Mode.OFF and slice_ms is not None:  # time-sliced's, now or after a switch
         argv += ["--harli-finetune-budget-ms", f"{slice_ms:.3f}"]
     server = Server([*argv, *args.server_args], workdir / f"server-{mode}.log")
     logger.info("starting the %s server", mode)
     return server.wait_ready()
+
+
+class Servers:
+    """Where each mode runs: plain SGLang for ``off``; for every other mode one Harli server,
+    started for the first and switched to each next one at runtime (``POST /harli/mode``: on a
+    GPU a start costs minutes), or one each with ``--server-per-mode``."""
+
+    def __init__(self, args, objective: dict, workdir: Path):
+        self.args, self.objective, self.workdir = args, objective, workdir
+        self.shared: Server | None = None
+
+    def start(self, mode: Mode) -> tuple[Server, bool]:
+        """The server for ``mode``, and whether the caller stops it after the mode's run."""
+        objective = self.objective
+        if mode == Mode.OFF or self.args.server_per_mode:
+            return start_server(
+                self.args, mode, objective.get("ms"), objective.get("slice_ms"), self.workdir
+            ), True
+        if self.shared is None:
+            self.shared = start_server(
+                self.args, mode, objective.get("ms"), objective.get("slice_ms"), self.workdir
+            )
+        else:
+            logger.info("switching the Harli server to %s", mode)
+            HarliClient(self.shared.url).set_mode(str(mode))
+        return self.shared, False
+
+    def stop(self) -> None:
+        if self.shared is not None:
+            self.shared.stop()
+            self.shared = None
 
 
 def model_info(server: Server) -> tuple[str, int]:
@@ -601,8 +632,8 @@ def exit_status(report: dict) -> int:
     return EXIT_OK
 
 
-def run_mode(args, mode: Mode, load: Load, objective: dict, workdir: Path) -> dict:
-    server = start_server(args, mode, objective.get("ms"), objective.get("slice_ms"), workdir)
+def run_mode(args, mode: Mode, load: Load, objective: dict, servers: Servers) -> dict:
+    server, own = servers.start(mode)
     try:
         model_id, vocab_size = model_info(server)
         if "ms" not in objective:  # the first server is off: calibrate on plain SGLang
@@ -639,7 +670,8 @@ def run_mode(args, mode: Mode, load: Load, objective: dict, workdir: Path) -> di
             "profile": measured,
         }
     finally:
-        server.stop()
+        if own:
+            server.stop()
 
 
 def machine_profile(client: HarliClient) -> dict | None:
@@ -660,8 +692,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modes",
         default=None,
-        help="comma-separated --harli-mode values (default: off,idle-only,time-sliced,harli on "
-        "a CPU; plus naive,static on a GPU)",
+        help="comma-separated --harli-mode values (default: off and every mode this machine "
+        "runs, corun/modes.py: on a CPU harli, time-sliced, idle-only, naive, static)",
     )
     add_trace_arguments(
         parser,
@@ -691,6 +723,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the first N tokens of every prompt are the same, as a system prompt is, so the "
         "radix cache has something to reuse (default 0: the trace's random prompts share none)",
     )
+    parser.add_argument(
+        "--server-per-mode",
+        action="store_true",
+        help="start a server for each mode (default: one Harli server for every mode but off, "
+        "switched at runtime with POST /harli/mode)",
+    )
     parser.add_argument("server_args", nargs="*", help="after --: more flags for every server")
 
 
@@ -701,7 +739,7 @@ def main(args) -> int:
         # without --rate-scale, 1 until the off server has been measured (Load.choose)
         flags = args if explicit else argparse.Namespace(**{**vars(args), "rate_scale": 1.0})
         scaling = scaling_of(flags)
-        modes = parse_modes(args.modes, torch.cuda.is_available())
+        modes = parse_modes(args.modes, replay_modes(torch.cuda.is_available()))
     except ValueError as exc:
         print(f"replay: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -735,18 +773,21 @@ def main(args) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     results = {}
     with tempfile.TemporaryDirectory(prefix="harli-replay-") as tmp:
-        workdir = Path(tmp)
-        for mode in modes:
-            try:
-                results[str(mode)] = run_mode(args, mode, load, objective, workdir)
-            except (RuntimeError, TimeoutError, requests.RequestException, ClientError) as exc:
-                logger.error("mode %s could not run: %s", mode, exc)
-                results[str(mode)] = {"mode": str(mode), "error": str(exc)}
-                if "ms" not in objective or load.trace is None:
-                    # off failed before calibrating: no objective or no load to replay
-                    what = "objective" if "ms" not in objective else "offered load"
-                    print(f"replay: error: no {what}: {exc}", file=sys.stderr)
-                    return EXIT_FAILED
+        servers = Servers(args, objective, Path(tmp))
+        try:
+            for mode in modes:
+                try:
+                    results[str(mode)] = run_mode(args, mode, load, objective, servers)
+                except (RuntimeError, TimeoutError, requests.RequestException, ClientError) as exc:
+                    logger.error("mode %s could not run: %s", mode, exc)
+                    results[str(mode)] = {"mode": str(mode), "error": str(exc)}
+                    if "ms" not in objective or load.trace is None:
+                        # off failed before calibrating: no objective or no load to replay
+                        what = "objective" if "ms" not in objective else "offered load"
+                        print(f"replay: error: no {what}: {exc}", file=sys.stderr)
+                        return EXIT_FAILED
+        finally:  # the shared Harli server, whatever happened (a SIGTERM unwinds to here)
+            servers.stop()
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": host(),

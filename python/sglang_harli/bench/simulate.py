@@ -49,7 +49,7 @@ from sglang_harli.bench.job_shape import (
     job_from_numbers,
 )
 from sglang_harli.bench.machine import Machine
-from sglang_harli.bench.modes import parse_modes
+from sglang_harli.bench.modes import SIMULATED, parse_modes
 from sglang_harli.bench.report import host
 from sglang_harli.bench.trace import (
     TraceRequest,
@@ -319,11 +319,11 @@ def fleet_config(args, replay: dict | None) -> FleetConfig:
         or HarliConfig.finetune_budget_ms
     )
     if args.modes is not None:
-        modes = parse_modes(args.modes, has_cuda=False)
+        modes = parse_modes(args.modes, SIMULATED)
     elif replay is not None:
         modes = [Mode(m) for m in replay["modes"]]
     else:
-        modes = parse_modes(None, has_cuda=False)
+        modes = parse_modes(None, SIMULATED)
     if any(m not in (Mode.OFF, Mode.IDLE_ONLY, Mode.TIME_SLICED, Mode.HARLI) for m in modes):
         raise ValueError("the simulation runs off, idle-only, time-sliced and harli (CPU modes)")
     # a zero idle quantum never moves the simulated clock (the run hangs), NaN compares false
