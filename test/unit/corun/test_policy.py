@@ -313,9 +313,78 @@ def test_make_policy_builds_each_cpu_mode():
 
 
 @pytest.mark.parametrize("mode", [Mode.NAIVE, Mode.STATIC])
-def test_make_policy_refuses_gpu_only_modes(mode):
-    with pytest.raises(ValueError, match=str(mode)):
+def test_make_policy_refuses_a_spatial_mode_without_a_concurrent_executor(mode):
+    with pytest.raises(ValueError, match=f"{mode} runs beside decode"):
         make(mode)
+
+
+def test_naive_and_static_plan_their_share_beside_every_decode_without_prediction():
+    kw = dict(objective_s=S, margin=MARGIN, budget_s=0.004, idle_quantum_s=0.1)
+    naive = make_policy(Mode.NAIVE, predictor=Predictor(), shares=(0.5, 1.0), **kw)
+    static = make_policy(
+        Mode.STATIC, predictor=Predictor(), shares=(0.5, 1.0), static_share=0.5, **kw
+    )
+    for shape in (SHAPE, HUGE):  # even a batch over the objective: they do not predict
+        assert naive.plan(shape).share == 1.0 and static.plan(shape).share == 0.5
+        assert naive.plan(shape).budget_s == 0 and naive.plan(shape).runs_finetune
+    assert naive.spatial and static.spatial
+
+
+# --- harli: a share beside decode (a concurrent executor) -------------------------------------
+
+
+def spatial_harli(table=None, predictor=None, objective_s=S) -> HarliPolicy:
+    predictor = predictor or fitted_predictor()
+    predictor.interference = Interference(dict(table or {}))
+    return HarliPolicy(objective_s, 0.1, predictor, MARGIN, shares=(0.25, 0.5, 1.0))
+
+
+def test_spatial_harli_plans_the_largest_share_whose_predicted_decode_fits():
+    # decode 10.8 ms, target 45 ms: x(1 + 0.8) fits at 1.0 if the worst kind slows it by 0.8
+    assert spatial_harli({"forward": {0.5: 0.3, 1.0: 0.8}}).plan(SHAPE).share == 1.0
+    # a 4x slowdown at 1.0 (54 ms) does not fit; half the cores (x2.5 = 27 ms) does
+    table = {"forward": {0.25: 0.5, 0.5: 1.5, 1.0: 4.0}}
+    assert spatial_harli(table).plan(SHAPE).share == 0.5
+    # the worst kind decides: backward's slowdown at 0.5 is too much, so a quarter
+    table = {"forward": {0.25: 0.5, 0.5: 1.5, 1.0: 4.0}, "backward": {0.25: 1.0, 0.5: 3.5}}
+    plan = spatial_harli(table).plan(SHAPE)
+    assert plan.share == 0.25 and plan.budget_s == 0 and plan.runs_finetune
+    # nothing fits: no finetune beside this decode
+    plan = spatial_harli({"forward": {0.25: 9.0}}).plan(SHAPE)
+    assert (plan.share, plan.reason) == (0.0, "paused: no share fits")
+
+
+def test_spatial_harli_probes_an_unmeasured_share_only_where_decode_has_room():
+    plan = spatial_harli().plan(SHAPE)  # 10.8 ms x 1.5 is within 45 ms: try the largest
+    assert (plan.share, plan.reason) == (1.0, "probing a share")
+    # 10.8 x 1.5 = 16.2 ms is over a 15 ms objective's target: nothing is risked
+    assert spatial_harli(objective_s=0.015).plan(SHAPE).share == 0.0
+    learning = spatial_harli(predictor=Predictor())
+    assert learning.plan(SHAPE).share == 0.0  # no prediction yet: nothing beside decode
+
+
+def test_a_miss_beside_units_backs_off_to_a_smaller_share():
+    policy = spatial_harli({"forward": {0.25: 0.2, 0.5: 0.6, 1.0: 2.0}})
+    plan = policy.plan(SHAPE)
+    assert plan.share == 1.0  # 10.8 x 3 = 32.4 ms, within 45
+    miss = Iteration(SHAPE, plan, 1.2 * S, 0.0, beside=(1.0, frozenset({"forward"})))
+    policy.feedback(miss)
+    assert policy.backoff == 0.5 and policy.hold == HOLD_UP  # finetune beside it may have caused it
+    assert policy.plan(SHAPE).share < 1.0
+
+
+def test_iterations_beside_units_teach_stage_2_and_leave_stage_1_alone():
+    policy = spatial_harli()
+    stage1 = dict(policy.predictor.stage1.coef)
+    residuals = dict(policy.predictor.stage1.residuals)
+    solo = policy.predictor.decode(SHAPE)
+    plan = policy.plan(SHAPE)
+    for _ in range(30):  # decode beside forward units at share 1.0 takes twice its solo time
+        beside = Iteration(SHAPE, plan, 2 * solo, 0.0, beside=(1.0, frozenset({"forward"})))
+        policy.feedback(beside)
+    assert policy.predictor.interference.slowdown("forward", 1.0) == pytest.approx(1.0, rel=0.01)
+    assert policy.predictor.interference.factor_at(1.0) == pytest.approx(2.0, rel=0.01)
+    assert policy.predictor.stage1.coef == stage1 and policy.predictor.stage1.residuals == residuals
 
 
 # --- harli: the attainment controller --------------------------------------------------------
