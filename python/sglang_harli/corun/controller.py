@@ -125,6 +125,7 @@ class CoRun:
         self.inline = InlineExecutor(clock=clock)
         self.worker = worker
         self.ranks = ranks
+        self._beside_seqs: set[int] = set()  # worker units submitted beside a decode iteration
         self.objective = objective or Objective(policy.objective_s)
         self.stats = CoRunStats(self.objective.seconds)
         self.policy.objective_s = self.objective.seconds
@@ -255,7 +256,7 @@ class CoRun:
         if not self._collect(runner):
             return False
         if it is not None and it.plan.share > 0:
-            self._submit(runner, Share(it.plan.share))
+            self._submit(runner, Share(it.plan.share), beside=True)
             self._note_beside()
         return not runner.done
 
@@ -466,6 +467,8 @@ class CoRun:
         return True
 
     def _complete(self, runner: Runner | None, completion) -> None:
+        beside = completion.ticket.seq in self._beside_seqs
+        self._beside_seqs.discard(completion.ticket.seq)
         if runner is None:
             return
         before = runner.tokens_trained
@@ -476,11 +479,15 @@ class CoRun:
             unit = completion.unit
             self.stats.corun_units += 1
             self.stats.corun_unit_s += completion.seconds
+            if beside:  # the slack it used, as inline units' time after a decode is
+                self.stats.finetune_s += completion.seconds
             self.recent_units.append((round(completion.started, 6), round(completion.ended, 6)))
             self.unit_samples.setdefault((unit.kind, unit.cost), Window(64)).add(completion.seconds)
 
-    def _submit(self, runner: Runner, share: Share) -> int:
-        """Keep the executor's queue full at ``share`` with the runner's next units."""
+    def _submit(self, runner: Runner, share: Share, beside: bool = False) -> int:
+        """Keep the executor's queue full at ``share`` with the runner's next units; ``beside``:
+        planned beside a decode iteration (their time is the slack finetune used), not in an
+        idle quantum."""
         if runner.signal() != "run":
             return 0  # paused (the store does not answer), or ending: _collect acts on it
         submitted = 0
@@ -489,7 +496,9 @@ class CoRun:
             if unit is None:
                 break
             runner.issue(unit)
-            self.executor.submit(unit, share)
+            ticket = self.executor.submit(unit, share)
+            if beside:
+                self._beside_seqs.add(ticket.seq)
             submitted += 1
         return submitted
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Iterable, Iterator
 
 import pytest
 
 from sglang_harli.corun.controller import QUANTILE_LEVELS, CoRun
-from sglang_harli.corun.policy import HarliPolicy, IdleOnlyPolicy, TimeSlicedPolicy
+from sglang_harli.corun.executor import ThreadExecutor
+from sglang_harli.corun.policy import HarliPolicy, IdleOnlyPolicy, NaivePolicy, TimeSlicedPolicy
 from sglang_harli.corun.predictor import Predictor
 from sglang_harli.corun.stats import DecodeStats
 
@@ -434,3 +437,93 @@ def test_a_probe_unit_leaves_the_iteration_without_a_stage2_prediction():
     corun.after_decode(runner)
     corun.before_decode(A)
     assert len(corun.stats.prediction_error.values) == 1
+
+
+# --- a share beside decode: units on a concurrent worker ---------------------------------------
+
+
+class SleepUnit:
+    def __init__(self, runner: SleepRunner, seconds: float):
+        self.runner, self.kind, self.cost, self.seconds = runner, "forward", 1e6, seconds
+
+    def run(self):
+        self.runner.threads.add(threading.current_thread().name)
+        time.sleep(self.seconds)
+        return self
+
+
+class SleepRunner:
+    """A source of units that sleep (real time: they run on the worker), issued ahead freely."""
+
+    def __init__(self, seconds: float = 0.004):
+        self.seconds, self.tokens_trained, self.done = seconds, 0, False
+        self.issued: list = []
+        self.completed: list = []
+        self.threads: set[str] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.issued) - len(self.completed)
+
+    def signal(self) -> str:
+        return "run"
+
+    def next_unit(self):
+        return SleepUnit(self, self.seconds)
+
+    def issue(self, unit) -> None:
+        self.issued.append(unit)
+
+    def complete(self, unit, result, error, dropped=False) -> None:
+        assert unit is self.issued[len(self.completed)]  # in issue order
+        self.completed.append(unit)
+        self.tokens_trained += 10
+
+
+def test_a_share_plan_runs_units_beside_the_decode_and_teaches_stage_2():
+    worker = ThreadExecutor(max_inflight=2)
+    predictor = fitted_predictor()
+    policy = HarliPolicy(1.0, 0.005, predictor, 0.05, shares=(1.0,))
+    corun, runner = CoRun(policy, worker=worker), SleepRunner()
+    try:
+        for _ in range(20):
+            corun.before_decode(A)
+            assert corun.beside_decode(runner)
+            assert worker.inflight == 2  # submitted before the decode, at the planned share
+            time.sleep(0.005)  # the decode, while the worker runs them
+            assert corun.after_decode(runner)
+        corun.before_decode(A)  # closes the last iteration
+    finally:
+        worker.close()
+    assert runner.threads == {"harli-finetune"} and len(runner.completed) >= 10
+    stats = corun.stats
+    assert stats.corun_units == len(runner.completed) and stats.finetune_tokens > 0
+    assert stats.finetune_s > 0  # the units' time beside decode is the slack they used
+    # iterations with units in flight taught stage 2 (at share 1.0), not stage 1
+    assert predictor.interference.factor_at(1.0) is not None
+    assert corun.to_dict()["executor"]["kind"] == "cpu-concurrent"
+
+
+def test_after_a_switch_to_slices_the_workers_units_come_back_before_any_runs_inline():
+    worker = ThreadExecutor(max_inflight=2)
+    policy = NaivePolicy(1.0, 0.005, fitted_predictor())
+    corun, runner = CoRun(policy, worker=worker), SleepRunner(seconds=0.05)
+    try:
+        corun.before_decode(A)
+        corun.beside_decode(runner)
+        assert worker.inflight == 2
+        corun.set_policy(TimeSlicedPolicy(1.0, 0.005, fitted_predictor(), 0.01))
+        corun.before_decode(A)
+        assert corun.after_decode(runner)  # the worker is busy: nothing runs here yet
+        assert runner.threads == {"harli-finetune"} and len(runner.issued) == 2
+        deadline = time.monotonic() + 5
+        while worker.inflight and time.monotonic() < deadline:
+            corun.before_decode(A)
+            corun.after_decode(runner)
+            time.sleep(0.01)
+        corun.before_decode(A)
+        corun.after_decode(runner)  # now the slice runs its units here
+    finally:
+        worker.close()
+    assert threading.current_thread().name in runner.threads
+    assert len(runner.completed) == len(runner.issued) > 2
