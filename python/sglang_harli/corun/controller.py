@@ -156,8 +156,9 @@ class CoRun:
 
     # --- the scheduler's calls ---------------------------------------------------------------
 
-    def before_decode(self, stats: DecodeStats) -> Plan:
-        """Close the previous iteration (measured now), then plan this one."""
+    def before_decode(self, stats: DecodeStats, runner: Runner | None = None) -> Plan:
+        """Close the previous iteration (measured now), then plan this one; ``runner``: the job's
+        (a share is planned for the kinds of its units that would run beside the decode)."""
         began = self.clock()
         if self._prefill_began is not None:
             self._record_prefill(stats, began - self._prefill_began)
@@ -165,7 +166,7 @@ class CoRun:
         if self._open is not None:
             self._close(began)
         self._track_objective(stats)
-        plan = self.policy.plan(stats)
+        plan = self.policy.plan(stats, self._upcoming_kinds(runner))
         self._open = _Open(began, stats, plan, predicted_s=plan.predicted_decode_s)
         self._note_beside()
         self.stats.last_plan = {
@@ -438,6 +439,16 @@ class CoRun:
         """Units of a share plan still in flight after a switch to a time-slice policy: they
         come back before any unit runs here (a runner's units run in order)."""
         return self.worker is not None and self.worker.inflight > 0
+
+    def _upcoming_kinds(self, runner: Runner | None) -> frozenset[str] | None:
+        """A share plan's units: those in flight and the runner's next (None: not known)."""
+        if runner is None or not self.policy.spatial or self.worker is None:
+            return None
+        kinds = {kind for kind, _ in self.worker.in_flight_units()}
+        unit = runner.next_unit()
+        if unit is not None:
+            kinds.add(unit.kind)
+        return frozenset(kinds) or None
 
     def _note_beside(self) -> None:
         """Units in flight now run beside the open iteration: it measures stage 2, not 1."""

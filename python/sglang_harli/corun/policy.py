@@ -109,7 +109,7 @@ class CoRunPolicy:
             predictor,
         )
 
-    def plan(self, stats: DecodeStats) -> Plan:
+    def plan(self, stats: DecodeStats, kinds: frozenset[str] | None = None) -> Plan:
         return Plan(0.0, self.predictor.decode(stats), reason="idle-only")
 
     def admit(
@@ -149,7 +149,7 @@ class TimeSlicedPolicy(CoRunPolicy):
         super().__init__(objective_s, idle_quantum_s, predictor)
         self.budget_s = budget_s
 
-    def plan(self, stats: DecodeStats) -> Plan:
+    def plan(self, stats: DecodeStats, kinds: frozenset[str] | None = None) -> Plan:
         return Plan(self.budget_s, self.predictor.decode(stats), reason="fixed slice")
 
     def admit(self, plan, spent_s, kind, cost, elapsed_s=None) -> bool:
@@ -182,9 +182,9 @@ class HarliPolicy(CoRunPolicy):
     def target_s(self) -> float:
         return self.objective_s * (1.0 - self.margin - self.hold)
 
-    def plan(self, stats: DecodeStats) -> Plan:
+    def plan(self, stats: DecodeStats, kinds: frozenset[str] | None = None) -> Plan:
         if self.spatial:
-            return self.plan_spatial(stats)
+            return self.plan_spatial(stats, kinds)
         decode_s = self.predictor.decode(stats)
         if decode_s is None:
             return Plan(0.0, None, reason="learning: no prediction yet")
@@ -226,19 +226,24 @@ class HarliPolicy(CoRunPolicy):
             if iteration.plan.runs_finetune:
                 self.hold = max(self.hold - HOLD_DOWN, 0.0)
 
-    def plan_spatial(self, stats: DecodeStats) -> Plan:
-        """The largest share of :attr:`shares` whose predicted decode beside finetune (stage 2,
-        the interference table) still meets the target; none when none does. A share never
-        measured here is tried only where the decode alone leaves most of the objective free
-        (``PROBE_SLOWDOWN``), and its first iterations teach the table."""
+    def plan_spatial(self, stats: DecodeStats, kinds: frozenset[str] | None = None) -> Plan:
+        """The largest share of :attr:`shares` whose predicted decode beside finetune units of
+        ``kinds`` (those in flight and the next; None: the worst kind measured) still meets the
+        target (stage 2, the interference table); none when none does. A share never measured
+        here (for those kinds) is tried only where decode could be ``PROBE_SLOWDOWN`` times
+        slower and still meet it, and its first iterations teach the table."""
         decode_s = self.predictor.decode(stats)
         if decode_s is None:
             return Plan(0.0, None, reason="learning: no prediction yet")
         target = decode_s + (self.target_s - decode_s) * self.backoff
         if target <= decode_s:
             return Plan(0.0, decode_s, reason="paused: no slack")
+        interference = self.predictor.interference
         for share in sorted(self.shares, reverse=True):
-            factor = self.predictor.interference.factor_at(share)
+            if kinds:
+                factor = interference.factor(kinds, share)
+            else:
+                factor = interference.factor_at(share)
             if factor is None:
                 if decode_s * PROBE_SLOWDOWN <= target:
                     return Plan(0.0, decode_s, reason="probing a share", share=share)
@@ -281,7 +286,7 @@ class StaticPolicy(CoRunPolicy):
         super().__init__(objective_s, idle_quantum_s, predictor)
         self.share = share
 
-    def plan(self, stats: DecodeStats) -> Plan:
+    def plan(self, stats: DecodeStats, kinds: frozenset[str] | None = None) -> Plan:
         return Plan(0.0, self.predictor.decode(stats), reason="fixed share", share=self.share)
 
     def to_dict(self) -> dict:
@@ -296,7 +301,7 @@ class NaivePolicy(StaticPolicy):
     def __init__(self, objective_s, idle_quantum_s, predictor):
         super().__init__(objective_s, idle_quantum_s, predictor, 1.0)
 
-    def plan(self, stats: DecodeStats) -> Plan:
+    def plan(self, stats: DecodeStats, kinds: frozenset[str] | None = None) -> Plan:
         return Plan(0.0, None, reason="every resource", share=1.0)
 
 

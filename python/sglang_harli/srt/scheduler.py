@@ -284,7 +284,9 @@ class HarliScheduler(Scheduler):
         with self.harli_stats.timed("before_decode"):
             stats = decode_stats(batch)
             self.harli_stats.record_decode(stats)
-            plan = self.harli_corun.before_decode(stats)
+            # a share is planned for the job's units that would run beside this decode
+            runner = self._harli_runner if self.harli_corun.spatial else None
+            plan = self.harli_corun.before_decode(stats, runner)
             if self.harli_metrics is not None:
                 self.harli_metrics.update(self.harli_corun)
         if self.harli_corun.spatial or self.harli_corun.worker_busy:

@@ -413,3 +413,14 @@ def test_the_hold_is_capped_so_decode_alone_still_plans():
         plan = policy.plan(SHAPE)
         policy.feedback(Iteration(SHAPE, plan, 1.2 * S, 0.001, units=(("forward", 1e6),)))
     assert policy.hold == pytest.approx(MAX_HOLD)
+
+
+def test_spatial_harli_plans_for_the_kinds_that_would_run_beside_the_decode():
+    # an optimizer step slows decode 5x (54 ms, over 45), a forward 1.5x: forwards still fit
+    table = {"forward": {1.0: 0.5}, "optimizer": {1.0: 4.0}}
+    assert spatial_harli(table).plan(SHAPE, frozenset({"forward"})).share == 1.0
+    assert spatial_harli(table).plan(SHAPE, frozenset({"forward", "optimizer"})).share == 0.0
+    assert spatial_harli(table).plan(SHAPE).share == 0.0  # not known: the worst kind measured
+    # a kind never measured at a share: probed where decode has room, as an unmeasured share
+    plan = spatial_harli(table).plan(SHAPE, frozenset({"backward"}))
+    assert (plan.share, plan.reason) == (1.0, "probing a share")
