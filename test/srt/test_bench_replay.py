@@ -1,6 +1,7 @@
-"""A short trace replay (``python -m sglang_harli.bench replay``), two modes on the tiny model:
-the harness works end to end and writes what it promises (the long runs and their figures are
-in docs/benchmarks.md, not in CI)."""
+"""A short trace replay (``python -m sglang_harli.bench replay``), three modes on the tiny model:
+the harness works end to end and writes what it promises, and one Harli server serves both of
+its modes, switched at runtime (the long runs and their figures are in docs/benchmarks.md, not
+in CI)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ SCALING += ["--max-context-tokens", "128", "--max-output-tokens", "32"]
 SCALING += ["--shared-prefix-tokens", "32"]  # a system prompt: the radix cache's to reuse
 
 
-def test_replay_two_modes(tmp_path, tiny_model_dir):
+def test_replay_three_modes_on_two_server_starts(tmp_path, tiny_model_dir):
     out = tmp_path / "replay"
     argv = [sys.executable, "-m", "sglang_harli.bench", "replay", "--out", str(out)]
-    argv += ["--modes", "harli,off", "--model-path", str(tiny_model_dir), *SCALING]
+    argv += ["--modes", "harli,off,naive", "--model-path", str(tiny_model_dir), *SCALING]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
@@ -32,7 +33,11 @@ def test_replay_two_modes(tmp_path, tiny_model_dir):
         TraceScaling(rate_scale=0.5, duration_s=15, max_context_tokens=128, max_output_tokens=32)
     )
     assert report["requests"] == len(expected) > 5
-    assert list(report["modes"]) == ["off", "harli"]  # off first: S is calibrated on it
+    assert list(report["modes"]) == ["off", "harli", "naive"]  # off first: S is calibrated on it
+    # plain SGLang, then one Harli server for harli and naive: switched, not restarted
+    assert done.stderr.count("starting the") == 2, done.stderr[-3000:]
+    assert "switching the Harli server to naive" in done.stderr
+    assert report["modes"]["naive"]["finetune_tokens_per_s"] > 0
     assert report["objective_ms"] == pytest.approx(2 * report["solo_gap_ms"])
     # the given rate, judged on the off server: the tiny model sustains it (else exit 3)
     load = report["load"]

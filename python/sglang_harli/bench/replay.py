@@ -301,6 +301,21 @@ def start_server(args, mode: Mode, objective_ms: float | None, slice_ms, workdir
     return server.wait_ready()
 
 
+def flush_cache(server: Server, timeout_s: float = 60.0) -> None:
+    """SGLang's ``POST /flush_cache``: the radix cache emptied, so the next mode's prompts
+    find nothing of the previous mode's replay (the same prompts) cached. SGLang flushes only
+    when no request runs (the previous mode's job was cancelled; its last units may still end):
+    try again until it does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = requests.post(server.url + "/flush_cache", timeout=30)
+        if answer.status_code == 200:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the cache was not flushed: {answer.status_code} {answer.text}")
+        time.sleep(0.5)
+
+
 class Servers:
     """Where each mode runs: plain SGLang for ``off``; for every other mode one Harli server,
     started for the first and switched to each next one at runtime (``POST /harli/mode``: on a
@@ -323,6 +338,7 @@ class Servers:
             )
         else:
             logger.info("switching the Harli server to %s", mode)
+            flush_cache(self.shared)  # each mode starts cold, as on its own server
             HarliClient(self.shared.url).set_mode(str(mode))
         return self.shared, False
 
