@@ -8,8 +8,9 @@ Where units run is the executor's business (``corun/executor.py``); what runs an
 loop's. With the ``inline`` executor a plan is a time slice: units run after the decode while
 the policy admits them (``JobRunner.run_planned``). With a concurrent one a plan is a share:
 :meth:`CoRun.beside_decode` hands back what finished (:meth:`JobRunner.complete`, on this
-thread), then keeps at most ``max_inflight`` of the runner's units submitted at that share, so
-they run beside the decode, and a new plan takes effect at the next unit submitted. Nothing here
+thread), then keeps about one iteration's worth of the runner's units submitted at that share
+(their measured durations on the worker), so they run beside the decode and through the gap
+after it, and a new plan takes effect within about one iteration. Nothing here
 waits for a unit on the decode path: results are taken when they are there.
 
 A decode iteration is measured from its ``run_batch`` to the next decode ``run_batch``: that
@@ -39,6 +40,7 @@ SHAPE_TOKENS = 32  # decode shapes are told apart by batch size and context in 3
 # the spread of each profile row (its window of recent samples): what the fleet simulation
 # (bench/simulate.py) draws durations from, so its iterations miss as real ones do
 QUANTILE_LEVELS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
+UNIT_EWMA = 0.2  # the weight of a worker unit's latest duration in its kind's estimate
 TIMELINE = 128  # decodes and concurrent units kept with their times, for status
 
 
@@ -126,6 +128,8 @@ class CoRun:
         self.worker = worker
         self.ranks = ranks
         self._beside_seqs: set[int] = set()  # worker units submitted beside a decode iteration
+        self._queued: dict[int, float] = {}  # worker units in flight: their predicted seconds
+        self._worker_unit_s: dict[tuple[str, float], float] = {}  # (kind, cost): recent mean
         self.objective = objective or Objective(policy.objective_s)
         self.stats = CoRunStats(self.objective.seconds)
         self.policy.objective_s = self.objective.seconds
@@ -257,7 +261,9 @@ class CoRun:
         if not self._collect(runner):
             return False
         if it is not None and it.plan.share > 0:
-            self._submit(runner, Share(it.plan.share), beside=True)
+            # about one iteration of work: the worker stays busy through the gap after the
+            # decode, and the next plan (share or none) takes effect within one iteration
+            self._submit(runner, Share(it.plan.share), self._iteration_s(it), beside=True)
             self._note_beside()
         return not runner.done
 
@@ -480,6 +486,7 @@ class CoRun:
     def _complete(self, runner: Runner | None, completion) -> None:
         beside = completion.ticket.seq in self._beside_seqs
         self._beside_seqs.discard(completion.ticket.seq)
+        self._queued.pop(completion.ticket.seq, None)
         if runner is None:
             return
         before = runner.tokens_trained
@@ -494,24 +501,52 @@ class CoRun:
                 self.stats.finetune_s += completion.seconds
             self.recent_units.append((round(completion.started, 6), round(completion.ended, 6)))
             self.unit_samples.setdefault((unit.kind, unit.cost), Window(64)).add(completion.seconds)
+            key = (unit.kind, unit.cost)
+            last = self._worker_unit_s.get(key)
+            self._worker_unit_s[key] = (
+                completion.seconds
+                if last is None
+                else last + UNIT_EWMA * (completion.seconds - last)
+            )
 
-    def _submit(self, runner: Runner, share: Share, beside: bool = False) -> int:
-        """Keep the executor's queue full at ``share`` with the runner's next units; ``beside``:
-        planned beside a decode iteration (their time is the slack finetune used), not in an
-        idle quantum."""
+    def _submit(self, runner: Runner, share: Share, horizon_s: float, beside: bool = False) -> int:
+        """Keep about ``horizon_s`` of the runner's next units queued at ``share``: enough that
+        the worker does not starve until the next hook submits again, few enough that a new
+        plan takes effect within about that long (``max_inflight`` bounds the count too).
+        ``beside``: planned beside a decode iteration (their time is the slack finetune used),
+        not in an idle quantum."""
         if runner.signal() != "run":
             return 0  # paused (the store does not answer), or ending: _collect acts on it
         submitted = 0
-        while self.executor.can_submit():
+        while self.executor.can_submit() and self._queued_s() < horizon_s:
             unit = runner.next_unit()
             if unit is None:
                 break
             runner.issue(unit)
             ticket = self.executor.submit(unit, share)
+            # a unit never measured here counts as the whole horizon: one at a time until it is
+            self._queued[ticket.seq] = self._unit_estimate(unit.kind, unit.cost) or horizon_s
             if beside:
                 self._beside_seqs.add(ticket.seq)
             submitted += 1
         return submitted
+
+    def _queued_s(self) -> float:
+        """The predicted time of the units in flight (the running one counted whole)."""
+        return sum(self._queued.values())
+
+    def _unit_estimate(self, kind: str, cost: float) -> float | None:
+        """A unit's seconds on the worker: what units of its kind and cost took there lately,
+        else the predictor's (inline) estimate."""
+        seconds = self._worker_unit_s.get((kind, cost))
+        return seconds if seconds is not None else self.policy.predictor.unit(kind, cost)
+
+    def _iteration_s(self, it: _Open) -> float:
+        """How long this iteration is expected to last, hook to hook: the objective when there
+        is one (iterations that keep it last at most that long), else the predicted decode."""
+        if self.objective.known:
+            return self.objective.seconds
+        return it.plan.predicted_decode_s or 0.0
 
     def _idle_beside(self, runner: Runner, quantum_s: float) -> bool:
         """Idle with a concurrent executor: finetune takes its whole part of the device, and
@@ -521,7 +556,7 @@ class CoRun:
             return False
         deadline = self.clock() + quantum_s
         while self.clock() < deadline:
-            self._submit(runner, Share(1.0))
+            self._submit(runner, Share(1.0), deadline - self.clock())
             if not self.executor.inflight:
                 break  # nothing to run now (a checkpoint's write, a memory wait)
             self.executor.last_fence().wait(max(deadline - self.clock(), 0.0))

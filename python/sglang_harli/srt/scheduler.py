@@ -63,6 +63,9 @@ logger = logging.getLogger(__name__)
 
 GIL_SWITCH_INTERVAL_S = 0.0001
 SUPPORTED_ALLOCATORS = (TokenToKVPoolAllocator, PagedTokenToKVPoolAllocator)
+# the worker's hard cap on units in flight; what it holds is bounded by their measured time
+# (about one iteration, corun/controller.py), this only stops a runaway queue of tiny units
+WORKER_MAX_INFLIGHT = 64
 
 
 class HarliScheduler(Scheduler):
@@ -188,7 +191,9 @@ class HarliScheduler(Scheduler):
             decode_threads,
             spare,
         )
-        return ThreadExecutor(setup=setup, apply_share=apply_share)
+        return ThreadExecutor(
+            max_inflight=WORKER_MAX_INFLIGHT, setup=setup, apply_share=apply_share
+        )
 
     def _harli_shares(self, worker: Executor | None) -> tuple[float, ...]:
         """The shares the concurrent worker offers: each count of the spare cores."""

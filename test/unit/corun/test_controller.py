@@ -15,7 +15,7 @@ from sglang_harli.corun.policy import HarliPolicy, IdleOnlyPolicy, NaivePolicy, 
 from sglang_harli.corun.predictor import Predictor
 from sglang_harli.corun.stats import DecodeStats
 
-from .helpers import TRUE_UNITS, fitted_predictor, linear, random_shapes, unit_seconds
+from .helpers import TRUE_UNITS, fitted_predictor, flat_predictor, linear, random_shapes, unit_seconds
 
 S = 0.010
 A, B, C, D, E = (DecodeStats(b, 100 * b, 100) for b in (1, 2, 3, 4, 5))
@@ -443,8 +443,8 @@ def test_a_probe_unit_leaves_the_iteration_without_a_stage2_prediction():
 
 
 class SleepUnit:
-    def __init__(self, runner: SleepRunner, seconds: float):
-        self.runner, self.kind, self.cost, self.seconds = runner, "forward", 1e6, seconds
+    def __init__(self, runner: SleepRunner, seconds: float, kind: str = "forward"):
+        self.runner, self.kind, self.cost, self.seconds = runner, kind, 1e6, seconds
 
     def run(self):
         self.runner.threads.add(threading.current_thread().name)
@@ -455,8 +455,8 @@ class SleepUnit:
 class SleepRunner:
     """A source of units that sleep (real time: they run on the worker), issued ahead freely."""
 
-    def __init__(self, seconds: float = 0.004):
-        self.seconds, self.tokens_trained, self.done = seconds, 0, False
+    def __init__(self, seconds: float = 0.004, kind: str = "forward"):
+        self.seconds, self.kind, self.tokens_trained, self.done = seconds, kind, 0, False
         self.issued: list = []
         self.completed: list = []
         self.threads: set[str] = set()
@@ -469,7 +469,7 @@ class SleepRunner:
         return "run"
 
     def next_unit(self):
-        return SleepUnit(self, self.seconds)
+        return SleepUnit(self, self.seconds, self.kind)
 
     def issue(self, unit) -> None:
         self.issued.append(unit)
@@ -515,7 +515,8 @@ def test_after_a_switch_to_slices_the_workers_units_come_back_before_any_runs_in
         corun.set_policy(TimeSlicedPolicy(1.0, 0.005, fitted_predictor(), 0.01))
         corun.before_decode(A)
         assert corun.after_decode(runner)  # the worker is busy: nothing runs here yet
-        assert runner.threads == {"harli-finetune"} and len(runner.issued) == 2
+        assert threading.current_thread().name not in runner.threads
+        assert len(runner.issued) == 2
         deadline = time.monotonic() + 5
         while worker.inflight and time.monotonic() < deadline:
             corun.before_decode(A)
@@ -527,3 +528,31 @@ def test_after_a_switch_to_slices_the_workers_units_come_back_before_any_runs_in
         worker.close()
     assert threading.current_thread().name in runner.threads
     assert len(runner.completed) == len(runner.issued) > 2
+
+
+def test_the_worker_holds_about_one_iteration_of_work_by_the_units_measured_durations():
+    """Units are queued by their time, not by count: one at a time until the worker has measured
+    their kind, then about the objective's worth (a decode iteration at most), so the worker does
+    not starve between hooks and a new plan takes effect within about one iteration."""
+    worker = ThreadExecutor(max_inflight=64)
+    objective_s, unit_s, decode_s = 0.05, 0.004, 0.02
+    policy = HarliPolicy(objective_s, 0.005, flat_predictor(decode_s), 0.05, shares=(1.0,))
+    corun, runner = CoRun(policy, worker=worker), SleepRunner(seconds=unit_s, kind="sleep")
+    try:
+        corun.before_decode(A)
+        corun.beside_decode(runner)
+        assert worker.inflight == 1  # its kind never ran on the worker: the whole horizon
+        corun.drain(runner, 5)
+        queued = []
+        for _ in range(6):
+            corun.before_decode(A)
+            corun.beside_decode(runner)
+            queued.append(worker.inflight)
+            time.sleep(decode_s)
+            corun.after_decode(runner)
+        corun.drain(runner, 5)
+    finally:
+        worker.close()
+    # about objective / unit = 12 units (a sleep lasts a little longer than asked), never 64
+    assert max(queued) <= objective_s / unit_s + 1
+    assert min(queued) >= 0.5 * objective_s / unit_s, queued
