@@ -27,7 +27,7 @@ from pathlib import Path
 from sglang_harli.bench.server import harli_server
 from sglang_harli.bench.workload import SHORT_CHATS
 from sglang_harli.client import HarliClient
-from sglang_harli.srt.server import lora_serving_flags
+from sglang_harli.lora_serving import lora_serving_flags
 from sglang_harli.tiny_model import ensure_tiny_model
 
 PROMPTS = ["def hello(world):", "import os, sys", "class Foo:", "x = [i for i in"]

@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             given=cpu.has_flag(argv, "--harli-tpot-slo-ms"), embedded_on_cpu=embedded and on_cpu
         )
         if harli_config.enabled:
-            from sglang_harli.srt.server import lora_serving_flags
+            from sglang_harli.lora_serving import lora_serving_flags
 
             # finished jobs' adapters are served through SGLang's own LoRA serving
             sglang_argv += lora_serving_flags(lambda flag: cpu.has_flag(sglang_argv, flag))

@@ -7,8 +7,9 @@
 
 For each mode in turn (one server at a time: a machine cannot host several fairly), it starts
 ``python -m sglang_harli.launch_server --harli-mode MODE`` with the same model and objective,
-starts the same fine-tuning job on it (every mode but ``off``, which is plain SGLang: decode
-alone, the reference), waits for the job's first step, then replays the trace's requests at their
+starts the same fine-tuning job on it (every mode but ``off``, which is plain SGLang with the
+same LoRA serving flags a Harli server adds: decode alone on the same decode path, the
+reference), waits for the job's first step, then replays the trace's requests at their
 scaled arrival times as streaming ``/generate`` calls (prompts of the trace's length made of
 token ids, the trace's output length forced with ``ignore_eos``). While it runs, it reads
 ``GET /harli/status`` twice a second for the timeline. After the last arrival it waits for the
@@ -95,6 +96,7 @@ from sglang_harli.bench.workload import JOB_PAIRS, prompt_ids
 from sglang_harli.client import ClientError, HarliClient
 from sglang_harli.config import Mode
 from sglang_harli.loadgen import StreamRamp, stream_load
+from sglang_harli.lora_serving import lora_serving_flags
 from sglang_harli.profile import from_status
 
 logger = logging.getLogger(__name__)
@@ -294,6 +296,8 @@ def start_server(args, mode: Mode, objective_ms: float | None, slice_ms, workdir
         argv += ["--model-path", args.model_path]
     if objective_ms is not None and mode != Mode.OFF:
         argv += ["--harli-tpot-slo-ms", f"{objective_ms:.3f}"]
+    if mode == Mode.OFF:  # the Harli modes' LoRA serving: the same decode path, measured alone
+        argv += lora_serving_flags(lambda flag: flag in args.server_args)
     if mode != Mode.OFF and slice_ms is not None:  # time-sliced's, now or after a switch
         argv += ["--harli-finetune-budget-ms", f"{slice_ms:.3f}"]
     server = Server([*argv, *args.server_args], workdir / f"server-{mode}.log")

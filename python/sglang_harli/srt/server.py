@@ -17,19 +17,6 @@ from sglang_harli.config import HarliConfig
 from sglang_harli.finetune.base_model import PROJECTIONS
 from sglang_harli.jobs.hyperparameters import ServingLimits
 
-# What --enable-lora is sized for when the user does not say (see lora_serving_flags).
-DEFAULT_MAX_LORA_RANK = 16
-
-
-def lora_serving_flags(has_flag) -> list[str]:
-    """SGLang flags that size LoRA serving for finished jobs' adapters, unless given."""
-    flags = [] if has_flag("--enable-lora") else ["--enable-lora"]
-    if not has_flag("--max-lora-rank"):
-        flags += ["--max-lora-rank", str(DEFAULT_MAX_LORA_RANK)]
-    if not has_flag("--lora-target-modules"):
-        flags += ["--lora-target-modules", *PROJECTIONS]
-    return flags
-
 
 def serving_limits(server_args) -> ServingLimits:
     targets = list(server_args.lora_target_modules or [])

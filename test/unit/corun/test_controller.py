@@ -15,7 +15,14 @@ from sglang_harli.corun.policy import HarliPolicy, IdleOnlyPolicy, NaivePolicy, 
 from sglang_harli.corun.predictor import Predictor
 from sglang_harli.corun.stats import DecodeStats
 
-from .helpers import TRUE_UNITS, fitted_predictor, flat_predictor, linear, random_shapes, unit_seconds
+from .helpers import (
+    TRUE_UNITS,
+    fitted_predictor,
+    flat_predictor,
+    linear,
+    random_shapes,
+    unit_seconds,
+)
 
 S = 0.010
 A, B, C, D, E = (DecodeStats(b, 100 * b, 100) for b in (1, 2, 3, 4, 5))
