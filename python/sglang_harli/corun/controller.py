@@ -34,6 +34,7 @@ from .ranks import RankSync, Verdict
 from .stats import CoRunStats, DecodeStats, Window, quantiles
 
 FULL = Share(1.0)  # inline units have the device to themselves
+IDLE = Share(1.0, idle=True)  # no decode runs: the worker's units may take the whole device
 
 SAMPLE_KEYS = 256  # distinct decode shapes kept for profiles (the most recent)
 SHAPE_TOKENS = 32  # decode shapes are told apart by batch size and context in 32-token steps
@@ -549,14 +550,15 @@ class CoRun:
         return it.plan.predicted_decode_s or 0.0
 
     def _idle_beside(self, runner: Runner, quantum_s: float) -> bool:
-        """Idle with a concurrent executor: finetune takes its whole part of the device, and
-        this thread waits for the worker (a quantum at most) rather than spin on SGLang's idle
-        loop: a request that arrives meanwhile waits that long at most, as inline."""
+        """Idle with a concurrent executor: finetune takes the whole device (:data:`IDLE`:
+        decode's cores too, nothing decodes), and this thread waits for the worker (a quantum
+        at most) rather than spin on SGLang's idle loop: a request that arrives meanwhile waits
+        that long at most, as inline."""
         if not self._collect(runner):
             return False
         deadline = self.clock() + quantum_s
         while self.clock() < deadline:
-            self._submit(runner, Share(1.0), deadline - self.clock())
+            self._submit(runner, IDLE, deadline - self.clock())
             if not self.executor.inflight:
                 break  # nothing to run now (a checkpoint's write, a memory wait)
             self.executor.last_fence().wait(max(deadline - self.clock(), 0.0))

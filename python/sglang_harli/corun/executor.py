@@ -52,10 +52,13 @@ class Unit(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Share:
-    """The part of the device a unit may use: ``fraction`` of what finetune may ever get (the
-    cores beside decode's on a CPU, the SMs on a GPU). 0 is nothing: no unit is submitted."""
+    """The part of the device a unit may use: ``fraction`` of what finetune may get beside
+    decode (the cores decode leaves on a CPU, the SMs on a GPU). 0 is nothing: no unit is
+    submitted. ``idle``: no decode runs (an idle quantum), so the unit may also use decode's
+    part, the whole device."""
 
     fraction: float
+    idle: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction <= 1.0:

@@ -175,16 +175,23 @@ class HarliScheduler(Scheduler):
         spare = cores[decode_threads:] or cores[-1:]  # the cores decode's threads leave
         self._harli_spare_cores = spare
 
-        def setup() -> None:
+        def pin(allowed: list[int]) -> None:
             # this thread only (Linux: an affinity of pid 0 is the calling thread's)
             try:
-                os.sched_setaffinity(0, spare)
+                os.sched_setaffinity(0, allowed)
             except OSError as exc:
                 logger.info("Harli finetune worker: cores not pinned (%s)", exc)
+
+        def setup() -> None:
+            pin(spare)
             torch.set_num_threads(len(spare))
 
         def apply_share(share: Share) -> None:
-            torch.set_num_threads(share.workers(len(spare)))
+            # an idle quantum's units take every core (nothing decodes); beside decode, the
+            # share of the spare ones
+            allowed = cores if share.idle else spare
+            pin(allowed)
+            torch.set_num_threads(len(allowed) if share.idle else share.workers(len(spare)))
 
         logger.info(
             "Harli finetune worker: beside decode's %d intra-op threads, on cores %s",

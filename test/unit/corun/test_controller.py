@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 import pytest
 
 from sglang_harli.corun.controller import QUANTILE_LEVELS, CoRun
-from sglang_harli.corun.executor import ThreadExecutor
+from sglang_harli.corun.executor import Share, ThreadExecutor
 from sglang_harli.corun.policy import HarliPolicy, IdleOnlyPolicy, NaivePolicy, TimeSlicedPolicy
 from sglang_harli.corun.predictor import Predictor
 from sglang_harli.corun.stats import DecodeStats
@@ -563,3 +563,23 @@ def test_the_worker_holds_about_one_iteration_of_work_by_the_units_measured_dura
     # about objective / unit = 12 units (a sleep lasts a little longer than asked), never 64
     assert max(queued) <= objective_s / unit_s + 1
     assert min(queued) >= 0.5 * objective_s / unit_s, queued
+
+
+def test_idle_quanta_give_the_worker_the_whole_device_and_decode_gives_it_back():
+    """With nothing decoding, the worker's units may use decode's cores too (an idle share);
+    beside a decode they run on the planned share of the spare ones again."""
+    applied: list[Share] = []
+    worker = ThreadExecutor(max_inflight=64, apply_share=applied.append)
+    policy = HarliPolicy(0.05, 0.02, flat_predictor(0.01), 0.05, shares=(1.0,))
+    corun, runner = CoRun(policy, worker=worker), SleepRunner(seconds=0.002, kind="sleep")
+    try:
+        assert corun.idle(runner)
+        corun.drain(runner, 5)
+        assert applied == [Share(1.0, idle=True)]
+        corun.before_decode(A)
+        corun.beside_decode(runner)
+        corun.drain(runner, 5)
+    finally:
+        worker.close()
+    assert applied == [Share(1.0, idle=True), Share(1.0)]
+    assert len(runner.completed) >= 2
