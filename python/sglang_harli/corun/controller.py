@@ -130,8 +130,7 @@ class CoRun:
         self.ranks = ranks
         self._beside_seqs: set[int] = set()  # worker units submitted beside a decode iteration
         self._queued: dict[int, float] = {}  # worker units in flight: their predicted seconds
-        # (kind, cost, idle share): recent mean seconds on the worker
-        self._worker_unit_s: dict[tuple[str, float, bool], float] = {}
+        self._worker_unit_s: dict[tuple[str, float], float] = {}  # (kind, cost): recent mean
         self.objective = objective or Objective(policy.objective_s)
         self.stats = CoRunStats(self.objective.seconds)
         self.policy.objective_s = self.objective.seconds
@@ -198,11 +197,9 @@ class CoRun:
         self.recent_decodes.append((round(it.start, 6), round(began, 6)))
         if self.spatial or self.worker_busy:
             self._note_beside()
-            if runner is None or not self._collect(runner):
+            if runner is None:
                 return False
-            if self.spatial and it.plan.budget_s > 0 and runs is not False:
-                self._slice_beside(runner, it, began)
-            return not runner.done
+            return self._collect(runner)
         if runner is None or not (it.plan.runs_finetune if runs is None else runs):
             return runner is not None
 
@@ -505,7 +502,7 @@ class CoRun:
                 self.stats.finetune_s += completion.seconds
             self.recent_units.append((round(completion.started, 6), round(completion.ended, 6)))
             self.unit_samples.setdefault((unit.kind, unit.cost), Window(64)).add(completion.seconds)
-            key = (unit.kind, unit.cost, completion.ticket.share.idle)
+            key = (unit.kind, unit.cost)
             last = self._worker_unit_s.get(key)
             self._worker_unit_s[key] = (
                 completion.seconds
@@ -529,8 +526,7 @@ class CoRun:
             runner.issue(unit)
             ticket = self.executor.submit(unit, share)
             # a unit never measured here counts as the whole horizon: one at a time until it is
-            estimate = self._unit_estimate(unit.kind, unit.cost, share.idle)
-            self._queued[ticket.seq] = estimate or horizon_s
+            self._queued[ticket.seq] = self._unit_estimate(unit.kind, unit.cost) or horizon_s
             if beside:
                 self._beside_seqs.add(ticket.seq)
             submitted += 1
@@ -540,38 +536,18 @@ class CoRun:
         """The predicted time of the units in flight (the running one counted whole)."""
         return sum(self._queued.values())
 
-    def _unit_estimate(self, kind: str, cost: float, idle: bool) -> float | None:
-        """A unit's seconds on the worker: what units of its kind and cost took there lately
-        (beside decode, or on the whole device), else the predictor's (inline) estimate."""
-        seconds = self._worker_unit_s.get((kind, cost, idle))
+    def _unit_estimate(self, kind: str, cost: float) -> float | None:
+        """A unit's seconds on the worker: what units of its kind and cost took there lately,
+        else the predictor's (inline) estimate."""
+        seconds = self._worker_unit_s.get((kind, cost))
         return seconds if seconds is not None else self.policy.predictor.unit(kind, cost)
 
     def _iteration_s(self, it: _Open) -> float:
-        """How long the units submitted before this decode should keep the worker busy: the
-        iteration, hook to hook, when no slice follows the decode (its objective when there is
-        one, iterations that keep it last at most that long); when one does, the predicted
-        decode (the slice submits its own units, on the whole device)."""
-        if it.plan.budget_s > 0 and it.plan.predicted_decode_s:
-            return it.plan.predicted_decode_s
+        """How long this iteration is expected to last, hook to hook: the objective when there
+        is one (iterations that keep it last at most that long), else the predicted decode."""
         if self.objective.known:
             return self.objective.seconds
         return it.plan.predicted_decode_s or 0.0
-
-    def _slice_beside(self, runner: Runner, it: _Open, began: float) -> None:
-        """The slice of a share plan: after the decode, until ``deadline_s`` into the
-        iteration, the worker's units take the whole device (:data:`IDLE`: the decode's cores
-        are free until the next iteration) and this thread waits for them, as inline units
-        would run here. Units are queued by their measured time on the worker, so they end by
-        the deadline when they take as measured; the iteration's total says when they did not
-        (the policy backs off)."""
-        deadline = it.start + it.plan.deadline_s
-        while (room := deadline - self.clock()) > 0:
-            if not self._submit(runner, IDLE, room) and not self.executor.inflight:
-                break  # nothing to run now (a checkpoint's write, a memory wait)
-            self.executor.last_fence().wait(room)
-            if not self._collect(runner):
-                break
-        it.finetune_s += self.clock() - began
 
     def _idle_beside(self, runner: Runner, quantum_s: float) -> bool:
         """Idle with a concurrent executor: finetune takes the whole device (:data:`IDLE`:

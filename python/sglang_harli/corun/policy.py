@@ -41,9 +41,6 @@ PROBE_SLOWDOWN = 1.5
 # a decode this much slower than predicted marks the machine as slow right now (below it, the
 # difference is ordinary noise that the margin absorbs)
 SLOW_DECODE = 1.25
-# the shortest slice after a decode beside a share, as a fraction of S: a shorter one would
-# mostly be the scheduler waking the worker and waiting for it
-MIN_SLICE = 0.05
 MIN_BACKOFF = 1 / 64
 # The attainment controller: the fraction of S held back beyond --harli-slo-margin grows by
 # HOLD_UP at each miss of an iteration that ran finetune and shrinks by HOLD_DOWN at each
@@ -127,8 +124,8 @@ class CoRunPolicy:
         """A measured iteration: the predictor learns from it (every mode, so its status and
         the benchmarks can report prediction error for the baselines too). Stage 1 learns only
         from iterations with nothing in flight beside them; stage 2 from the others."""
-        if iteration.beside:  # a slice after it is finetune's time, not decode's
-            self.predictor.observe_corun(iteration.stats, iteration.decode_s, iteration.beside)
+        if iteration.beside:
+            self.predictor.observe_corun(iteration.stats, iteration.total_s, iteration.beside)
         else:
             self.predictor.observe_decode(iteration.stats, iteration.decode_s, iteration.tail_s)
 
@@ -252,20 +249,8 @@ class HarliPolicy(CoRunPolicy):
                     return Plan(0.0, decode_s, reason="probing a share", share=share)
                 continue
             if decode_s * factor <= target:
-                return self._fill(decode_s, decode_s * factor, target, share)
+                return Plan(0.0, decode_s, reason="share fits", share=share)
         return Plan(0.0, decode_s, reason="paused: no share fits")
-
-    def _fill(self, decode_s: float, beside_s: float, target_s: float, share: float) -> Plan:
-        """A share that fits, and the slack its predicted decode (``beside_s``) still leaves:
-        a slice after the decode in which finetune takes the whole device (the decode's part
-        is free until the next iteration), ending by ``deadline_s`` so that SGLang's work after
-        it still ends by the target. Where the table is wrong the slice absorbs it: units are
-        admitted against the time actually elapsed."""
-        slack = target_s - beside_s
-        if slack <= self.predictor.tail_bound_s + MIN_SLICE * self.objective_s:
-            return Plan(0.0, decode_s, reason="share fits", share=share)
-        deadline = beside_s - self.predictor.tail_bound_s + slack
-        return Plan(slack, decode_s, deadline_s=deadline, reason="share and slice", share=share)
 
     def plan_share(
         self, stats: DecodeStats, ladder: Sequence[int], total_sms: int, kinds: Sequence[str]

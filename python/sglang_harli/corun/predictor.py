@@ -258,9 +258,8 @@ class UnitRate:
 
 @dataclasses.dataclass
 class Interference:
-    """Stage 2 beside decode: decode's slowdown with finetune units on ``share`` of
-    finetune's part of the device (the spare cores on a CPU, the SMs on a GPU), per unit kind,
-    linear between measured shares (0 at share 0), corrected online per share."""
+    """GPU stage 2: decode's slowdown beside finetune kernels on ``share`` of the SMs, per unit
+    kind, linear between measured shares (0 at share 0), corrected online per share."""
 
     table: dict[str, dict[float, float]] = dataclasses.field(default_factory=dict)
     alpha: float = DEFAULT_ALPHA

@@ -12,7 +12,6 @@ from sglang_harli.corun.policy import (
     HOLD_UP,
     MAX_HOLD,
     MIN_BACKOFF,
-    MIN_SLICE,
     PROBE_FRACTION,
     RECOVERY_STEP,
     HarliPolicy,
@@ -349,30 +348,10 @@ def test_spatial_harli_plans_the_largest_share_whose_predicted_decode_fits():
     # the worst kind decides: backward's slowdown at 0.5 is too much, so a quarter
     table = {"forward": {0.25: 0.5, 0.5: 1.5, 1.0: 4.0}, "backward": {0.25: 1.0, 0.5: 3.5}}
     plan = spatial_harli(table).plan(SHAPE)
-    assert plan.share == 0.25 and plan.runs_finetune
+    assert plan.share == 0.25 and plan.budget_s == 0 and plan.runs_finetune
     # nothing fits: no finetune beside this decode
     plan = spatial_harli({"forward": {0.25: 9.0}}).plan(SHAPE)
     assert (plan.share, plan.reason) == (0.0, "paused: no share fits")
-
-
-def test_spatial_harli_fills_the_slack_a_share_leaves_with_a_slice_after_the_decode():
-    """The share's predicted decode leaves slack: a slice on the whole device after it, ending
-    where SGLang's tail still ends by the target; none where the slack is not even the tail."""
-    policy = spatial_harli({"forward": {1.0: 0.8}})  # 10.8 ms x 1.8 = 19.44 ms beside units
-    plan = policy.plan(SHAPE, frozenset({"forward"}))
-    target = policy.target_s
-    beside = policy.predictor.decode(SHAPE) * 1.8
-    assert (plan.share, plan.reason) == (1.0, "share and slice")
-    assert plan.budget_s == pytest.approx(target - beside)
-    assert plan.deadline_s == pytest.approx(target - policy.predictor.tail_bound_s)
-    # after a miss the slack halves, and with it the slice
-    policy.feedback(Iteration(SHAPE, plan, 1.2 * S, 0.0, beside=(1.0, frozenset({"forward"}))))
-    assert policy.plan(SHAPE, frozenset({"forward"})).budget_s < plan.budget_s / 2
-    # a share that only just fits leaves no slice (what is left is under MIN_SLICE of S)
-    beside = target - 0.5 * MIN_SLICE * S
-    tight = spatial_harli({"forward": {1.0: beside / policy.predictor.decode(SHAPE) - 1}})
-    plan = tight.plan(SHAPE, frozenset({"forward"}))
-    assert (plan.share, plan.budget_s, plan.reason) == (1.0, 0.0, "share fits")
 
 
 def test_spatial_harli_probes_an_unmeasured_share_only_where_decode_has_room():
