@@ -66,8 +66,8 @@ MODES: dict[Mode, ModeFacts] = {
             "the most finetune the TPOT objective allows, planned before every decode "
             "iteration: a share beside decode (cpu-concurrent) or a time slice after it (inline)",
             frozenset({"cpu"}),
-            # inline first: the SLO test's bounds hold for it; the concurrent worker still
-            # starves (docs/corun.md, "Where units run")
+            # inline first: the SLO test's bounds hold for it, not yet for the worker (which
+            # wins on the replay's SmolLM2 load; docs/corun.md, "Where units run")
             (ExecutorKind.INLINE, ExecutorKind.CPU_CONCURRENT),
             predicts=True,
             baseline=False,
